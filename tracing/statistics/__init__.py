@@ -1,0 +1,105 @@
+"""Statistics registry. Each statistic is one module that registers a function `ctx -> StatResult`.
+
+    @register("csu", help="...", needs_data=False)
+    def csu(ctx: StatContext) -> StatResult: ...
+
+    get_stat("mc").name   # "mode" (aliases resolve to the canonical name)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from tracing.arch import ArchSpec
+from tracing.errors import TracingError
+
+
+@dataclass
+class StatResult:
+    value: float  # the statistic (for p-value statistics: the combined log10 p, or the raw statistic)
+    log10_pvalue: float | None  # None when the statistic has no p-value
+    per_layer: list = field(default_factory=list)  # plain floats / dicts, one per layer
+    extras: dict = field(default_factory=dict)  # plain data only
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StatContext:
+    """Everything a statistic may use. Models are on their device, in eval mode."""
+
+    base: torch.nn.Module
+    ft: torch.nn.Module
+    spec_base: ArchSpec
+    spec_ft: ArchSpec
+    blocks: torch.Tensor | None = None  # (n_blocks, block_size) token ids, when needs_data
+    batch_size: int = 1
+    alpha: float = 0.5  # mode: interpolation weight of ft
+    alphas: list[float] | None = None  # mode: a whole curve
+    attn: bool = False  # mode: also interpolate attention
+    emb: bool = False  # mode: also interpolate embeddings
+    layers: list[int] | None = None  # restrict per-layer statistics to these layers
+    max_tokens: int | None = None  # activation statistics: token budget
+    seed: int = 0
+    tokenizer_base: Any = None
+    tokenizer_ft: Any = None
+    out_dir: str | None = None  # where a statistic may write figures
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class StatInfo:
+    name: str
+    fn: Callable[[StatContext], StatResult]
+    help: str
+    aliases: tuple[str, ...] = ()
+    needs_data: bool = False  # needs ctx.blocks
+    same_shape: bool = True  # needs identical shapes in base and ft
+    scalar: bool = True  # `value` can be wrapped in PERMTEST (--num_perm)
+    higher_is_related: bool = True  # direction of `value` for PERMTEST
+
+
+_REGISTRY: dict[str, StatInfo] = {}
+_ALIASES: dict[str, str] = {}
+_MODULES = ("l2", "cos", "emb", "csu", "mode", "csh", "match", "match_all", "jsd")
+
+
+def register(name: str, *, help: str, aliases: tuple[str, ...] = (), needs_data: bool = False,
+             same_shape: bool = True, scalar: bool = True, higher_is_related: bool = True):
+    def deco(fn):
+        _REGISTRY[name] = StatInfo(name, fn, help, aliases, needs_data, same_shape, scalar, higher_is_related)
+        for a in aliases:
+            _ALIASES[a] = name
+        return fn
+    return deco
+
+
+def _load_all() -> None:
+    for m in _MODULES:
+        try:
+            importlib.import_module(f"tracing.statistics.{m}")
+        except ModuleNotFoundError as e:
+            if e.name != f"tracing.statistics.{m}":
+                raise
+
+
+def all_stats() -> dict[str, StatInfo]:
+    _load_all()
+    return dict(_REGISTRY)
+
+
+def get_stat(name: str) -> StatInfo:
+    _load_all()
+    name = _ALIASES.get(name, name)
+    if name not in _REGISTRY:
+        valid = sorted([*_REGISTRY, *_ALIASES])
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise TracingError(f"unknown statistic '{name}'{hint}; valid: {', '.join(valid)}")
+    return _REGISTRY[name]
