@@ -1,11 +1,15 @@
 """Shared fixtures: tiny real models of every supported family, built offline once per session."""
 
+import os
+
 import pytest
 import torch
 
 from tracing import zoo
 
 torch.set_num_threads(2)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
