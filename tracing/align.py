@@ -1,0 +1,61 @@
+"""Hungarian alignment of a fine-tuned model's hidden units to its base, from the weights alone.
+
+    perm = align_weights(base, ft, spec)
+    apply_perm(ft, spec, perm)        # ft's hidden units now line up with base's
+
+1. Residual stream: each hidden unit is a column of the embedding (vocab, hidden); match base and ft
+   columns over the shared vocabulary by cosine similarity (linear assignment, float64).
+2. Each layer's MLP neurons: rows of [gate | up] (or fc) of ft, re-indexed into base's residual basis
+   by step 1, matched against the same rows of base.
+The result is a `Perm` in the same currency as `random_perm`: applying it to ft aligns it to base.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from tracing.arch import RESID, ArchSpec, mlp
+from tracing.errors import TracingError
+from tracing.lap import cosine_matrix, match
+from tracing.perm import Perm
+
+
+def _match_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Permutation p with b[p] matched to a, rows of a (n, d) and b (n, d)."""
+    return torch.as_tensor(match(cosine_matrix(a, b)), dtype=torch.long)
+
+
+def _neuron_rows(spec: ArchSpec, sd: dict[str, torch.Tensor], key: str, name: str,
+                 resid: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Rows (n_neurons, hidden) of `key`, optionally re-indexed along the residual axis by `resid`."""
+    t = sd[key].to(device)
+    a = spec.axis(key, RESID)
+    if resid is not None and a is not None:
+        t = t.index_select(a, resid.to(device))
+    return spec.neuron_rows(t, key, name).reshape(t.shape[spec.axis(key, name)], -1)
+
+
+@torch.no_grad()
+def align_weights(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, progress: bool = True) -> Perm:
+    """The permutation of ft's residual stream and MLP neurons that best matches base's weights."""
+    sd_b, sd_f = base.state_dict(), ft.state_dict()
+    emb_b, emb_f = sd_b[spec.embed], sd_f[spec.embed]  # (vocab, hidden)
+    if emb_b.shape[1] != emb_f.shape[1]:
+        raise TracingError(f"cannot align: hidden sizes differ ({emb_b.shape[1]} vs {emb_f.shape[1]}); "
+                           "use --stat match, which handles different shapes")
+    device = emb_b.device
+    vocab = min(emb_b.shape[0], emb_f.shape[0])  # the shared vocabulary
+    resid = _match_rows(emb_b[:vocab].T, emb_f[:vocab].to(device).T)  # columns = hidden units
+    perm: Perm = {RESID: resid}
+    for i, roles in enumerate(tqdm(spec.layers, desc="align MLP", disable=not progress)):
+        name = mlp(i)
+        keys = [k for k in (roles.gate, roles.up) if k]
+        if any(sd_b[k].shape != sd_f[k].shape for k in keys):
+            raise TracingError(f"cannot align layer {i}: MLP shapes differ "
+                               f"({tuple(sd_b[keys[0]].shape)} vs {tuple(sd_f[keys[0]].shape)}); "
+                               "use --stat match, which handles different shapes")
+        rows_b = torch.cat([_neuron_rows(spec, sd_b, k, name, None, device) for k in keys], dim=1)
+        rows_f = torch.cat([_neuron_rows(spec, sd_f, k, name, resid, device) for k in keys], dim=1)
+        perm[name] = _match_rows(rows_b, rows_f)  # (n_neurons,)
+    return perm
