@@ -1,0 +1,106 @@
+"""One forward pass per model, streaming Gram accumulators: same matching as the full activation matrices."""
+
+import copy
+
+import pytest
+import torch
+
+from tracing import lap, zoo
+from tracing.activations import layer_grams, sample_activations, sample_positions
+from tracing.arch import get_spec
+from tracing.errors import TracingError
+from tracing.statistics.match import assign
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread only adds contention on the shared CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    a = zoo.tiny_model("llama", seed=0, vocab_size=256, hidden=32, layers=3, intermediate=48, heads=2, kv_heads=1)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    blocks = torch.randint(0, 256, (5, 24), generator=torch.Generator().manual_seed(2))  # (n_blocks, T)
+    return a, b, get_spec(a.config), blocks
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_streaming_gram_equals_full_activation_matrices(pair):
+    a, b, spec, blocks = pair
+    full_a = sample_activations(a, spec, blocks, progress=False)  # (proj, layer) -> (tokens, width)
+    full_b = sample_activations(b, spec, blocks, progress=False)
+    for lg in layer_grams(a, b, spec, spec, blocks, batch_size=2, progress=False):
+        for proj in ("gate", "up"):
+            xa, xb = full_a[proj, lg.layer].double(), full_b[proj, lg.layer].double()
+            torch.testing.assert_close(lg.gram[proj], xa.T @ xb, rtol=1e-5, atol=1e-4)
+            cos = lap.cosine_matrix(xa.T, xb.T)  # neurons as rows
+            torch.testing.assert_close(lg.cosine(proj), cos, rtol=1e-5, atol=1e-6)
+            full_dist = torch.cdist(xa.T, xb.T).square()
+            assert (assign(lg.sq_dist(proj)) == assign(full_dist)).all()
+            assert (lap.match(lg.cosine(proj)) == lap.match(cos)).all()
+
+
+def test_one_forward_pass_per_model_for_all_layers(pair):
+    a, b, spec, blocks = pair
+    calls_a, ha = _count_forwards(a)
+    calls_b, hb = _count_forwards(b)
+    counter: dict = {}
+    try:
+        grams = list(layer_grams(a, b, spec, spec, blocks, batch_size=5, counter=counter, progress=False))
+    finally:
+        ha.remove()
+        hb.remove()
+    assert [g.layer for g in grams] == [0, 1, 2]
+    assert counter["forward_passes"] == 1 and len(calls_a) == len(calls_b) == 1  # one batch of 5 blocks
+    assert grams[0].n_tokens == blocks.numel()
+
+
+def test_chunking_over_layers_gives_the_same_accumulators(pair):
+    a, b, spec, blocks = pair
+    whole = {g.layer: g for g in layer_grams(a, b, spec, spec, blocks, progress=False)}
+    counter: dict = {}
+    chunked = list(layer_grams(a, b, spec, spec, blocks, budget_bytes=1, counter=counter, progress=False))
+    assert counter["chunks"] == 3 and counter["forward_passes"] == 3  # one layer per chunk
+    for g in chunked:
+        torch.testing.assert_close(g.gram["up"], whole[g.layer].gram["up"])
+
+
+def test_layer_subset_and_token_sample(pair):
+    a, b, spec, blocks = pair
+    assert [g.layer for g in layer_grams(a, b, spec, spec, blocks, layers=[2, 0], progress=False)] == [0, 2]
+    pos = sample_positions(blocks.numel(), 50, seed=0)
+    assert len(pos) == 50 and (pos.diff() > 0).all()
+    torch.testing.assert_close(pos, sample_positions(blocks.numel(), 50, seed=0))
+    acts = sample_activations(a, spec, blocks, layers=[1], positions=pos, batch_size=2, progress=False)
+    full = sample_activations(a, spec, blocks, layers=[1], progress=False)
+    assert set(acts) == {("gate", 1), ("up", 1)}
+    torch.testing.assert_close(acts["up", 1], full["up", 1][pos])
+
+
+@pytest.mark.parametrize("layers", [[3], [-1], []])
+def test_layers_out_of_range_is_a_clear_error(pair, layers):
+    a, b, spec, blocks = pair
+    with pytest.raises(TracingError, match="--layers"):
+        next(layer_grams(a, b, spec, spec, blocks, layers=layers, progress=False))
+
+
+@pytest.mark.parametrize("blocks", [None, torch.zeros((0, 16), dtype=torch.long)])
+def test_zero_tokens_is_a_clear_error(pair, blocks):
+    a, b, spec, _ = pair
+    with pytest.raises(TracingError, match="no tokens"):
+        next(layer_grams(a, b, spec, spec, blocks, progress=False))
+    with pytest.raises(TracingError, match="no tokens"):
+        sample_activations(a, spec, blocks, progress=False)

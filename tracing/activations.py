@@ -1,0 +1,258 @@
+"""MLP activations of two models in one forward pass per model, hooked on every layer at once.
+
+Two ways to keep what the statistics need without storing every activation:
+
+* `layer_grams`: both models run batch by batch in lockstep over the same token blocks; hooks on the MLP
+  input projections (gate_proj / up_proj outputs, pre-activation; c_fc / dense_h_to_4h for GPT-2/NeoX)
+  accumulate per layer the Gram matrix G = X_Aᵀ X_B (width_A, width_B) and the squared column norms of
+  X_A and X_B. Memory is O(layers · width²), independent of the number of tokens; when the accumulators
+  would exceed `budget_bytes` the layers are processed in chunks (one more pass per chunk).
+* `sample_activations`: a bounded, seeded, uniform sample of token positions per layer (for all-pairs
+  localized testing, where every layer of A meets every layer of B).
+
+    for lg in layer_grams(base, ft, spec_a, spec_b, blocks, projs=("gate", "up"), counter=c):
+        cost = lg.sq_dist("gate")   # (width_A, width_B) float64
+    c["forward_passes"]             # passes per model (1 unless chunked)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from tracing.arch import ArchSpec
+from tracing.errors import TracingError
+
+DEFAULT_BUDGET_BYTES = 2 * 1024**3  # accumulators per chunk of layers
+
+
+class _StopForward(Exception):
+    """Raised by the last hook of a pass: nothing after the last hooked module is needed."""
+
+
+def projection_modules(spec: ArchSpec, layer: int, projs: Sequence[str]) -> dict[str, str]:
+    """Module names of the MLP input projections `projs` ("gate", "up") of one layer."""
+    roles = spec.layers[layer]
+    out = {}
+    for p in projs:
+        name = roles.gate_module if p == "gate" else roles.up_module
+        if name is None:
+            raise TracingError(f"{spec.model_type} has no gated MLP (no gate_proj); "
+                               "use a statistic on up-projections instead: csh, csu")
+        out[p] = name
+    return out
+
+
+def check_layers(layers: Sequence[int] | None, n_layers: int, what: str = "--layers") -> list[int]:
+    """Validate a layer subset against a model depth; None means every layer."""
+    if layers is None:
+        return list(range(n_layers))
+    layers = list(layers)
+    if not layers:
+        raise TracingError(f"{what} is empty; give layer indices between 0 and {n_layers - 1}")
+    bad = [i for i in layers if not 0 <= int(i) < n_layers]
+    if bad:
+        raise TracingError(f"{what} {bad} out of range: the model has {n_layers} layers "
+                           f"(valid: 0..{n_layers - 1})")
+    return sorted({int(i) for i in layers})
+
+
+def check_blocks(blocks: torch.Tensor | None) -> torch.Tensor:
+    """(n_blocks, block_size) token ids; zero tokens is a user error, not an empty result."""
+    if blocks is None or blocks.numel() == 0:
+        raise TracingError("no tokens collected: the dataset is empty or shorter than one block; "
+                           "use a longer dataset, a smaller --block_size or more --n_blocks")
+    if blocks.dim() == 1:
+        blocks = blocks[None]
+    return blocks
+
+
+def check_same_mlp(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec, spec_ft: ArchSpec,
+                   stat: str) -> None:
+    """Same depth and MLP width in both models, else point to the statistic that handles it."""
+    wa = _width(base, spec_base.layers[0].up_module)
+    wb = _width(ft, spec_ft.layers[0].up_module)
+    if spec_base.n_layers != spec_ft.n_layers or wa != wb:
+        raise TracingError(f"{stat} needs models of the same shape, got {spec_base.n_layers} layers x {wa} MLP "
+                           f"neurons vs {spec_ft.n_layers} x {wb}; use --stat match_all, which handles "
+                           "different depth and MLP width")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _width(model: torch.nn.Module, name: str) -> int:
+    m = model.get_submodule(name)
+    return m.nf if hasattr(m, "nf") else m.out_features  # GPT-2 Conv1D has nf
+
+
+class _Hooks:
+    """Forward hooks on named modules; after all `n_expected` hooks fired, the forward pass stops."""
+
+    def __init__(self, model: torch.nn.Module, names: dict[tuple[str, int], str], fn):
+        self.calls = 0
+        self.n_expected = len(names)
+        self.handles = []
+        for key, name in names.items():
+            self.handles.append(model.get_submodule(name).register_forward_hook(self._make(key, fn)))
+
+    def _make(self, key, fn):
+        def hook(module, inputs, output):
+            fn(key, output.detach().reshape(-1, output.shape[-1]))  # (tokens, width)
+            self.calls += 1
+            if self.calls == self.n_expected:
+                raise _StopForward
+        return hook
+
+    def run(self, model: torch.nn.Module, ids: torch.Tensor) -> None:
+        self.calls = 0
+        try:
+            model(input_ids=ids.to(_device(model)), use_cache=False)
+        except _StopForward:
+            pass
+        if self.calls != self.n_expected:
+            raise RuntimeError(f"only {self.calls} of {self.n_expected} activation hooks fired")
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class LayerGram:
+    """Streaming sufficient statistics of one layer for cosine / Euclidean neuron matching."""
+
+    layer: int
+    gram: dict[str, torch.Tensor]  # proj -> (width_A, width_B) float64, sum over tokens of a_i b_j
+    sq_base: dict[str, torch.Tensor]  # proj -> (width_A,) float64, sum over tokens of a_i²
+    sq_ft: dict[str, torch.Tensor]  # proj -> (width_B,) float64
+    n_tokens: int
+
+    def cosine(self, proj: str) -> torch.Tensor:
+        """Cosine similarity of every neuron of A with every neuron of B over the tokens: (width_A, width_B)."""
+        na = self.sq_base[proj].sqrt().clamp_min(1e-30)
+        nb = self.sq_ft[proj].sqrt().clamp_min(1e-30)
+        return self.gram[proj] / na[:, None] / nb[None, :]
+
+    def sq_dist(self, proj: str) -> torch.Tensor:
+        """Squared Euclidean distance between activation vectors: (width_A, width_B)."""
+        d = self.sq_base[proj][:, None] + self.sq_ft[proj][None, :] - 2 * self.gram[proj]
+        return d.clamp_min(0)
+
+
+def _chunks(layers: list[int], per_layer_bytes: int, budget_bytes: int) -> list[list[int]]:
+    per_chunk = max(1, budget_bytes // max(per_layer_bytes, 1))
+    return [layers[k:k + per_chunk] for k in range(0, len(layers), per_chunk)]
+
+
+@torch.no_grad()
+def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec, spec_ft: ArchSpec,
+                blocks: torch.Tensor, *, projs: Sequence[str] = ("gate", "up"),
+                layers: Sequence[int] | None = None, batch_size: int = 1,
+                budget_bytes: int = DEFAULT_BUDGET_BYTES, acc_dtype: torch.dtype = torch.float32,
+                counter: dict | None = None, progress: bool = True) -> Iterator[LayerGram]:
+    """Yield one `LayerGram` per layer (same layer index in both models), running the models in lockstep.
+
+    Each chunk of layers costs one forward pass per model over `blocks`; `counter["forward_passes"]`
+    (passes per model) and `counter["chunks"]` are updated when given.
+    """
+    blocks = check_blocks(blocks)
+    if spec_base.n_layers != spec_ft.n_layers:
+        raise TracingError(f"the models have different depths ({spec_base.n_layers} vs {spec_ft.n_layers} "
+                           "layers); use match_all, which compares every layer pair")
+    layers = check_layers(layers, spec_base.n_layers)
+    dev = _device(base)
+    names_a = {(p, i): n for i in layers for p, n in projection_modules(spec_base, i, projs).items()}
+    names_b = {(p, i): n for i in layers for p, n in projection_modules(spec_ft, i, projs).items()}
+    widths = {k: (_width(base, names_a[k]), _width(ft, names_b[k])) for k in names_a}
+    itemsize = torch.empty((), dtype=acc_dtype).element_size()
+    per_layer = max(sum(wa * wb + wa + wb for (p, i), (wa, wb) in widths.items() if i == l) for l in layers)
+    chunks = _chunks(layers, per_layer * itemsize, budget_bytes)
+    if counter is not None:
+        counter.update(forward_passes=0, chunks=len(chunks), n_tokens=int(blocks.numel()))
+
+    for chunk in chunks:
+        keys = [k for k in names_a if k[1] in chunk]
+        gram = {k: torch.zeros(widths[k], dtype=acc_dtype, device=dev) for k in keys}
+        sq_a = {k: torch.zeros(widths[k][0], dtype=torch.float64, device=dev) for k in keys}
+        sq_b = {k: torch.zeros(widths[k][1], dtype=torch.float64, device=dev) for k in keys}
+        held: dict = {}  # activations of model A for the current batch only
+
+        def keep_a(key, x):  # x: (tokens, width_A)
+            held[key] = x
+            sq_a[key] += x.double().square().sum(0)
+
+        def accumulate_b(key, y):  # y: (tokens, width_B)
+            x = held.pop(key)
+            y = y.to(x.device)
+            gram[key] += (x.T.to(acc_dtype) @ y.to(acc_dtype))  # (width_A, width_B)
+            sq_b[key] += y.double().square().sum(0)
+
+        hooks_a = _Hooks(base, {k: names_a[k] for k in keys}, keep_a)
+        hooks_b = _Hooks(ft, {k: names_b[k] for k in keys}, accumulate_b)
+        try:
+            batches = range(0, len(blocks), batch_size)
+            for s in tqdm(batches, desc=f"activations layers {chunk[0]}-{chunk[-1]}", disable=not progress):
+                ids = blocks[s:s + batch_size]  # (B, T)
+                hooks_a.run(base, ids)
+                hooks_b.run(ft, ids)
+        finally:
+            hooks_a.remove()
+            hooks_b.remove()
+            held.clear()
+        if counter is not None:
+            counter["forward_passes"] += 1
+        for i in chunk:
+            ps = [p for p in projs if (p, i) in gram]
+            yield LayerGram(layer=i, gram={p: gram.pop((p, i)).double() for p in ps},
+                            sq_base={p: sq_a.pop((p, i)) for p in ps},
+                            sq_ft={p: sq_b.pop((p, i)) for p in ps}, n_tokens=int(blocks.numel()))
+
+
+def sample_positions(n_tokens: int, max_tokens: int | None, seed: int) -> torch.Tensor:
+    """Sorted flat token positions, uniformly sampled without replacement (all when max_tokens is None)."""
+    if max_tokens is None or max_tokens >= n_tokens:
+        return torch.arange(n_tokens)
+    if max_tokens < 1:
+        raise TracingError(f"--max_tokens must be positive, got {max_tokens}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_tokens, generator=g)[:max_tokens].sort().values
+
+
+@torch.no_grad()
+def sample_activations(model: torch.nn.Module, spec: ArchSpec, blocks: torch.Tensor, *,
+                       projs: Sequence[str] = ("gate", "up"), layers: Sequence[int] | None = None,
+                       positions: torch.Tensor | None = None, batch_size: int = 1,
+                       counter: dict | None = None, progress: bool = True) -> dict[tuple[str, int], torch.Tensor]:
+    """One forward pass over `blocks`; returns (proj, layer) -> activations (n_positions, width) at the given
+    flat token `positions` (sorted; default: all tokens)."""
+    blocks = check_blocks(blocks)
+    layers = check_layers(layers, spec.n_layers)
+    T = blocks.shape[1]
+    positions = torch.arange(blocks.numel()) if positions is None else positions
+    names = {(p, i): n for i in layers for p, n in projection_modules(spec, i, projs).items()}
+    parts: dict = {k: [] for k in names}
+    current = {"rows": None}
+
+    def keep(key, x):  # x: (B·T, width)
+        parts[key].append(x.index_select(0, current["rows"].to(x.device)).float().cpu())
+
+    hooks = _Hooks(model, names, keep)
+    try:
+        for s in tqdm(range(0, len(blocks), batch_size), desc="activations", disable=not progress):
+            ids = blocks[s:s + batch_size]  # (B, T)
+            lo, hi = s * T, (s + len(ids)) * T
+            rows = positions[(positions >= lo) & (positions < hi)] - lo
+            if len(rows) == 0:
+                continue
+            current["rows"] = rows
+            hooks.run(model, ids)
+    finally:
+        hooks.remove()
+    if counter is not None:
+        counter["forward_passes"] = counter.get("forward_passes", 0) + 1
+    return {k: torch.cat(v) for k, v in parts.items()}  # (n_positions, width)

@@ -1,0 +1,41 @@
+"""φ_CSH: cosine similarity of MLP up-projection activations, matched by linear assignment.
+
+Per layer: hook the up-projection outputs (pre-activation) of both models on the same tokens, match A's
+neurons to B's by maximum total cosine similarity (float64 linear assignment), test whether the matching
+is the identity with a one-sided Spearman correlation, and combine the layers with Fisher's method.
+One forward pass per model: the cosines come from streaming Gram accumulators (tracing/activations.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+from tracing import lap
+from tracing.activations import DEFAULT_BUDGET_BYTES, check_same_mlp, layer_grams
+from tracing.statistics import StatContext, StatResult, register
+
+
+def csh_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> StatResult:
+    from tracing.statistics.pvalues import fisher_log10p, identity_spearman
+
+    check_same_mlp(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, "csh")
+    counter: dict = {}
+    per_layer, lap_s = [], 0.0
+    for lg in layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("up",),
+                          layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=budget_bytes,
+                          counter=counter, progress=ctx.progress):
+        t0 = time.perf_counter()
+        cols = lap.match(lg.cosine("up"))  # (width,): neuron i of A <-> neuron cols[i] of B
+        lap_s += time.perf_counter() - t0
+        rho, log10p = identity_spearman(cols)
+        per_layer.append({"layer": lg.layer, "rho": float(rho), "log10_pvalue": float(log10p)})
+    combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
+    return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
+                      extras={"forward_passes": counter["forward_passes"], "n_tokens": counter["n_tokens"],
+                              "lap_seconds": lap_s, "layers_skipped_nan": int(n_nan)})
+
+
+@register("csh", aliases=("csh_sp",), needs_data=True, scalar=False,
+          help="cosine similarity of MLP up-projection activations: matching vs identity, Spearman, Fisher")
+def csh(ctx: StatContext) -> StatResult:
+    return csh_from_context(ctx)
