@@ -1,0 +1,106 @@
+"""Localized testing: φ_MATCH for every layer of A against every layer of B (depth and MLP width may differ).
+
+One forward pass per model keeps a bounded, seeded, uniform sample of token positions (`--max_tokens`,
+default 2048) of the gate_proj and up_proj outputs of every layer; every layer pair (i, j) is then
+tested from that sample: B's neurons are matched into A's (rectangular linear assignment on squared
+Euclidean distance, float64) once from gate and once from up activations, and the Spearman correlation
+between the two index vectors gives log10 p[i, j].
+
+Multiple testing: Holm's step-down correction over all L_A·L_B tests (family-wise error rate). Layer j
+of B is mapped to the layer i of A with the smallest p[i, j] when its Holm-adjusted p is below
+MAPPING_ALPHA; otherwise it is unmapped (None). The statistic's own log10 p is the smallest Holm-adjusted
+value: the test of "some layer of B comes from some layer of A".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tracing.activations import check_layers, sample_activations, sample_positions, check_blocks
+from tracing.errors import TracingError
+from tracing.statistics import StatContext, StatResult, register
+from tracing.statistics.match import NO_GATE, match_pair
+
+DEFAULT_MAX_TOKENS = 2048
+MAPPING_ALPHA = 0.05  # family-wise level of the inferred layer mapping (Holm)
+
+
+def holm_log10(log10ps: np.ndarray) -> np.ndarray:
+    """Holm-adjusted log10 p-values (same shape), computed in log space; NaN counts as p = 1."""
+    flat = np.nan_to_num(np.asarray(log10ps, np.float64).ravel(), nan=0.0)
+    m = len(flat)
+    order = np.argsort(flat, kind="stable")
+    adj = flat[order] + np.log10(m - np.arange(m))  # (m - k) p_(k), k = 0..m-1
+    adj = np.minimum(np.maximum.accumulate(adj), 0.0)
+    out = np.empty(m)
+    out[order] = adj
+    return out.reshape(np.shape(log10ps))
+
+
+def _sq_dist(xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """Squared distances between neuron activation vectors: xa (S, w_A), xb (S, w_B) -> (w_A, w_B) float64."""
+    xa, xb = xa.double(), xb.double()
+    d = xa.square().sum(0)[:, None] + xb.square().sum(0)[None, :] - 2 * (xa.T @ xb)
+    return d.clamp_min(0)
+
+
+def match_all_from_context(ctx: StatContext) -> StatResult:
+    for spec in (ctx.spec_base, ctx.spec_ft):
+        if not spec.gated:
+            raise TracingError(NO_GATE.format(stat="match_all", model_type=spec.model_type))
+    blocks = check_blocks(ctx.blocks)
+    layers_a = check_layers(ctx.layers, ctx.spec_base.n_layers)
+    layers_b = list(range(ctx.spec_ft.n_layers))
+    max_tokens = ctx.max_tokens or DEFAULT_MAX_TOKENS
+    positions = sample_positions(blocks.numel(), max_tokens, ctx.seed)
+    passes_a: dict = {}
+    passes_b: dict = {}
+    acts_a = sample_activations(ctx.base, ctx.spec_base, blocks, layers=layers_a, positions=positions,
+                                batch_size=ctx.batch_size, counter=passes_a, progress=ctx.progress)
+    acts_b = sample_activations(ctx.ft, ctx.spec_ft, blocks, layers=layers_b, positions=positions,
+                                batch_size=ctx.batch_size, counter=passes_b, progress=ctx.progress)
+
+    logp = np.zeros((len(layers_a), len(layers_b)))
+    rho = np.zeros_like(logp)
+    lap_s = 0.0
+    pairs = [(a, b) for a in range(len(layers_a)) for b in range(len(layers_b))]
+    for a, b in tqdm(pairs, desc="match_all layer pairs", disable=not ctx.progress):
+        i, j = layers_a[a], layers_b[b]
+        r, lp, dt = match_pair(_sq_dist(acts_a["gate", i], acts_b["gate", j]),
+                               _sq_dist(acts_a["up", i], acts_b["up", j]))
+        rho[a, b], logp[a, b] = r, lp
+        lap_s += dt
+    holm = holm_log10(logp)
+
+    per_layer, mapping = [], []
+    for b, j in enumerate(layers_b):
+        a = int(np.nanargmin(np.nan_to_num(logp[:, b], nan=0.0)))
+        hit = bool(holm[a, b] < math.log10(MAPPING_ALPHA))
+        mapping.append(layers_a[a] if hit else None)
+        per_layer.append({"layer_ft": j, "layer_base": layers_a[a] if hit else None,
+                          "best_layer_base": layers_a[a], "log10_pvalue": float(logp[a, b]),
+                          "log10_pvalue_holm": float(holm[a, b])})
+    best = float(holm.min())
+    extras = {"log10_pvalue_matrix": logp.tolist(), "rho_matrix": rho.tolist(),
+              "log10_pvalue_holm_matrix": holm.tolist(), "layers_base": layers_a, "layers_ft": layers_b,
+              "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA,
+              "forward_passes": {"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
+              "n_tokens_sampled": int(len(positions)), "lap_seconds": lap_s}
+    if ctx.out_dir:
+        from tracing.plots import match_all_heatmap
+
+        os.makedirs(ctx.out_dir, exist_ok=True)
+        extras["heatmap"] = match_all_heatmap(logp, os.path.join(ctx.out_dir, "match_all_heatmap.png"),
+                                              layers_base=layers_a, layers_ft=layers_b, mapping=mapping)
+    return StatResult(value=best, log10_pvalue=best, per_layer=per_layer, extras=extras)
+
+
+@register("match_all", needs_data=True, same_shape=False, scalar=False,
+          help="localized testing: match every layer of A against every layer of B, Holm-corrected layer map")
+def match_all(ctx: StatContext) -> StatResult:
+    return match_all_from_context(ctx)
