@@ -26,19 +26,25 @@ LN10 = math.log(10.0)
 
 # ---------------------------------------------------------------------------- Student-t tail
 def _log_t_sf_series(log_x: float, a: float) -> float:
-    """ln of P(T > t) for t > 0, Student t with 2a degrees of freedom, where x = 2a / (2a + t^2) < 0.5.
+    """ln of P(T > t) for t > 0, Student t with 2a degrees of freedom, where x = 2a / (2a + t^2) < 1.
 
     P(T > t) = I_x(a, 1/2) / 2 and I_x(a, b) = x^a / (a B(a, b)) * 2F1(a, 1-b; a+1; x); the
     hypergeometric series has positive terms c_{k+1}/c_k = (a+k)(k+1/2) x / ((a+k+1)(k+1)) < x,
-    so it converges geometrically and is exact to double precision for any t (no underflow).
+    so it converges geometrically and is exact to double precision for any t (no underflow). The terms
+    are summed in log space, a chunk of them at a time, until they no longer change the sum.
     """
-    x = math.exp(log_x)
-    term, total, k = 1.0, 1.0, 0
-    while term > 1e-17 * total and k < 10_000:
-        term *= (a + k) * (k + 0.5) * x / ((a + k + 1) * (k + 1))
-        total += term
-        k += 1
-    return math.log(0.5) + a * log_x - math.log(a) - scipy.special.betaln(a, 0.5) + math.log(total)
+    ln_total, k0, chunk, ln_c = 0.0, 0, 256, 0.0  # ln c_0 = 0
+    while k0 < 10_000_000:
+        k = np.arange(k0, k0 + chunk, dtype=np.float64)
+        ln_ratio = np.log(a + k) + np.log(k + 0.5) + log_x - np.log(a + k + 1) - np.log(k + 1)
+        ln_terms = ln_c + np.cumsum(ln_ratio)  # ln c_{k0+1} .. ln c_{k0+chunk}
+        ln_total = float(np.logaddexp(ln_total, scipy.special.logsumexp(ln_terms)))
+        ln_c = float(ln_terms[-1])
+        ln_rest = ln_c + log_x - math.log(-math.expm1(log_x))  # remaining tail < c_last * x / (1 - x)
+        if ln_rest < ln_total - 40.0:
+            break
+        k0, chunk = k0 + chunk, chunk * 2
+    return math.log(0.5) + a * log_x - math.log(a) - scipy.special.betaln(a, 0.5) + ln_total
 
 
 def spearman_log10p(rho: float, n: int) -> float:
@@ -68,11 +74,11 @@ def spearman_log10p(rho: float, n: int) -> float:
         return math.nan
     df = n - 2
     log_x = math.log1p(-rho) + math.log1p(rho)  # ln(1 - rho^2), precise for rho near +-1
-    if rho > 0 and log_x < math.log(0.5):
+    ln_p = math.nan
+    if rho <= 0 or log_x >= math.log(0.5):  # central part: scipy is exact there
+        ln_p = float(scipy.stats.t.logsf(rho * math.sqrt(df / math.exp(log_x)), df))
+    if rho > 0 and not ln_p > -700.0:  # far tail, where logsf loses precision or underflows to -inf
         ln_p = _log_t_sf_series(log_x, df / 2)
-    else:
-        t = rho * math.sqrt(df / math.exp(log_x))
-        ln_p = float(scipy.stats.t.logsf(t, df))
     return max(min(ln_p / LN10, 0.0), log10_bound)
 
 
