@@ -153,7 +153,7 @@ def group_keys(spec: ArchSpec, groups: Iterable[str]) -> list[str]:
     return chosen
 
 
-def _check_alpha(alpha: float) -> None:
+def check_alpha(alpha: float) -> None:
     if not 0.0 <= float(alpha) <= 1.0:
         raise TracingError(f"--alpha must be in [0, 1], got {alpha}: 0 is the base model, 1 the fine-tuned one")
 
@@ -166,12 +166,12 @@ def interpolate_(target: torch.nn.Module, other: torch.nn.Module, alpha: float, 
     Returns the original tensors of the touched parameters (on CPU) for `restore_`. Tied parameters are
     interpolated once. `other` may live on another device; nothing is deep-copied.
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     keys = set(group_keys(spec, groups))
     mine = dict(target.named_parameters())
     theirs = dict(other.named_parameters())
     theirs_sd = None
-    saved: dict[str, torch.Tensor] = {}
+    pairs = []  # (key, target tensor, other tensor): all checked before anything is modified
     for key, t in mine.items():
         if key not in keys:
             continue
@@ -185,6 +185,9 @@ def interpolate_(target: torch.nn.Module, other: torch.nn.Module, alpha: float, 
         if o.shape != t.shape:
             raise TracingError(f"cannot interpolate {key}: shapes {tuple(t.shape)} vs {tuple(o.shape)}; "
                                "mode needs equal shapes (try --stat match)")
+        pairs.append((key, t, o))
+    saved: dict[str, torch.Tensor] = {}
+    for key, t, o in pairs:
         saved[key] = t.detach().to("cpu", copy=True)
         t.lerp_(o.detach().to(t.device, t.dtype), float(alpha))  # exact at alpha = 0 and alpha = 1
     return saved
