@@ -1,0 +1,62 @@
+"""Fan model pairs from a YAML list out to Slurm (or local processes) through submitit.
+
+    python launch.py --config config/demo.yaml --cluster local --save results/demo_runs --stat csu --wait
+    python launch.py --config config/llama7b.yaml --save results/llama7b --stat csu --align --dry_run
+    python launch.py --config config/llama7b.yaml --save results/llama7b --status
+    python -m tracing.aggregate results/llama7b --truth config/llama7b_tree.yaml
+
+Flags not listed here (--stat, --align, --dataset, ...) are main.py's and go to every job unchanged;
+they override the YAML's `main:` block. The Hugging Face token comes from $HF_TOKEN, never a flag.
+"""
+
+import argparse
+import sys
+
+from tracing.errors import TracingError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.py", description=__doc__.splitlines()[0],
+                                epilog="Other flags are main.py's (python main.py --help).")
+    p.add_argument("--config", "--models", dest="config", required=True, help="model-list YAML (see config/)")
+    p.add_argument("--save", default="results", help="results folder (one .pkl + .json per pair)")
+    p.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                   help="default: slurm when sbatch is on PATH, else local")
+    p.add_argument("--flat", choices=("all", "split", "specified"), default=None,
+                   help="pairing of the YAML's models (default: inferred from its keys)")
+    p.add_argument("--force", action="store_true", help="rerun pairs whose result is already ok")
+    p.add_argument("--dry_run", action="store_true", help="print the plan, submit nothing")
+    p.add_argument("--status", action="store_true", help="print done / running / failed counts and exit")
+    p.add_argument("--wait", action="store_true", help="block until every job ends, then print the status")
+    g = p.add_argument_group("resources (override the YAML's slurm: block)")
+    for key, typ in (("partition", str), ("gpus_per_node", int), ("cpus_per_task", int), ("mem_gb", float),
+                     ("timeout_min", int), ("account", str), ("qos", str), ("constraint", str),
+                     ("array_parallelism", int)):
+        g.add_argument(f"--{key}", type=typ, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pathlib import Path
+
+    from tracing import cluster
+
+    args, extra = build_parser().parse_known_args(argv)
+    overrides = {k: getattr(args, k) for k in cluster.SLURM_KEYS if hasattr(args, k)}
+    try:
+        if args.status:
+            tasks = cluster.plan(cluster.load_config(args.config, args.flat), Path(args.save), extra)
+            counts = cluster.print_status(Path(args.save), tasks)["counts"]
+            return 1 if counts["failed"] else 0
+        out = cluster.launch(args.config, args.save, extra, cluster=args.cluster, flat=args.flat,
+                             force=args.force, dry_run=args.dry_run, wait=args.wait, slurm_overrides=overrides)
+    except TracingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.wait and out["jobs"]:
+        return 1 if cluster.status_table(Path(args.save), out["tasks"])["counts"]["failed"] else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
