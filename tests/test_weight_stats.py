@@ -1,0 +1,134 @@
+"""Weight statistics (l2, cos, emb, csu, csu_all) and PERMTEST on tiny real models of several families."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from tracing import zoo
+from tracing.arch import get_spec
+from tracing.errors import TracingError
+from tracing.perm import apply_perm, random_perm
+from tracing.statistics import StatContext, StatInfo, get_stat
+from tracing.statistics.permtest import permtest
+from tracing.statistics.shapes import check_same_shapes
+
+FAMILIES = ("llama", "gpt2", "gpt_neox", "gemma2", "olmo")
+
+
+def ctx_for(base, ft, **kw) -> StatContext:
+    return StatContext(base=base, ft=ft, spec_base=get_spec(base.config), spec_ft=get_spec(ft.config),
+                       progress=False, **kw)
+
+
+@pytest.fixture(scope="session")
+def pairs(tokenizer, text_ids):
+    """family -> models: base, derived (base fine-tuned 3 short steps), independent (other seed), permuted derived."""
+    out = {}
+    for fam in FAMILIES:
+        base = zoo.tiny_model(fam, seed=0, vocab_size=len(tokenizer))
+        derived = zoo.finetune(copy.deepcopy(base), text_ids, steps=3, block_size=32)
+        permuted = copy.deepcopy(derived)
+        spec = get_spec(permuted.config)
+        apply_perm(permuted, spec, random_perm(spec, permuted.state_dict(), seed=3))
+        out[fam] = dict(base=base, derived=derived, permuted=permuted,
+                        independent=zoo.tiny_model(fam, seed=11, vocab_size=len(tokenizer)))
+    return out
+
+
+def run(stat: str, base, ft, **kw):
+    return get_stat(stat).fn(ctx_for(base, ft, **kw))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_csu_detects_derived_rejects_independent_and_is_blind_to_permutation(pairs, family):
+    m = pairs[family]
+    derived = run("csu", m["base"], m["derived"])
+    assert derived.log10_pvalue < -6 and derived.value == derived.log10_pvalue
+    assert [r["layer"] for r in derived.per_layer] == [0, 1]
+    assert run("csu", m["base"], m["independent"]).log10_pvalue > -3  # p > 0.001
+    assert run("csu", m["base"], m["permuted"]).log10_pvalue > -3  # permuted hidden units: needs --align
+
+
+def test_csu_respects_layers_and_returns_plain_floats(pairs):
+    res = run("csu", pairs["llama"]["base"], pairs["llama"]["derived"], layers=[1])
+    assert [r["layer"] for r in res.per_layer] == [1]
+    assert type(res.value) is float and all(type(v) in (int, float) for r in res.per_layer for v in r.values())
+    with pytest.raises(TracingError, match="out of range"):
+        run("csu", pairs["llama"]["base"], pairs["llama"]["derived"], layers=[5])
+
+
+def test_baselines_order_derived_above_independent(pairs):
+    m = pairs["gpt2"]
+    for stat, related_higher in (("l2", False), ("cos", True), ("emb", True)):
+        d, i = run(stat, m["base"], m["derived"]).value, run(stat, m["base"], m["independent"]).value
+        assert (d > i) == related_higher, stat
+    same = m["base"]
+    assert run("l2", same, same).value == 0.0
+    assert run("cos", same, same).value == pytest.approx(1.0)
+    assert run("emb", same, same).value == pytest.approx(1.0)
+
+
+def test_l2_is_the_distance_over_every_parameter(pairs):
+    base, ft = pairs["llama"]["base"], pairs["llama"]["derived"]
+    res = run("l2", base, ft)
+    flat = lambda m: torch.cat([p.detach().double().flatten() for p in m.parameters()])
+    assert res.value == pytest.approx(float((flat(base) - flat(ft)).norm()), rel=1e-9)
+    assert len(res.per_layer) == 2 and all(0 < r["l2"] < res.value for r in res.per_layer)
+
+
+def test_emb_and_l2_compare_the_shared_vocabulary_when_tokens_were_added(pairs):
+    base = pairs["llama"]["base"]
+    grown = copy.deepcopy(base)
+    grown.resize_token_embeddings(base.config.vocab_size + 8)
+    assert run("emb", base, grown).value == pytest.approx(1.0)
+    assert run("l2", base, grown).value == 0.0
+    with pytest.raises(TracingError, match="shapes differ"):  # interpolation needs identical shapes
+        check_same_shapes(get_spec(base.config), base.state_dict(), get_spec(grown.config), grown.state_dict(),
+                          "mode")
+
+
+@pytest.mark.parametrize("shape", [dict(layers=3), dict(intermediate=256)])
+def test_shape_mismatch_names_the_statistics_that_handle_it(tokenizer, pairs, shape):
+    base = pairs["llama"]["base"]
+    other = zoo.tiny_model("llama", seed=0, vocab_size=len(tokenizer), **shape)
+    with pytest.raises(TracingError, match="shapes differ .*use match_all"):
+        run("csu", base, other)
+
+
+def test_csu_all_localizes_layers_of_a_deeper_derived_model(tokenizer, pairs):
+    base = pairs["llama"]["base"]
+    deeper = zoo.tiny_model("llama", seed=5, vocab_size=len(tokenizer), layers=3)
+    for i in range(2):  # base layer i lives on as layer i + 1 of the deeper model
+        deeper.model.layers[i + 1].load_state_dict(base.model.layers[i].state_dict())
+    res = run("csu_all", base, deeper)
+    assert res.log10_pvalue < -6
+    assert [(r["layer"], r["best_ft_layer"]) for r in res.per_layer] == [(0, 1), (1, 2)]
+    up = res.extras["log10p"]["mlp.up_proj.weight"]  # (2 base layers, 3 ft layers)
+    assert len(up) == 2 and len(up[0]) == 3
+    assert up[0][1] < -6 and up[0][0] > -3 and up[1][0] > -3
+
+
+def test_permtest_l2_derived_pair_is_exactly_one_over_twenty_and_restores_ft(pairs):
+    base, ft = pairs["olmo"]["base"], pairs["olmo"]["derived"]
+    before = {k: v.clone() for k, v in ft.state_dict().items()}
+    res = permtest(get_stat("l2"), ctx_for(base, ft), num_perm=19, seed=0, progress=False)
+    assert res.log10_pvalue == -math.log10(20)
+    assert res.extras["num_perm"] == 19 and len(res.extras["null"]) == 19
+    assert res.value == run("l2", base, ft).value
+    assert all(torch.equal(before[k], v) for k, v in ft.state_dict().items())  # bit for bit
+
+
+def test_permtest_on_independent_pair_is_not_significant(pairs):
+    m = pairs["gpt_neox"]
+    res = permtest(get_stat("l2"), ctx_for(m["base"], m["independent"]), num_perm=19, seed=0, progress=False)
+    assert res.log10_pvalue > -math.log10(20)
+    csu = permtest(get_stat("csu"), ctx_for(m["base"], m["derived"]), num_perm=4, seed=1, progress=False)
+    assert csu.log10_pvalue == -math.log10(5) and csu.extras["inner_log10_pvalue"] < -6
+
+
+def test_permtest_refuses_statistics_that_are_not_scalar(pairs):
+    info = StatInfo("table", fn=lambda ctx: None, help="", scalar=False)
+    with pytest.raises(TracingError, match="scalar"):
+        permtest(info, ctx_for(pairs["llama"]["base"], pairs["llama"]["derived"]), num_perm=3)
