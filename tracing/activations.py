@@ -184,13 +184,13 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
 
         def keep_a(key, x):  # x: (tokens, width_A)
             held[key] = x
-            sq_a[key] += x.double().square().sum(0)
+            sq_a[key] += x.float().square().sum(0).double()  # per-batch sum in float32
 
         def accumulate_b(key, y):  # y: (tokens, width_B)
             x = held.pop(key)
             y = y.to(x.device)
             gram[key] += (x.T.to(acc_dtype) @ y.to(acc_dtype))  # (width_A, width_B)
-            sq_b[key] += y.double().square().sum(0)
+            sq_b[key] += y.float().square().sum(0).double()
 
         hooks_a = _Hooks(base, {k: names_a[k] for k in keys}, keep_a)
         hooks_b = _Hooks(ft, {k: names_b[k] for k in keys}, accumulate_b)

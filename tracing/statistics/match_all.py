@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from tracing.activations import check_layers, sample_activations, sample_positions, check_blocks
 from tracing.errors import TracingError
+from tracing.naming import pair_name
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.match import NO_GATE, match_pair
 
@@ -47,6 +48,13 @@ def _sq_dist(xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
     xa, xb = xa.double(), xb.double()
     d = xa.square().sum(0)[:, None] + xb.square().sum(0)[None, :] - 2 * (xa.T @ xb)
     return d.clamp_min(0)
+
+
+def _heatmap_name(ctx: StatContext) -> str:
+    """One file per pair in a shared results folder (models built in memory have no name)."""
+    a = getattr(ctx.base, "name_or_path", "") or ""
+    b = getattr(ctx.ft, "name_or_path", "") or ""
+    return f"{pair_name(a, b, 'match_all')}_heatmap.png" if a and b else "match_all_heatmap.png"
 
 
 def match_all_from_context(ctx: StatContext) -> StatResult:
@@ -95,7 +103,7 @@ def match_all_from_context(ctx: StatContext) -> StatResult:
         from tracing.plots import match_all_heatmap
 
         os.makedirs(ctx.out_dir, exist_ok=True)
-        extras["heatmap"] = match_all_heatmap(logp, os.path.join(ctx.out_dir, "match_all_heatmap.png"),
+        extras["heatmap"] = match_all_heatmap(logp, os.path.join(ctx.out_dir, _heatmap_name(ctx)),
                                               layers_base=layers_a, layers_ft=layers_b, mapping=mapping)
     return StatResult(value=best, log10_pvalue=best, per_layer=per_layer, extras=extras)
 
