@@ -36,8 +36,10 @@ def check_same_shapes(spec_a: ArchSpec, sd_a: dict[str, torch.Tensor], spec_b: A
         diffs.append(f"{spec_a.n_layers} vs {spec_b.n_layers} layers")
     only_a = sorted(set(sd_a) - set(sd_b))
     only_b = sorted(set(sd_b) - set(sd_a))
-    if only_a or only_b:
-        diffs.append(f"weights only in base: {only_a[:2]}, only in fine-tuned: {only_b[:2]}")
+    if only_a:
+        diffs.append(f"{len(only_a)} weights only in base, e.g. {only_a[0]}")
+    if only_b:
+        diffs.append(f"{len(only_b)} weights only in fine-tuned, e.g. {only_b[0]}")
     skip_vocab = set(vocab_keys(spec_a)) if vocab_ok else set()
     for key in sorted(set(sd_a) & set(sd_b)):
         sa, sb = tuple(sd_a[key].shape), tuple(sd_b[key].shape)
