@@ -37,3 +37,62 @@ def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mappi
 # ---- aggregation (heatmaps, loss-vs-alpha) ----
 
 # ---- fine-tuning diff report ----
+def report_grid(values, path: str, rows, cols, title: str, label: str, xlabel: str = "module",
+                ylabel: str = "layer", integer: bool = False) -> str:
+    """Heatmap of a rows x cols table (None = absent cell, drawn blank), each cell annotated with its value."""
+    import numpy as np
+
+    m = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.7 * m.shape[1], max(2.8, 1.6 + 0.4 * m.shape[0])), dpi=100)
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="magma", aspect="auto", origin="upper")
+    fig.colorbar(im, ax=ax, label=label)
+    if m.size <= 400:
+        for (r, c), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(c, r, f"{int(v)}" if integer else f"{v:.2g}", ha="center", va="center", fontsize=7,
+                        color="white" if v < np.nanmax(m) * 0.6 else "black")
+    step = max(1, m.shape[0] // 24)
+    ax.set_xticks(range(m.shape[1]), [str(c) for c in cols], rotation=45, ha="right")
+    ax.set_yticks(range(0, m.shape[0], step), [str(r) for r in list(rows)[::step]])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report_token_similarity(sim, tokens, path: str, title: str) -> str:
+    """Heatmap layers x tokens of cosine similarity between base and ft hidden states (row 0 = embeddings)."""
+    import numpy as np
+
+    m = np.asarray(sim, dtype=float)  # (L+1, T)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.45 * m.shape[1], max(2.8, 1.6 + 0.3 * m.shape[0])), dpi=100)
+    im = ax.imshow(m, cmap="viridis", aspect="auto", origin="upper", vmin=min(0.0, float(m.min())), vmax=1.0)
+    fig.colorbar(im, ax=ax, label="cos(base, ft)")
+    ax.set_xticks(range(m.shape[1]), [repr(t)[1:-1] for t in tokens], rotation=60, ha="right", fontsize=7)
+    step = max(1, m.shape[0] // 24)
+    ax.set_yticks(range(0, m.shape[0], step), ["emb" if i == 0 else f"L{i - 1}" for i in range(0, m.shape[0], step)])
+    ax.set_ylabel("hidden state")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report_layer_curves(curves: dict, path: str, title: str, ylabel: str) -> str:
+    """One line per named curve over hidden-state index (0 = embeddings, i+1 = after layer i)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
+    for name, ys in curves.items():
+        ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel("hidden state (0 = embeddings, i+1 = after layer i)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,126 @@
+"""Weight change between a base model and its fine-tuned copy, per parameter group and layer.
+
+    diff = weight_diff(base, ft, spec)
+    diff["rel_change"][i][j]   # ‖ΔW‖/‖W‖ of module diff["modules"][j] in layer i (None if absent)
+    diff["eff_rank"][i][j]     # smallest k whose top-k singular values of ΔW hold `rank_energy` of Σσ²
+
+A merged LoRA of rank r shows up as effective rank ≤ r in exactly the modules it touched; identical
+weights give relative change 0 and effective rank 0. Part of the fine-tuning diff report (tracing/report.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from tracing.arch import ArchSpec
+from tracing.errors import TracingError
+
+
+def effective_rank(delta: torch.Tensor, energy: float = 0.9) -> int:
+    """Smallest k such that the top-k singular values of `delta` (2-D) hold `energy` of Σσ²; 0 if delta == 0."""
+    s = torch.linalg.svdvals(delta.to(torch.float64))  # (min(m, n),) descending
+    e = s.pow(2)
+    total = e.sum()
+    if total == 0:
+        return 0
+    k = int(torch.searchsorted(torch.cumsum(e, 0) / total, torch.tensor(energy, dtype=e.dtype, device=e.device)))
+    return min(k + 1, len(s))
+
+
+def layer_prefixes(spec: ArchSpec) -> list[str]:
+    """'model.layers.3.' for each layer, derived from the layer's MLP key (works for every family)."""
+    out = []
+    for i, roles in enumerate(spec.layers):
+        marker = f".{i}."
+        cut = roles.up.index(marker) + len(marker)
+        out.append(roles.up[:cut])
+    return out
+
+
+def _short_names(spec: ArchSpec, i: int) -> dict[str, str]:
+    """Module path (without .weight/.bias) -> role label for layer i: q/k/v/o, gate/up/down, norms."""
+    r = spec.layers[i]
+    names: dict[str, str] = {}
+    for j, key in enumerate(r.attn_in):  # separate q/k/v, or one fused qkv projection
+        names[key.rsplit(".", 1)[0]] = "qkv" if len(r.attn_in) == 1 else "qkv"[j]
+    if r.attn_out:
+        names[r.attn_out.rsplit(".", 1)[0]] = "o"
+    if r.gate:
+        names[r.gate.rsplit(".", 1)[0]] = "gate"
+    names[r.up.rsplit(".", 1)[0]] = "up"
+    names[r.down.rsplit(".", 1)[0]] = "down"
+    if r.pre_attn_norm:
+        names[r.pre_attn_norm.rsplit(".", 1)[0]] = "attn_norm"
+    if r.pre_mlp_norm:
+        names[r.pre_mlp_norm.rsplit(".", 1)[0]] = "mlp_norm"
+    return names
+
+
+def _role(spec: ArchSpec, prefixes: list[str], key: str) -> tuple[int | None, str]:
+    """(layer index or None for global weights, module label) of a state-dict key."""
+    module, param = key.rsplit(".", 1)
+    suffix = "" if param == "weight" else f".{param}"
+    for i, p in enumerate(prefixes):
+        if key.startswith(p):
+            local = module[len(p):]
+            return i, _short_names(spec, i).get(module, local) + suffix
+    if key == spec.embed:
+        return None, "embed" + suffix
+    if key == spec.lm_head:
+        return None, "lm_head" + suffix
+    if key == spec.final_norm or (spec.final_norm and module == spec.final_norm.rsplit(".", 1)[0]):
+        return None, "final_norm" + suffix
+    return None, module + suffix
+
+
+@torch.no_grad()
+def weight_diff(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, *, rank_energy: float = 0.9,
+                progress: bool = True) -> dict:
+    """Relative change and effective rank of ΔW = W_ft - W_base for every weight in `spec.axes` (plain data)."""
+    if not 0 < rank_energy <= 1:
+        raise TracingError(f"rank_energy must be in (0, 1], got {rank_energy}; e.g. use 0.9")
+    sd_b, sd_f = base.state_dict(), ft.state_dict()
+    keys = [k for k in spec.axes if k in sd_b]
+    if spec.tied and spec.lm_head in keys and spec.embed in keys:
+        keys.remove(spec.lm_head)  # the same tensor as the embedding
+    missing = [k for k in keys if k not in sd_f]
+    bad = [k for k in keys if k in sd_f and sd_f[k].shape != sd_b[k].shape]
+    if missing or bad:
+        what = f"missing {missing[:3]}" if missing else \
+            f"{bad[0]} is {tuple(sd_b[bad[0]].shape)} in base but {tuple(sd_f[bad[0]].shape)} in ft"
+        raise TracingError(f"the weight-change report needs two models of the same architecture and shape "
+                           f"({what}); compare such pairs with --stat match instead")
+    prefixes = layer_prefixes(spec)
+    per_key = []
+    for key in tqdm(keys, desc="report: weight change", disable=not progress):
+        w = sd_b[key]
+        dev = w.device
+        w64 = w.to(torch.float64)
+        delta = sd_f[key].to(dev, torch.float64) - w64  # same shape as the weight
+        norm_w, norm_d = float(w64.norm()), float(delta.norm())
+        layer, module = _role(spec, prefixes, key)
+        per_key.append(dict(
+            key=key, layer=layer, module=module, shape=list(w.shape),
+            rel_change=norm_d / norm_w if norm_w > 0 else (0.0 if norm_d == 0 else float("inf")),
+            abs_change=norm_d,
+            eff_rank=effective_rank(delta, rank_energy) if delta.dim() == 2 else None,
+            max_rank=min(w.shape) if w.dim() == 2 else None))
+        del delta, w64
+    return _grid(per_key, spec.n_layers, rank_energy)
+
+
+def _grid(per_key: list[dict], n_layers: int, rank_energy: float) -> dict:
+    """Arrange per-key records into layer × module matrices (None where a layer has no such module)."""
+    order = ["q", "k", "v", "qkv", "o", "gate", "up", "down", "attn_norm", "mlp_norm"]
+    seen = [r["module"] for r in per_key if r["layer"] is not None]
+    modules = [m for m in order if m in seen] + sorted({m for m in seen if m not in order})
+    col = {m: j for j, m in enumerate(modules)}
+    rel = [[None] * len(modules) for _ in range(n_layers)]
+    rank = [[None] * len(modules) for _ in range(n_layers)]
+    for r in per_key:
+        if r["layer"] is not None:
+            rel[r["layer"]][col[r["module"]]] = r["rel_change"]
+            rank[r["layer"]][col[r["module"]]] = r["eff_rank"]
+    return dict(rank_energy=rank_energy, modules=modules, layers=list(range(n_layers)), rel_change=rel,
+                eff_rank=rank, per_key=per_key, globals=[r for r in per_key if r["layer"] is None])
