@@ -16,7 +16,7 @@ from tracing.errors import TracingError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch.py", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="launch.py", description=__doc__.splitlines()[0], allow_abbrev=False,
                                 epilog="Other flags are main.py's (python main.py --help).")
     p.add_argument("--config", "--models", dest="config", required=True, help="model-list YAML (see config/)")
     p.add_argument("--save", default="results", help="results folder (one .pkl + .json per pair)")

@@ -132,9 +132,10 @@ def load_config(path: str | Path, flat: str | None = None) -> LaunchConfig:
 
     seen, pairs = set(), []
     for base, ft, bn, fn in raw:
-        if base == ft or (base, ft) in seen:
+        key = frozenset((base, ft)) if flat == "all" else (base, ft)  # flat lists pair models unordered
+        if base == ft or key in seen:
             continue
-        seen.add((base, ft))
+        seen.add(key)
         pairs.append(Pair(base, ft, str(bn), str(fn)))
     if not pairs:
         keys = " / ".join(MODEL_KEYS[flat][:2])
@@ -192,9 +193,12 @@ def parse_main_argv(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     parser.exit_on_error = False
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
     except (argparse.ArgumentError, SystemExit) as e:
         raise TracingError(f"bad main.py flags {' '.join(argv)}: {e}; see python main.py --help") from None
+    if unknown:
+        raise TracingError(f"unknown flag(s) {' '.join(unknown)}: neither launch.py's nor main.py's; "
+                           "see python launch.py --help and python main.py --help")
     validate(args)
     return args
 
@@ -433,8 +437,9 @@ def print_status(save: Path, tasks: list[Task] | None = None) -> dict:
 def launch(config: str | Path, save: str | Path, extra_argv: list[str], cluster: str | None = None,
            flat: str | None = None, force: bool = False, dry_run: bool = False, wait: bool = False,
            slurm_overrides: dict | None = None, runner: Callable[[list[str]], int] | None = None,
-           out=sys.stdout) -> dict:
+           out=None) -> dict:
     """Plan, skip finished pairs, submit the rest as one job array; returns {"tasks", "skipped", "jobs"}."""
+    out = out or sys.stdout
     cfg = load_config(config, flat)
     cluster = cluster or default_cluster()
     if cluster not in ("slurm", "local", "debug"):

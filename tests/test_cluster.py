@@ -1,0 +1,152 @@
+"""launch.py: YAML model lists -> one submitit job array of main.py runs (debug and local executors here;
+the real-Slurm run is tests/test_slurm_e2e.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tracing import cluster, zoo
+from tracing.errors import TracingError
+from tracing.results import load_record
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> list[str]:
+    """Three tiny independent llama checkpoints on disk (weight statistics need no data)."""
+    root = tmp_path_factory.mktemp("models")
+    tok = zoo.build_tokenizer(zoo.synthetic_text(200, seed=0), vocab_size=128)
+    out = []
+    for seed, name in enumerate("abc"):
+        model = zoo.tiny_model("llama", seed=seed, hidden=16, layers=2, intermediate=32, vocab_size=len(tok))
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out.append(str(root / name))
+    return out
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_flat_list_gives_all_pairs_once(tmp_path):
+    cfg = cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b, c, b, a]\n"))
+    assert cfg.flat == "all"
+    assert [(p.base, p.ft) for p in cfg.pairs] == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert cfg.duplicates == 7  # of the 10 pairs i<j: self pairs a-a, b-b and repeats like b-a are dropped
+
+
+def test_bare_list_is_the_original_flat_format(tmp_path):
+    cfg = cluster.load_config(write_yaml(tmp_path / "c.yaml", "- a\n- b\n"))
+    assert [(p.base, p.ft) for p in cfg.pairs] == [("a", "b")]
+
+
+def test_split_and_specified_forms(tmp_path):
+    split = cluster.load_config(write_yaml(tmp_path / "s.yaml", "base_models: [a, b]\nft_models: [x, y]\n"))
+    assert split.flat == "split" and len(split.pairs) == 4
+    spec = cluster.load_config(write_yaml(tmp_path / "p.yaml", "models_1: [org/a, org/b]\nmodels_2: [org/x, org/x]\n"
+                                          "names_1: [A, B]\nnames_2: [X, X]\n"))
+    assert spec.flat == "specified"
+    assert [(p.base, p.ft, p.base_name, p.ft_name) for p in spec.pairs] == [
+        ("org/a", "org/x", "A", "X"), ("org/b", "org/x", "B", "X")]
+
+
+def test_shipped_configs_parse():
+    sizes = {"llama7b.yaml": 210, "llama7b_split.yaml": 98, "llama_specified.yaml": 4, "demo.yaml": 3}
+    for name, n in sizes.items():
+        assert len(cluster.load_config(ROOT / "config" / name).pairs) == n, name
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", "models:\n  - a\n  - b\nslurm: {gpus_per_node: 0\n")
+    with pytest.raises(TracingError, match=r"malformed YAML in .*bad\.yaml:\d+"):
+        cluster.load_config(path)
+
+
+def test_unknown_keys_list_the_valid_ones(tmp_path):
+    with pytest.raises(TracingError, match=r"unknown key\(s\) modles; valid keys: models, base_models"):
+        cluster.load_config(write_yaml(tmp_path / "c.yaml", "modles: [a, b]\n"))
+    with pytest.raises(TracingError, match=r"unknown slurm key\(s\) gpu; valid: partition"):
+        cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\nslurm: {gpu: 1}\n"))
+    with pytest.raises(TracingError, match=r"unknown main key\(s\) statistic; valid: .*stat"):
+        cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\nmain: {statistic: csu}\n"))
+
+
+@pytest.mark.parametrize("text", ["", "models: []\n", "models: [only-one]\n", "base_models: [a]\nft_models: []\n"])
+def test_empty_model_list_is_refused(tmp_path, text):
+    with pytest.raises(TracingError, match="empty|no model pairs"):
+        cluster.load_config(write_yaml(tmp_path / "c.yaml", text))
+
+
+def test_plan_merges_yaml_defaults_and_cli_flags(tmp_path):
+    cfg = cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\nmain: {stat: csu, align: true}\n"))
+    (task,) = cluster.plan(cfg, tmp_path / "out", ["--stat", "l2"])
+    assert task.argv[:6] == ["--base_model_id", "a", "--ft_model_id", "b", "--save", str(tmp_path / "out")]
+    assert "--align" in task.argv and task.result == tmp_path / "out" / "a__vs__b__l2.pkl"
+    with pytest.raises(TracingError, match="unknown statistic|valid"):
+        cluster.plan(cfg, tmp_path, ["--stat", "nope"])
+    with pytest.raises(TracingError, match="export HF_TOKEN"):
+        cluster.plan(cfg, tmp_path, ["--token", "hf_secret"])
+
+
+def test_debug_launch_runs_every_pair_then_skips_finished_ones(tmp_path, models, capsys):
+    cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nmain: {stat: l2, device: cpu}\n" % ", ".join(models))
+    out = cluster.launch(cfg, tmp_path / "out", [], cluster="debug")
+    assert len(out["jobs"]) == 3
+    for task in out["tasks"]:
+        rec = load_record(task.result)
+        assert rec["status"] == "ok" and rec["value"] > 0 and "token" not in rec["args"]
+    again = cluster.launch(cfg, tmp_path / "out", [], cluster="debug")
+    assert again["skipped"] == 3 and again["jobs"] == []
+    forced = cluster.launch(cfg, tmp_path / "out", [], cluster="debug", force=True)
+    assert len(forced["jobs"]) == 3
+    assert cluster.status_table(tmp_path / "out")["counts"] == {"done": 3, "failed": 0, "running": 0, "missing": 0}
+
+
+def test_shell_metacharacters_in_a_model_id_stay_a_plain_string(tmp_path, models):
+    marker = tmp_path / "pwned"
+    evil = f"x; touch {marker} #$(touch {marker})"
+    cfg = write_yaml(tmp_path / "c.yaml", json.dumps({"models": [models[0], evil], "main": {"stat": "l2"}}))
+    out = cluster.launch(cfg, tmp_path / "out", [], cluster="debug")
+    (task,) = out["tasks"]
+    assert not marker.exists()
+    assert "/" not in task.result.name and ";" not in task.result.name and " " not in task.result.name
+    rec = load_record(task.result)
+    assert rec["status"] == "failed" and rec["ft_model_id"] == evil
+    table = cluster.status_table(tmp_path / "out")
+    assert table["counts"]["failed"] == 1 and table["rows"][0][2]  # the error line is shown
+
+
+def test_dry_run_submits_nothing(tmp_path, models, capsys):
+    cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nslurm: {gpus_per_node: 0}\n" % ", ".join(models))
+    out = cluster.launch(cfg, tmp_path / "out", ["--stat", "l2"], cluster="local", dry_run=True)
+    assert out["jobs"] == [] and not (tmp_path / "out").exists()
+    text = capsys.readouterr().out
+    assert "3 pairs" in text and '"gpus_per_node": 0' in text and text.count("  run  ") == 3
+
+
+def test_local_launch_through_the_cli_with_wait(tmp_path, models):
+    cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nslurm: {gpus_per_node: 0, timeout_min: 5}\n"
+                     % ", ".join(models[:2]))
+    cmd = [sys.executable, str(ROOT / "launch.py"), "--config", str(cfg), "--save", str(tmp_path / "out"),
+           "--cluster", "local", "--stat", "l2", "--device", "cpu", "--wait"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "done 1  running 0  failed 0  missing 0" in proc.stdout
+    (pkl,) = (tmp_path / "out").glob("*__l2.pkl")
+    assert load_record(pkl)["status"] == "ok"
+    status = subprocess.run([*cmd[:8], "--stat", "l2", "--status"], capture_output=True, text=True, cwd=tmp_path)
+    assert status.returncode == 0 and "done 1" in status.stdout
+
+
+def test_launch_cli_bad_input_exits_2_with_one_line(tmp_path):
+    cfg = write_yaml(tmp_path / "c.yaml", "models: [a, b]\nfoo: 1\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(cfg), "--cluster", "local",
+                           "--dry_run"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "valid keys" in proc.stderr
