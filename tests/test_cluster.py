@@ -130,18 +130,14 @@ def test_dry_run_submits_nothing(tmp_path, models, capsys):
     assert "3 pairs" in text and '"gpus_per_node": 0' in text and text.count("  run  ") == 3
 
 
-def test_local_launch_through_the_cli_with_wait(tmp_path, models):
+def test_local_launch_runs_jobs_as_processes_and_reports_status(tmp_path, models, capsys):
     cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nslurm: {gpus_per_node: 0, timeout_min: 5}\n"
                      % ", ".join(models[:2]))
-    cmd = [sys.executable, str(ROOT / "launch.py"), "--config", str(cfg), "--save", str(tmp_path / "out"),
-           "--cluster", "local", "--stat", "l2", "--device", "cpu", "--wait"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "done 1  running 0  failed 0  missing 0" in proc.stdout
-    (pkl,) = (tmp_path / "out").glob("*__l2.pkl")
-    assert load_record(pkl)["status"] == "ok"
-    status = subprocess.run([*cmd[:8], "--stat", "l2", "--status"], capture_output=True, text=True, cwd=tmp_path)
-    assert status.returncode == 0 and "done 1" in status.stdout
+    out = cluster.launch(cfg, tmp_path / "out", ["--stat", "l2", "--device", "cpu"], cluster="local", wait=True)
+    assert "done 1  running 0  failed 0  missing 0" in capsys.readouterr().out
+    (task,) = out["tasks"]
+    assert load_record(task.result)["status"] == "ok"
+    assert list((tmp_path / "out" / "submitit").glob("*_log.out"))  # it ran as a submitit job
 
 
 def test_launch_cli_bad_input_exits_2_with_one_line(tmp_path):
