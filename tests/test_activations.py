@@ -9,7 +9,7 @@ from tracing import lap, zoo
 from tracing.activations import layer_grams, sample_activations, sample_positions
 from tracing.arch import get_spec
 from tracing.errors import TracingError
-from tracing.statistics.match import assign
+from tracing.statistics.match import assign, euclid_similarity, max_assignment
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,9 +48,12 @@ def test_streaming_gram_equals_full_activation_matrices(pair):
             torch.testing.assert_close(lg.gram[proj], xa.T @ xb, rtol=1e-5, atol=1e-4)
             cos = lap.cosine_matrix(xa.T, xb.T)  # neurons as rows
             torch.testing.assert_close(lg.cosine(proj), cos, rtol=1e-5, atol=1e-6)
-            full_dist = torch.cdist(xa.T, xb.T).square()
-            assert (assign(lg.sq_dist(proj)) == assign(full_dist)).all()
-            assert (lap.match(lg.cosine(proj)) == lap.match(cos)).all()
+            full_dist = torch.cdist(xa.T, xb.T).square()  # (width_A, width_B)
+            torch.testing.assert_close(lg.sq_dist(proj), full_dist, rtol=1e-5, atol=1e-4)
+            # B's neurons into A's, minimum total squared distance, straight from scipy on the full matrices
+            expected = lap.match(-full_dist.T)
+            assert (assign(euclid_similarity(lg.gram[proj], lg.sq_base[proj])) == expected).all()
+            assert (max_assignment(lg.cosine(proj)) == lap.match(cos)).all()
 
 
 def test_one_forward_pass_per_model_for_all_layers(pair):
@@ -104,3 +107,16 @@ def test_zero_tokens_is_a_clear_error(pair, blocks):
         next(layer_grams(a, b, spec, spec, blocks, progress=False))
     with pytest.raises(TracingError, match="no tokens"):
         sample_activations(a, spec, blocks, progress=False)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (30, 45)])
+def test_max_assignment_fast_path_is_optimal(shape):
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(shape, generator=g, dtype=torch.float64)  # argmaxes collide: full assignment
+    near = noisy.clone()
+    near[torch.arange(shape[0]), torch.randperm(shape[1], generator=g)[:shape[0]]] += 10  # distinct argmaxes
+    for sim in (noisy, near):
+        got, ref = max_assignment(sim), lap.match(sim)
+        rows = torch.arange(shape[0])
+        assert sim[rows, torch.as_tensor(got)].sum() == pytest.approx(float(sim[rows, torch.as_tensor(ref)].sum()))
+        assert len(set(got.tolist())) == shape[0]

@@ -177,7 +177,7 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
 
     for chunk in chunks:
         keys = [k for k in names_a if k[1] in chunk]
-        gram = {k: torch.zeros(widths[k], dtype=acc_dtype, device=dev) for k in keys}
+        gram: dict = {}  # (proj, layer) -> (width_A, width_B), created by the first batch (no zero-fill)
         sq_a = {k: torch.zeros(widths[k][0], dtype=torch.float64, device=dev) for k in keys}
         sq_b = {k: torch.zeros(widths[k][1], dtype=torch.float64, device=dev) for k in keys}
         held: dict = {}  # activations of model A for the current batch only
@@ -189,7 +189,11 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
         def accumulate_b(key, y):  # y: (tokens, width_B)
             x = held.pop(key)
             y = y.to(x.device)
-            gram[key] += (x.T.to(acc_dtype) @ y.to(acc_dtype))  # (width_A, width_B)
+            xt, y = x.T.to(acc_dtype), y.to(acc_dtype)  # (width_A, tokens), (tokens, width_B)
+            if key in gram:
+                gram[key].addmm_(xt, y)
+            else:
+                gram[key] = xt @ y
             sq_b[key] += y.float().square().sum(0).double()
 
         hooks_a = _Hooks(base, {k: names_a[k] for k in keys}, keep_a)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 
-from tracing import lap
 from tracing.activations import DEFAULT_BUDGET_BYTES, check_same_mlp, layer_grams
 from tracing.statistics import StatContext, StatResult, register
+from tracing.statistics.match import max_assignment
 
 
 def csh_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> StatResult:
@@ -25,7 +25,7 @@ def csh_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTES)
                           layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=budget_bytes,
                           counter=counter, progress=ctx.progress):
         t0 = time.perf_counter()
-        cols = lap.match(lg.cosine("up"))  # (width,): neuron i of A <-> neuron cols[i] of B
+        cols = max_assignment(lg.cosine("up"))  # (width,): neuron i of A <-> neuron cols[i] of B
         lap_s += time.perf_counter() - t0
         rho, log10p = identity_spearman(cols)
         per_layer.append({"layer": lg.layer, "rho": float(rho), "log10_pvalue": float(log10p)})

@@ -43,11 +43,12 @@ def holm_log10(log10ps: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(log10ps))
 
 
-def _sq_dist(xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-    """Squared distances between neuron activation vectors: xa (S, w_A), xb (S, w_B) -> (w_A, w_B) float64."""
-    xa, xb = xa.double(), xb.double()
-    d = xa.square().sum(0)[:, None] + xb.square().sum(0)[None, :] - 2 * (xa.T @ xb)
-    return d.clamp_min(0)
+def _pair(xa: dict, xb: dict, i: int, j: int) -> tuple[float, float, float]:
+    """match between layer i of A and layer j of B from sampled activations (S, width), float64."""
+    a_g, a_u, b_g, b_u = xa["gate", i], xa["up", i], xb["gate", j], xb["up", j]
+    if b_g.shape[1] > a_g.shape[1]:  # always match the narrower model into the wider one
+        a_g, a_u, b_g, b_u = b_g, b_u, a_g, a_u
+    return match_pair(a_g.T @ b_g, a_g.square().sum(0), a_u.T @ b_u, a_u.square().sum(0))
 
 
 def _heatmap_name(ctx: StatContext) -> str:
@@ -73,14 +74,15 @@ def match_all_from_context(ctx: StatContext) -> StatResult:
     acts_b = sample_activations(ctx.ft, ctx.spec_ft, blocks, layers=layers_b, positions=positions,
                                 batch_size=ctx.batch_size, counter=passes_b, progress=ctx.progress)
 
+    acts_a = {k: v.double() for k, v in acts_a.items()}  # (S, width) float64
+    acts_b = {k: v.double() for k, v in acts_b.items()}
     logp = np.zeros((len(layers_a), len(layers_b)))
     rho = np.zeros_like(logp)
     lap_s = 0.0
     pairs = [(a, b) for a in range(len(layers_a)) for b in range(len(layers_b))]
     for a, b in tqdm(pairs, desc="match_all layer pairs", disable=not ctx.progress):
         i, j = layers_a[a], layers_b[b]
-        r, lp, dt = match_pair(_sq_dist(acts_a["gate", i], acts_b["gate", j]),
-                               _sq_dist(acts_a["up", i], acts_b["up", j]))
+        r, lp, dt = _pair(acts_a, acts_b, i, j)
         rho[a, b], logp[a, b] = r, lp
         lap_s += dt
     holm = holm_log10(logp)
