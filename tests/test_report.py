@@ -64,6 +64,21 @@ def test_effective_rank_counts_singular_values_up_to_the_energy_fraction():
     assert effective_rank(torch.zeros(4, 5)) == 0
 
 
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_chunked_gram_energies_equal_singular_values(shape, monkeypatch):
+    from tracing import report_weights
+
+    monkeypatch.setattr(report_weights, "CHUNK", 7)  # several chunks along the long axis
+    d = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def part(start, stop, axis):
+        return d.narrow(axis, start, min(stop, d.shape[axis]) - start)
+
+    e, frob2 = report_weights._sq_singular_values(part, shape)
+    torch.testing.assert_close(e, torch.linalg.svdvals(d) ** 2)
+    assert frob2 == pytest.approx(float(d.pow(2).sum()))
+
+
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_planted_low_rank_update_shows_in_exactly_the_modified_modules(fam, models, planted):
     base, spec = models[fam]

@@ -19,13 +19,39 @@ from tracing.errors import TracingError
 
 def effective_rank(delta: torch.Tensor, energy: float = 0.9) -> int:
     """Smallest k such that the top-k singular values of `delta` (2-D) hold `energy` of Σσ²; 0 if delta == 0."""
-    s = torch.linalg.svdvals(delta.to(torch.float64))  # (min(m, n),) descending
-    e = s.pow(2)
+    def part(start: int, stop: int, axis: int) -> torch.Tensor:
+        return delta.narrow(axis, start, min(stop, delta.shape[axis]) - start)
+    return _rank_from_energies(_sq_singular_values(part, tuple(delta.shape))[0], energy)
+
+
+def _rank_from_energies(e: torch.Tensor, energy: float) -> int:
+    """e: σ² in descending order (float64)."""
     total = e.sum()
-    if total == 0:
+    if total <= 0:
         return 0
-    k = int(torch.searchsorted(torch.cumsum(e, 0) / total, torch.tensor(energy, dtype=e.dtype, device=e.device)))
-    return min(k + 1, len(s))
+    frac = torch.cumsum(e, 0) / total
+    k = int((frac < energy * (1 - 1e-12)).sum())  # tolerance: a fraction of exactly `energy` counts as reached
+    return min(k + 1, len(e))
+
+
+CHUNK = 8192  # rows (or columns) of ΔW per step of the Gram accumulation
+
+
+def _sq_singular_values(part, shape: tuple[int, int]) -> tuple[torch.Tensor, float]:
+    """(σ² descending, ‖·‖_F²) of an (m, n) matrix, from the eigenvalues and trace of its (min, min) Gram matrix.
+
+    `part(start, stop, axis)` returns a slice of the matrix along `axis`; the Gram matrix is accumulated
+    in float64 over CHUNK slices of the longer axis, so e.g. the ΔW of a large-vocabulary embedding never
+    exists in float64 all at once. The energies equal svdvals(ΔW)**2 up to rounding.
+    """
+    m, n = shape
+    tall = m >= n
+    gram = None
+    for s in range(0, m if tall else n, CHUNK):
+        d = part(s, s + CHUNK, 0 if tall else 1).to(torch.float64)  # (chunk, n) or (m, chunk)
+        g = d.T @ d if tall else d @ d.T  # (n, n) or (m, m)
+        gram = g if gram is None else gram + g
+    return torch.linalg.eigvalsh(gram).clamp_min(0).flip(0), float(gram.diagonal().sum())
 
 
 def layer_prefixes(spec: ArchSpec) -> list[str]:
@@ -94,19 +120,25 @@ def weight_diff(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, *, r
     prefixes = layer_prefixes(spec)
     per_key = []
     for key in tqdm(keys, desc="report: weight change", disable=not progress):
-        w = sd_b[key]
+        w, w_ft = sd_b[key], sd_f[key]
         dev = w.device
-        w64 = w.to(torch.float64)
-        delta = sd_f[key].to(dev, torch.float64) - w64  # same shape as the weight
-        norm_w, norm_d = float(w64.norm()), float(delta.norm())
+
+        def delta(start: int = 0, stop: int | None = None, axis: int = 0) -> torch.Tensor:
+            """A slice of ΔW = W_ft - W_base along `axis`, float64, on the base weight's device."""
+            n = (w.shape[axis] if stop is None else min(stop, w.shape[axis])) - start
+            return w_ft.narrow(axis, start, n).to(dev, torch.float64) - w.narrow(axis, start, n).to(torch.float64)
+
+        norm_w = float(torch.linalg.vector_norm(w, dtype=torch.float64))
+        if w.dim() == 2:
+            e, frob2 = _sq_singular_values(delta, tuple(w.shape))  # σ² of ΔW, descending; ‖ΔW‖²
+            norm_d, rank = frob2 ** 0.5, _rank_from_energies(e, rank_energy)
+        else:
+            norm_d, rank = float(delta().norm()), None
         layer, module = _role(spec, prefixes, key)
         per_key.append(dict(
             key=key, layer=layer, module=module, shape=list(w.shape),
             rel_change=norm_d / norm_w if norm_w > 0 else (0.0 if norm_d == 0 else float("inf")),
-            abs_change=norm_d,
-            eff_rank=effective_rank(delta, rank_energy) if delta.dim() == 2 else None,
-            max_rank=min(w.shape) if w.dim() == 2 else None))
-        del delta, w64
+            abs_change=norm_d, eff_rank=rank, max_rank=min(w.shape) if w.dim() == 2 else None))
     return _grid(per_key, spec.n_layers, rank_energy)
 
 
