@@ -35,6 +35,50 @@ def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mappi
 
 
 # ---- aggregation (heatmaps, loss-vs-alpha) ----
+def pair_heatmap(cells, path: str, title: str, label: str = "log10 p") -> str:
+    """Model x model heatmap from (base, ft, value) cells; each pair is drawn in both triangles."""
+    import numpy as np
+
+    models = sorted({m for b, f, _ in cells for m in (b, f)})
+    index = {m: i for i, m in enumerate(models)}
+    m = np.full((len(models), len(models)), np.nan)  # (n_models, n_models)
+    for b, f, v in cells:
+        m[index[b], index[f]] = v
+        if np.isnan(m[index[f], index[b]]):
+            m[index[f], index[b]] = v
+    short = [x.rstrip("/").split("/")[-1][:28] for x in models]
+    size = 2.5 + 0.45 * len(models)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=100)
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis_r" if "log10" in label else "viridis", aspect="equal")
+    fig.colorbar(im, ax=ax, label=label)
+    if len(models) <= 12:
+        for (r, c), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(models)), short, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(models)), short, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def loss_vs_alpha(curves, path: str) -> str:
+    """Mode connectivity: one line per pair, (name, alphas, losses); a bump in the middle is a loss barrier."""
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for name, alphas, losses in curves:
+        ax.plot(alphas, losses, marker="o", markersize=3, label=name[:60])
+    ax.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
+    ax.set_ylabel("loss of (1 - alpha) base + alpha ft")
+    ax.set_title("mode connectivity")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
 
 # ---- fine-tuning diff report ----
 def report_grid(values, path: str, rows, cols, title: str, label: str, xlabel: str = "module",
