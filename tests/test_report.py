@@ -10,7 +10,7 @@ from tracing import zoo
 from tracing.arch import get_spec
 from tracing.errors import TracingError
 from tracing.report import read_prompts, write_report
-from tracing.report_hidden import compare_words, find_word, forward, token_similarity
+from tracing.report_hidden import compare_words, find_word, forward, token_similarity, word_position
 from tracing.report_predict import (continuation_ids, continuation_logprob, next_token_change, perplexity,
                                     score_targets)
 from tracing.report_weights import effective_rank, weight_diff
@@ -158,6 +158,25 @@ def test_find_word_points_at_the_last_sub_token_of_the_first_occurrence(tokenize
     assert ids[pos - len(word) + 1:pos + 1] == word
     assert pos < len(ids) - 2  # the first of the two occurrences
     assert find_word(tokenizer, ids, "Lagos") is None
+
+
+def test_word_position_follows_characters_not_the_first_matching_token(tokenizer):
+    text = "Ada went from Paris to Lima and Paris"
+    ids = tokenizer(text)["input_ids"]
+    assert word_position(tokenizer, text, "Paris") == find_word(tokenizer, ids, "Paris")
+    assert word_position(tokenizer, text, "Lima") == find_word(tokenizer, ids, "Lima")
+    assert word_position(tokenizer, text, "Par") is None  # whole words only
+
+
+def test_compare_reads_the_substituted_word_even_if_it_occurs_earlier(models, tokenizer):
+    base, _ = models["llama"]
+    template = "Ada went from Paris to Lima"  # Lima -> Paris: the state is read at the second Paris
+    c = compare_words(base, base, tokenizer, "Lima", "Paris", [template])
+    ha, _ = forward(base, tokenizer(template)["input_ids"])
+    hb, _ = forward(base, tokenizer("Ada went from Paris to Paris")["input_ids"])
+    expected = [float(torch.nn.functional.cosine_similarity(a[-1].double(), b[-1].double(), dim=0))
+                for a, b in zip(ha, hb)]
+    assert c["base_vs_base"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_compare_for_an_unchanged_model_equals_the_base_curve(models, tokenizer):

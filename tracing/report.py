@@ -25,7 +25,7 @@ from tracing import plots
 from tracing.arch import ArchSpec
 from tracing.errors import TracingError
 from tracing.report_markdown import render
-from tracing.report_hidden import compare_words, find_word, forward, token_similarity
+from tracing.report_hidden import compare_words, forward, token_similarity, word_position
 from tracing.report_predict import next_token_change, perplexity, score_targets, token_entropy
 from tracing.report_weights import weight_diff
 
@@ -106,7 +106,7 @@ def write_report(base: torch.nn.Module, ft: torch.nn.Module, tokenizer_base, tok
         if targets:
             rec["targets"] = score_targets(base, ft, tok, prompt, targets)
         if focus_token:
-            pos = find_word(tok, ids, focus_token)
+            pos = word_position(tok, prompt, focus_token)
             if pos is not None:
                 focus.append(dict(prompt=prompt, position=pos, similarity=sim[:, pos].tolist()))
         if n < MAX_TOKEN_FIGURES:

@@ -67,6 +67,32 @@ def find_word(tokenizer, ids: list[int], word: str) -> int | None:
     return best
 
 
+def _word_pattern(word: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+
+
+def token_ending_at(tokenizer, text: str, char_end: int) -> int | None:
+    """Index of the token of tokenizer(text) that covers character char_end - 1 (offsets), or None."""
+    enc = tokenizer(text, return_offsets_mapping=True)
+    hit = None
+    for i, (s, e) in enumerate(enc["offset_mapping"]):
+        if s <= char_end - 1 < e:
+            hit = i  # the last token covering it (a multi-byte character may span several)
+    return hit
+
+
+def word_position(tokenizer, text: str, word: str) -> int | None:
+    """Position in tokenizer(text) of the last sub-token of the first whole-word occurrence of `word`."""
+    m = _word_pattern(word).search(text)
+    if m is None:
+        return None
+    try:
+        pos = token_ending_at(tokenizer, text, m.end())
+    except (NotImplementedError, TypeError, KeyError):  # slow tokenizers have no offsets
+        pos = None
+    return pos if pos is not None else find_word(tokenizer, tokenizer(text)["input_ids"], word)
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.to(torch.float64), b.to(a.device, torch.float64), dim=0))
 
@@ -75,18 +101,25 @@ def compare_words(base: torch.nn.Module, ft: torch.nn.Module, tokenizer, word: s
                   prompts: list[str]) -> dict:
     """Per layer: cos(ft's state for `word`, base's state for `other`) vs cos(base(word), base(other)).
 
-    Templates are the prompts containing `word` (it is substituted by `other`), else DEFAULT_TEMPLATE.
+    Templates are the prompts containing `word` (its first occurrence is replaced by `other`), else
+    DEFAULT_TEMPLATE; each state is read at the last sub-token of the word.
     Both curves are averaged over templates; index 0 is the embedding output, i+1 the output of layer i.
     """
-    pat = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
-    pairs = [(p, pat.sub(other, p, count=1)) for p in prompts if pat.search(p)]
-    if not pairs:
-        pairs = [(DEFAULT_TEMPLATE.format(w=word), DEFAULT_TEMPLATE.format(w=other))]
+    pat = _word_pattern(word)
+    found = [(p, m) for p in prompts if (m := pat.search(p))]
+    if not found:
+        t = DEFAULT_TEMPLATE.format(w=word)
+        found = [(t, pat.search(t))]
     ft_vs, base_vs, used = [], [], []
-    for text_a, text_b in pairs:
+    for text_a, m in found:
+        text_b = text_a[:m.start()] + other + text_a[m.end():]  # the same template, `other` in its place
         ids_a = tokenizer(text_a)["input_ids"]
         ids_b = tokenizer(text_b)["input_ids"]
-        pa, pb = find_word(tokenizer, ids_a, word), find_word(tokenizer, ids_b, other)
+        try:
+            pa = token_ending_at(tokenizer, text_a, m.end())
+            pb = token_ending_at(tokenizer, text_b, m.start() + len(other))
+        except (NotImplementedError, TypeError, KeyError):  # slow tokenizers: search the tokens instead
+            pa, pb = find_word(tokenizer, ids_a, word), find_word(tokenizer, ids_b, other)
         if pa is None or pb is None:
             continue
         base_a, _ = forward(base, ids_a)
