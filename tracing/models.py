@@ -13,9 +13,11 @@ ever handed to the hub client, and is scrubbed from every exception and log line
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -172,9 +174,15 @@ def _guard(token: str | None, progress: bool) -> Iterator[None]:
     for h in handlers if filt else ():
         h.addFilter(filt)
     bars_on = transformers.utils.logging.is_progress_bar_enabled()
+    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
     if not progress:
         transformers.utils.logging.disable_progress_bar()
         hub_utils.disable_progress_bars()
+        if gguf_tqdm is None:  # its GGUF dequantization bar ignores the switch above
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+            gguf_tqdm = gguf_utils.tqdm
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     except BaseException as e:
@@ -185,9 +193,11 @@ def _guard(token: str | None, progress: bool) -> Iterator[None]:
     finally:
         for h in handlers if filt else ():
             h.removeFilter(filt)
-        if not progress and bars_on:
-            transformers.utils.logging.enable_progress_bar()
-            hub_utils.enable_progress_bars()
+        if not progress:
+            gguf_utils.tqdm = gguf_tqdm
+            if bars_on:
+                transformers.utils.logging.enable_progress_bar()
+                hub_utils.enable_progress_bars()
 
 
 def _hub_error(exc: BaseException, src: Source, name: str, token: str | None) -> TracingError | None:
