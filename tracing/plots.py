@@ -129,9 +129,13 @@ def report_token_similarity(sim, tokens, path: str, title: str) -> str:
 def report_layer_curves(curves: dict, path: str, title: str, ylabel: str) -> str:
     """One line per named curve over hidden-state index (0 = embeddings, i+1 = after layer i)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
+    n = 0
     for name, ys in curves.items():
         ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=name)
-    ax.set_xlabel("hidden state (0 = embeddings, i+1 = after layer i)")
+        n = max(n, len(ys))
+    step = max(1, n // 16)
+    ax.set_xticks(range(0, n, step), ["emb" if i == 0 else f"L{i - 1}" for i in range(0, n, step)])
+    ax.set_xlabel("hidden state (emb, then the output of layer Li)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
