@@ -13,6 +13,15 @@ from tracing.evaluate import mean_loss, perplexity
 from tracing.statistics import StatContext, get_stat
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread avoids OpenMP spin-waits (30x slower) on a machine shared by many tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def blocks(text_ids):
     return text_ids[-16 * 64:].reshape(16, 64)  # held-out tail of the text: (16, 64)
@@ -20,11 +29,12 @@ def blocks(text_ids):
 
 @pytest.fixture(scope="module")
 def trained(text_ids):
-    """base and an independent model (two seeds, 30 steps each) and a derived one (base + 5 steps)."""
+    """base and an independent model (two seeds, 20 steps each) and a derived one (base + 3 steps)."""
     train = text_ids[: -16 * 64]
-    base = zoo.finetune(zoo.tiny_model("llama", seed=0), train, steps=30, lr=3e-3, seed=0)
-    indep = zoo.finetune(zoo.tiny_model("llama", seed=1), train, steps=30, lr=3e-3, seed=1)
-    derived = zoo.finetune(copy.deepcopy(base), train, steps=5, lr=1e-3, seed=2)
+    kw = dict(block_size=32, batch_size=8)
+    base = zoo.finetune(zoo.tiny_model("llama", seed=0), train, steps=20, lr=5e-3, seed=0, **kw)
+    indep = zoo.finetune(zoo.tiny_model("llama", seed=1), train, steps=20, lr=5e-3, seed=1, **kw)
+    derived = zoo.finetune(copy.deepcopy(base), train, steps=3, lr=1e-3, seed=2, **kw)
     return base, derived, indep
 
 
