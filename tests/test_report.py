@@ -98,6 +98,23 @@ def test_planted_low_rank_update_shows_in_exactly_the_modified_modules(fam, mode
     assert changed_cells == {(rows[k]["layer"], rows[k]["module"]) for k in touched}
 
 
+@pytest.mark.parametrize("fam", zoo.FAMILIES)
+def test_every_weight_of_every_family_gets_its_own_layer_module_cell(fam):
+    base = zoo.tiny_model(fam, seed=0, vocab_size=64, hidden=16, layers=2, intermediate=32, heads=2, kv_heads=1)
+    spec = get_spec(base.config)
+    ft = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.01)
+    diff = weight_diff(base, ft, spec, progress=False)
+    cells = [(r["layer"], r["module"]) for r in diff["per_key"]]
+    assert len(cells) == len(set(cells))  # no two weights share a cell
+    assert {r["layer"] for r in diff["per_key"]} == {None, 0, 1}
+    assert all(r["abs_change"] > 0 for r in diff["per_key"])
+    n_cells = sum(v is not None for row in diff["abs_change"] for v in row)
+    assert n_cells == len(diff["per_key"]) - len(diff["globals"])
+
+
 def test_a_merged_peft_lora_is_low_rank_in_its_target_modules(models, tmp_path):
     peft = pytest.importorskip("peft")
     from tracing.models import load_model

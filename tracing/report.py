@@ -52,6 +52,9 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def _check_args(prompts, compare, targets, top_k, tokenizer):
+    if tokenizer is None:
+        raise TracingError("the report needs the base model's tokenizer; save one beside the model "
+                           "(tokenizer.save_pretrained(DIR))")
     if prompts is not None and not [p for p in prompts if p.strip()]:
         raise TracingError("no prompts given; pass at least one non-empty prompt (or none for the built-in ones)")
     if compare is not None and (len(compare) != 2 or not all(w.strip() for w in compare)):

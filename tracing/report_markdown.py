@@ -33,7 +33,7 @@ def _weights(w: dict, prefixes: list[str]) -> list[str]:
              f"{len(rows)} weights compared, {len(changed)} changed, {len(rows) - len(changed)} identical. "
              f"Relative change is ‖ΔW‖/‖W‖ (Frobenius); effective rank is the smallest k whose top-k singular "
              f"values of ΔW hold {w['rank_energy']:.0%} of Σσ² (0 for an unchanged weight).", ""]
-    top = sorted(changed, key=lambda r: -r["rel_change"])[:10]
+    top = sorted(changed, key=lambda r: -(r["rel_change"] if r["rel_change"] is not None else float("inf")))[:10]
     if top:
         lines += ["Largest relative changes:", "", "| weight | layer | module | ‖ΔW‖/‖W‖ | effective rank |",
                   "|---|---|---|---|---|"]
@@ -49,11 +49,12 @@ def _weights(w: dict, prefixes: list[str]) -> list[str]:
     if untouched_layers:
         lines += ["Layers with no weight change: "
                   + ", ".join(f"`{prefixes[i].rstrip('.')}`" for i in untouched_layers) + ".", ""]
-    lines += ["Relative change per layer and module:", "", "| layer | " + " | ".join(w["modules"]) + " |",
+    lines += ["Relative change per layer and module (r: effective rank):", "", "| layer | " + " | ".join(w["modules"]) + " |",
               "|---" * (len(w["modules"]) + 1) + "|"]
     for i in w["layers"]:
-        cells = [f"{_f(v)} (r {_f(k, 'd')})" if v is not None else "-"
-                 for v, k in zip(w["rel_change"][i], w["eff_rank"][i])]
+        cells = ["-" if a is None else f"‖ΔW‖ {a:.3g} (W = 0)" if v is None else
+                 f"{_f(v)}" + ("" if k is None else f" (r {k})")
+                 for v, k, a in zip(w["rel_change"][i], w["eff_rank"][i], w["abs_change"][i])]
         lines.append(f"| `{prefixes[i].rstrip('.')}` | " + " | ".join(cells) + " |")
     lines.append("")
     if w["globals"]:

@@ -90,9 +90,11 @@ def _role(spec: ArchSpec, prefixes: list[str], key: str) -> tuple[int | None, st
     for i, p in enumerate(prefixes):
         if key.startswith(p):
             local = module[len(p):]
-            return i, _short_names(spec, i).get(module, local) + suffix
+            return i, _short_names(spec, i).get(module, local.rsplit(".", 1)[-1]) + suffix
     if key == spec.embed:
         return None, "embed" + suffix
+    if key in spec.extra_embeds:
+        return None, "pos_embed" + suffix
     if key == spec.lm_head:
         return None, "lm_head" + suffix
     if key == spec.final_norm or (spec.final_norm and module == spec.final_norm.rsplit(".", 1)[0]):
@@ -137,7 +139,7 @@ def weight_diff(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, *, r
         layer, module = _role(spec, prefixes, key)
         per_key.append(dict(
             key=key, layer=layer, module=module, shape=list(w.shape),
-            rel_change=norm_d / norm_w if norm_w > 0 else (0.0 if norm_d == 0 else float("inf")),
+            rel_change=norm_d / norm_w if norm_w > 0 else (0.0 if norm_d == 0 else None),  # None: W was 0
             abs_change=norm_d, eff_rank=rank, max_rank=min(w.shape) if w.dim() == 2 else None))
     return _grid(per_key, spec.n_layers, rank_energy)
 
@@ -146,13 +148,19 @@ def _grid(per_key: list[dict], n_layers: int, rank_energy: float) -> dict:
     """Arrange per-key records into layer × module matrices (None where a layer has no such module)."""
     order = ["q", "k", "v", "qkv", "o", "gate", "up", "down", "attn_norm", "mlp_norm"]
     seen = [r["module"] for r in per_key if r["layer"] is not None]
-    modules = [m for m in order if m in seen] + sorted({m for m in seen if m not in order})
+    def place(m: str) -> tuple:  # known roles first, a bias right after its weight
+        stem = m.split(".")[0]
+        return (order.index(stem) if stem in order else len(order), stem, m != stem)
+    modules = sorted(set(seen), key=place)
     col = {m: j for j, m in enumerate(modules)}
     rel = [[None] * len(modules) for _ in range(n_layers)]
     rank = [[None] * len(modules) for _ in range(n_layers)]
+    absolute = [[None] * len(modules) for _ in range(n_layers)]
     for r in per_key:
         if r["layer"] is not None:
-            rel[r["layer"]][col[r["module"]]] = r["rel_change"]
+            rel[r["layer"]][col[r["module"]]] = r["rel_change"]  # None also where W was all zeros
             rank[r["layer"]][col[r["module"]]] = r["eff_rank"]
+            absolute[r["layer"]][col[r["module"]]] = r["abs_change"]
     return dict(rank_energy=rank_energy, modules=modules, layers=list(range(n_layers)), rel_change=rel,
-                eff_rank=rank, per_key=per_key, globals=[r for r in per_key if r["layer"] is None])
+                eff_rank=rank, abs_change=absolute, per_key=per_key,
+                globals=[r for r in per_key if r["layer"] is None])
