@@ -10,9 +10,20 @@ from tracing import zoo
 from tracing.arch import get_spec
 from tracing.errors import TracingError
 from tracing.report import read_prompts, write_report
-from tracing.report_hidden import compare_words, find_word, forward, token_similarity, word_position
-from tracing.report_predict import (continuation_ids, continuation_logprob, next_token_change, perplexity,
-                                    score_targets)
+from tracing.report_hidden import (
+    compare_words,
+    find_word,
+    forward,
+    token_similarity,
+    word_position,
+)
+from tracing.report_predict import (
+    continuation_ids,
+    continuation_logprob,
+    next_token_change,
+    perplexity,
+    score_targets,
+)
 from tracing.report_weights import effective_rank, weight_diff
 
 FAMILIES = ("llama", "gpt2")

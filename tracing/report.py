@@ -24,9 +24,19 @@ from tqdm.auto import tqdm
 from tracing import plots
 from tracing.arch import ArchSpec
 from tracing.errors import TracingError
+from tracing.report_hidden import (
+    compare_words,
+    forward,
+    token_similarity,
+    word_position,
+)
 from tracing.report_markdown import render
-from tracing.report_hidden import compare_words, forward, token_similarity, word_position
-from tracing.report_predict import next_token_change, perplexity, score_targets, token_entropy
+from tracing.report_predict import (
+    next_token_change,
+    perplexity,
+    score_targets,
+    token_entropy,
+)
 from tracing.report_weights import weight_diff
 
 DEFAULT_PROMPTS = [

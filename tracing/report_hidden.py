@@ -131,5 +131,5 @@ def compare_words(base: torch.nn.Module, ft: torch.nn.Module, tokenizer, word: s
     if not used:
         raise TracingError(f"--compare '{word}={other}': neither word could be located in any template; "
                            "check the spelling or give a prompt containing the first word")
-    mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]  # noqa: E731
+    mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]
     return dict(word=word, other=other, templates=used, ft_vs_base=mean(ft_vs), base_vs_base=mean(base_vs))

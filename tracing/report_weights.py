@@ -10,6 +10,8 @@ weights give relative change 0 and effective rank 0. Part of the fine-tuning dif
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from tqdm.auto import tqdm
 
@@ -102,6 +104,13 @@ def _role(spec: ArchSpec, prefixes: list[str], key: str) -> tuple[int | None, st
     return None, module + suffix
 
 
+def _delta_part(w: torch.Tensor, w_ft: torch.Tensor, start: int = 0, stop: int | None = None,
+                axis: int = 0) -> torch.Tensor:
+    """A slice of ΔW = W_ft - W_base along `axis`, float64, on the base weight's device."""
+    n = (w.shape[axis] if stop is None else min(stop, w.shape[axis])) - start
+    return w_ft.narrow(axis, start, n).to(w.device, torch.float64) - w.narrow(axis, start, n).to(torch.float64)
+
+
 @torch.no_grad()
 def weight_diff(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, *, rank_energy: float = 0.9,
                 progress: bool = True) -> dict:
@@ -123,13 +132,7 @@ def weight_diff(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, *, r
     per_key = []
     for key in tqdm(keys, desc="report: weight change", disable=not progress):
         w, w_ft = sd_b[key], sd_f[key]
-        dev = w.device
-
-        def delta(start: int = 0, stop: int | None = None, axis: int = 0) -> torch.Tensor:
-            """A slice of ΔW = W_ft - W_base along `axis`, float64, on the base weight's device."""
-            n = (w.shape[axis] if stop is None else min(stop, w.shape[axis])) - start
-            return w_ft.narrow(axis, start, n).to(dev, torch.float64) - w.narrow(axis, start, n).to(torch.float64)
-
+        delta = functools.partial(_delta_part, w, w_ft)
         norm_w = float(torch.linalg.vector_norm(w, dtype=torch.float64))
         if w.dim() == 2:
             e, frob2 = _sq_singular_values(delta, tuple(w.shape))  # σ² of ΔW, descending; ‖ΔW‖²
