@@ -15,7 +15,7 @@ def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mappi
     m = -np.asarray(log10p, dtype=float)  # (L_A, L_B), larger = stronger evidence of derivation
     layers_base = list(range(m.shape[0])) if layers_base is None else list(layers_base)
     layers_ft = list(range(m.shape[1])) if layers_ft is None else list(layers_ft)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * m.shape[1], 1.0 + 0.35 * m.shape[0]), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(4.5, 2.0 + 0.3 * m.shape[1]), max(3.5, 1.2 + 0.3 * m.shape[0])), dpi=100)
     im = ax.imshow(m, cmap="viridis", aspect="auto", origin="upper")
     fig.colorbar(im, ax=ax, label="-log10 p (match)")
     for j, i in enumerate(mapping or []):
