@@ -52,7 +52,7 @@ def test_streaming_gram_equals_full_activation_matrices(pair):
             torch.testing.assert_close(lg.sq_dist(proj), full_dist, rtol=1e-5, atol=1e-4)
             # B's neurons into A's, minimum total squared distance, straight from scipy on the full matrices
             expected = lap.match(-full_dist.T)
-            assert (assign(euclid_similarity(lg.gram[proj], lg.sq_base[proj])) == expected).all()
+            assert (assign(euclid_similarity(lg.gram[proj], lg.sq_base[proj], lg.sq_ft[proj])) == expected).all()
             assert (max_assignment(lg.cosine(proj)) == lap.match(cos)).all()
 
 

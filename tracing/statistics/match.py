@@ -24,17 +24,19 @@ NO_GATE = ("{stat} needs a gated MLP (gate_proj and up_proj), which {model_type}
            "use csh or csu instead")
 
 
-def max_assignment(sim: torch.Tensor) -> np.ndarray:
-    """Maximum-similarity assignment of the rows of `sim` (n, m), n <= m: row i <-> column idx[i].
+def max_assignment(sim: torch.Tensor | np.ndarray, dim: int = 1) -> np.ndarray:
+    """Maximum-similarity assignment for `sim` (n, m). dim=1: each row gets a column (n <= m), returns
+    idx (n,) with row i <-> column idx[i]; dim=0: each column gets a row (m <= n), idx (m,).
 
-    Fast path: when every row's best column is distinct, that choice reaches the upper bound
-    sum_i max_j sim[i, j] of any assignment, so it is optimal and no linear assignment is needed (the
-    usual case for related models). Otherwise: linear assignment in float64 (tracing/lap.py).
+    Fast path: when every row's (column's) best partner is distinct, that choice reaches the upper bound
+    sum of the maxima of any assignment, so it is optimal and no linear assignment is needed (the usual
+    case for related models). Otherwise: linear assignment in float64 (tracing/lap.py).
     """
-    best = sim.argmax(dim=1)  # (n,)
-    if len(torch.unique(best)) == len(best):
-        return best.cpu().numpy()
-    return lap.match(sim)
+    s = sim.detach().cpu().double().numpy() if isinstance(sim, torch.Tensor) else np.asarray(sim, np.float64)
+    best = s.argmax(axis=dim)  # (n,) or (m,)
+    if np.isfinite(s).all() and np.bincount(best, minlength=s.shape[1 - dim] if dim == 0 else s.shape[1]).max() <= 1:
+        return best
+    return lap.match(s if dim == 1 else s.T)
 
 
 def assign(sim_ab: torch.Tensor) -> np.ndarray:
@@ -42,14 +44,18 @@ def assign(sim_ab: torch.Tensor) -> np.ndarray:
 
     Returns `idx` (width_B,): neuron j of B <-> neuron idx[j] of A. Square inputs give a permutation.
     """
-    return max_assignment(sim_ab.T)
+    if sim_ab.shape[0] == sim_ab.shape[1]:  # square: rows are contiguous, the inverse is the same matching
+        return np.argsort(max_assignment(sim_ab, dim=1))
+    return max_assignment(sim_ab, dim=0)
 
 
-def euclid_similarity(gram: torch.Tensor, sq_base: torch.Tensor) -> torch.Tensor:
-    """Similarity whose maximum assignment of all of B's neurons into A's is the minimum total squared
-    Euclidean distance: |a_i - b_j|² = |a_i|² + |b_j|² - 2 a_i·b_j, and sum_j |b_j|² is the same for every
-    assignment, so maximise 2 a_i·b_j - |a_i|². gram (width_A, width_B), sq_base (width_A,) -> float64."""
-    return 2 * gram.double() - sq_base.double()[:, None]
+def euclid_similarity(gram: torch.Tensor, sq_base: torch.Tensor, sq_ft: torch.Tensor) -> torch.Tensor:
+    """-|a_i - b_j|² / 2 = a_i·b_j - |a_i|²/2 - |b_j|²/2 from the Gram matrix (width_A, width_B) and the
+    squared norms (width_A,), (width_B,): maximising it minimises the total squared Euclidean distance of
+    matched activation vectors (the original's cost). float64."""
+    sim = gram.to(torch.float64, copy=True)  # in-place below: no further (width_A, width_B) temporaries
+    sim.sub_(sq_base.double()[:, None], alpha=0.5)
+    return sim.sub_(sq_ft.double()[None, :], alpha=0.5)
 
 
 def rank(idx: np.ndarray) -> np.ndarray:
@@ -57,17 +63,17 @@ def rank(idx: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(idx, kind="stable"), kind="stable")
 
 
-def match_pair(gram_gate: torch.Tensor, sq_gate: torch.Tensor, gram_up: torch.Tensor,
-               sq_up: torch.Tensor) -> tuple[float, float, float]:
-    """(rho, log10 p, seconds in assignment) for one layer pair, from Gram matrices (width_A, width_B) and
-    A's squared activation norms (width_A,) of the gate and up projections."""
+def match_pair(gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               up: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[float, float, float]:
+    """(rho, log10 p, seconds in assignment) for one layer pair. `gate` and `up` are each
+    (Gram (width_A, width_B), squared norms of A (width_A,), squared norms of B (width_B,)), width_B <= width_A."""
     from tracing.statistics.pvalues import perm_pair_spearman
 
-    if gram_gate.shape[1] > gram_gate.shape[0]:
+    if gate[0].shape[1] > gate[0].shape[0]:
         raise ValueError("match_pair needs width_B <= width_A; swap the models")
     t0 = time.perf_counter()
-    g = assign(euclid_similarity(gram_gate, sq_gate))
-    u = assign(euclid_similarity(gram_up, sq_up))
+    g = assign(euclid_similarity(*gate))
+    u = assign(euclid_similarity(*up))
     dt = time.perf_counter() - t0
     rho, log10p = perm_pair_spearman(torch.as_tensor(rank(g)), torch.as_tensor(rank(u)))
     return float(rho), float(log10p), dt
@@ -85,7 +91,7 @@ def match_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTE
     for lg in layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("gate", "up"),
                           layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=budget_bytes,
                           counter=counter, progress=ctx.progress):
-        rho, log10p, dt = match_pair(lg.gram["gate"], lg.sq_base["gate"], lg.gram["up"], lg.sq_base["up"])
+        rho, log10p, dt = match_pair(*((lg.gram[p], lg.sq_base[p], lg.sq_ft[p]) for p in ("gate", "up")))
         lap_s += dt
         per_layer.append({"layer": lg.layer, "rho": rho, "log10_pvalue": log10p})
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])

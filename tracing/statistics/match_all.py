@@ -48,7 +48,8 @@ def _pair(xa: dict, xb: dict, i: int, j: int) -> tuple[float, float, float]:
     a_g, a_u, b_g, b_u = xa["gate", i], xa["up", i], xb["gate", j], xb["up", j]
     if b_g.shape[1] > a_g.shape[1]:  # always match the narrower model into the wider one
         a_g, a_u, b_g, b_u = b_g, b_u, a_g, a_u
-    return match_pair(a_g.T @ b_g, a_g.square().sum(0), a_u.T @ b_u, a_u.square().sum(0))
+    return match_pair((a_g.T @ b_g, a_g.square().sum(0), b_g.square().sum(0)),
+                      (a_u.T @ b_u, a_u.square().sum(0), b_u.square().sum(0)))
 
 
 def _heatmap_name(ctx: StatContext) -> str:
