@@ -48,8 +48,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def build_pair(n_layers: int, seed: int = 0):
-    """Random-init base with the SmolLM2-135M shape and a derived copy (noise, then residual rotation)."""
+def build_pair(n_layers: int, seed: int = 0, independent: bool = False):
+    """Random-init base with the SmolLM2-135M shape and a derived copy (noise, then residual rotation),
+    or with `independent` a second model from another random initialisation."""
     import torch
     import transformers
 
@@ -59,6 +60,9 @@ def build_pair(n_layers: int, seed: int = 0):
     cfg = transformers.LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": n_layers})
     torch.manual_seed(seed)
     base = transformers.LlamaForCausalLM(cfg).float().eval()
+    if independent:
+        torch.manual_seed(seed + 100)
+        return base, transformers.LlamaForCausalLM(cfg).float().eval()
     derived = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -68,7 +72,7 @@ def build_pair(n_layers: int, seed: int = 0):
     return base, derived
 
 
-def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int) -> dict:
+def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int, independent: bool = False) -> dict:
     """Build the pair, then time one statistic (meant to run in a fresh process)."""
     import gc
 
@@ -77,7 +81,7 @@ def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int) -> dict:
     from tracing.arch import get_spec
     from tracing.statistics import StatContext, get_stat
 
-    base, derived = build_pair(n_layers)
+    base, derived = build_pair(n_layers, independent=independent)
     blocks = torch.randint(0, SMOLLM2_135M["vocab_size"], (n_blocks, BLOCK_SIZE),
                            generator=torch.Generator().manual_seed(0))  # (n_blocks, T)
     ctx = StatContext(base=base, ft=derived, spec_base=get_spec(base.config), spec_ft=get_spec(derived.config),
@@ -90,7 +94,7 @@ def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int) -> dict:
     res = info.fn(ctx)
     wall = time.perf_counter() - t0
     peak = _rss_kib("VmHWM") if reset else _rss_kib("VmHWM")
-    return {"stat": stat, "tokens": int(blocks.numel()), "layers": n_layers, "wall_s": round(wall, 2),
+    return {"stat": stat, "pair": "independent" if independent else "derived", "tokens": int(blocks.numel()), "layers": n_layers, "wall_s": round(wall, 2),
             "forward_passes_per_model": res.extras["forward_passes"],
             "lap_s": round(res.extras["lap_seconds"], 2),
             "rss_models_mib": round(rss_models / 1024), "peak_rss_mib": round(peak / 1024),
@@ -104,13 +108,15 @@ def main() -> None:
     ap.add_argument("--n_layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
     ap.add_argument("--batch_size", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--independent", action="store_true", help="an independent pair instead of a derived one")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_one(args.stats[0], args.n_blocks[0], args.n_layers, args.batch_size)), flush=True)
+        print(json.dumps(run_one(args.stats[0], args.n_blocks[0], args.n_layers, args.batch_size,
+                                 args.independent)), flush=True)
         return
     rows = []
     for stat in args.stats:
@@ -118,10 +124,11 @@ def main() -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", "--stats", stat, "--n_blocks", str(nb),
                    "--n_layers", str(args.n_layers), "--batch_size", str(args.batch_size)]
             cmd += ["--threads", str(args.threads)] if args.threads else []
+            cmd += ["--independent"] if args.independent else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
             rows.append(row)
-            print(f"{row['stat']:6s} tokens={row['tokens']:5d} wall={row['wall_s']:6.2f}s "
+            print(f"{row['stat']:6s} {row['pair']} tokens={row['tokens']:5d} wall={row['wall_s']:6.2f}s "
                   f"passes/model={row['forward_passes_per_model']} lap={row['lap_s']:5.2f}s "
                   f"peak_rss={row['peak_rss_mib']} MiB (models loaded: {row['rss_models_mib']} MiB) "
                   f"log10p={row['log10_pvalue']:.1f}", flush=True)

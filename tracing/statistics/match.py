@@ -1,8 +1,8 @@
 """φ_MATCH: do the neuron matchings from gate activations and from up activations agree?
 
-Per layer, B's MLP neurons are matched to A's twice by linear assignment minimising the squared Euclidean
-distance of activation vectors (as in the original; float64), once with the gate_proj outputs and once with the up_proj
-outputs (pre-activation, on the same tokens). For independent models the two matchings are unrelated;
+Per layer, B's MLP neurons are matched to A's twice by linear assignment minimising the squared
+Euclidean distance of activation vectors (as in the original; float64), once with the gate_proj outputs
+and once with the up_proj outputs (pre-activation, on the same tokens). For independent models the two matchings are unrelated;
 for related ones they coincide. Spearman between the two index vectors gives a one-sided log10 p per
 layer; Fisher combines the layers. Invariant to permutations and rotations of the residual stream (the
 activations do not depend on its basis). One forward pass per model (tracing/activations.py).
@@ -34,7 +34,7 @@ def max_assignment(sim: torch.Tensor | np.ndarray, dim: int = 1) -> np.ndarray:
     """
     s = sim.detach().cpu().double().numpy() if isinstance(sim, torch.Tensor) else np.asarray(sim, np.float64)
     best = s.argmax(axis=dim)  # (n,) or (m,)
-    if np.isfinite(s).all() and np.bincount(best, minlength=s.shape[1 - dim] if dim == 0 else s.shape[1]).max() <= 1:
+    if np.isfinite(s).all() and np.bincount(best).max() <= 1:  # every partner chosen at most once
         return best
     return lap.match(s if dim == 1 else s.T)
 
