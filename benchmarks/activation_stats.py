@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--stats", nargs="+", default=["match", "csh"])
     ap.add_argument("--n_blocks", nargs="+", type=int, default=[4, 16], help="blocks of 128 tokens")
     ap.add_argument("--n_layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
-    ap.add_argument("--batch_size", type=int, default=1)
+    ap.add_argument("--batch_size", type=int, default=4, help="blocks per forward pass")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--independent", action="store_true", help="an independent pair instead of a derived one")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process mode

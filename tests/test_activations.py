@@ -120,3 +120,11 @@ def test_max_assignment_fast_path_is_optimal(shape):
         rows = torch.arange(shape[0])
         assert sim[rows, torch.as_tensor(got)].sum() == pytest.approx(float(sim[rows, torch.as_tensor(ref)].sum()))
         assert len(set(got.tolist())) == shape[0]
+
+
+def test_a_model_against_itself_matches_a_copy_of_itself(pair):
+    a, _, spec, blocks = pair
+    same = {g.layer: g for g in layer_grams(a, a, spec, spec, blocks, progress=False)}
+    for g in layer_grams(a, copy.deepcopy(a), spec, spec, blocks, progress=False):
+        torch.testing.assert_close(same[g.layer].gram["gate"], g.gram["gate"])
+        torch.testing.assert_close(same[g.layer].sq_ft["up"], g.sq_ft["up"])

@@ -196,17 +196,24 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
                 gram[key] = xt @ y
             sq_b[key] += y.float().square().sum(0).double()
 
-        hooks_a = _Hooks(base, {k: names_a[k] for k in keys}, keep_a)
-        hooks_b = _Hooks(ft, {k: names_b[k] for k in keys}, accumulate_b)
+        def both(key, x):  # base and ft are the same module: one pass serves both sides
+            keep_a(key, x)
+            accumulate_b(key, x)
+
+        if ft is base:
+            runs = [(base, _Hooks(base, {k: names_a[k] for k in keys}, both))]
+        else:
+            runs = [(base, _Hooks(base, {k: names_a[k] for k in keys}, keep_a)),
+                    (ft, _Hooks(ft, {k: names_b[k] for k in keys}, accumulate_b))]
         try:
             batches = range(0, len(blocks), batch_size)
             for s in tqdm(batches, desc=f"activations layers {chunk[0]}-{chunk[-1]}", disable=not progress):
                 ids = blocks[s:s + batch_size]  # (B, T)
-                hooks_a.run(base, ids)
-                hooks_b.run(ft, ids)
+                for model, hooks in runs:  # lockstep: A then B on the same batch
+                    hooks.run(model, ids)
         finally:
-            hooks_a.remove()
-            hooks_b.remove()
+            for _, hooks in runs:
+                hooks.remove()
             held.clear()
         if counter is not None:
             counter["forward_passes"] += 1
