@@ -177,7 +177,9 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
 
     for chunk in chunks:
         keys = [k for k in names_a if k[1] in chunk]
-        gram: dict = {}  # (proj, layer) -> (width_A, width_B), created by the first batch (no zero-fill)
+        # (proj, layer) -> (width_A, width_B); allocated up front (steady memory), written by the first batch
+        gram = {k: torch.empty(widths[k], dtype=acc_dtype, device=dev) for k in keys}
+        started: set = set()
         sq_a = {k: torch.zeros(widths[k][0], dtype=torch.float64, device=dev) for k in keys}
         sq_b = {k: torch.zeros(widths[k][1], dtype=torch.float64, device=dev) for k in keys}
         held: dict = {}  # activations of model A for the current batch only
@@ -190,10 +192,11 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
             x = held.pop(key)
             y = y.to(x.device)
             xt, y = x.T.to(acc_dtype), y.to(acc_dtype)  # (width_A, tokens), (tokens, width_B)
-            if key in gram:
+            if key in started:
                 gram[key].addmm_(xt, y)
             else:
-                gram[key] = xt @ y
+                torch.mm(xt, y, out=gram[key])
+                started.add(key)
             sq_b[key] += y.float().square().sum(0).double()
 
         def both(key, x):  # base and ft are the same module: one pass serves both sides
