@@ -1,0 +1,38 @@
+"""generate.py: seeded samples per model into <save>/<safe name>_gentext.json, read by --dataset generated."""
+
+import json
+
+import pytest
+
+from tracing import zoo
+from tracing.data import generated_path
+from tracing.generate import generate_for, main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    tok = zoo.build_tokenizer(zoo.synthetic_text(200, seed=0), vocab_size=128)
+    model = zoo.tiny_model("llama", seed=0, hidden=16, layers=2, intermediate=32, vocab_size=len(tok))
+    model.save_pretrained(root / "m")
+    tok.save_pretrained(root / "m")
+    return str(root / "m")
+
+
+def test_writes_the_schema_the_generated_dataset_reads(tmp_path, model_dir):
+    path, written = generate_for(model_dir, tmp_path, n=5, max_new_tokens=6, seed=3, batch_size=2,
+                                 device="cpu", progress=False)
+    assert written and path == generated_path(model_dir, tmp_path)
+    data = json.loads(path.read_text())
+    assert data["model_id"] == model_dir and data["seed"] == 3 and data["max_new_tokens"] == 6
+    assert len(data["texts"]) == 5 and all(isinstance(t, str) and t for t in data["texts"])
+    again, written = generate_for(model_dir, tmp_path, n=5, max_new_tokens=6, seed=3, device="cpu")
+    assert not written and again == path  # existing file kept
+    forced, _ = generate_for(model_dir, tmp_path / "2", n=5, max_new_tokens=6, seed=3, batch_size=2,
+                             device="cpu", progress=False)
+    assert json.loads(forced.read_text())["texts"] == data["texts"]  # seeded: same texts
+
+
+def test_missing_model_is_a_one_line_error(tmp_path, capsys):
+    assert main(["--model_id", str(tmp_path / "nope"), "--save", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
