@@ -2,14 +2,16 @@
 
 import os
 
-import pytest
-import torch
-
-from tracing import zoo
-
-torch.set_num_threads(2)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (set before transformers loads)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tracing import zoo  # noqa: E402
+
+# One thread: tiny models gain nothing from more, and OpenMP spin-waiting on a shared 2-core CPU is slow.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

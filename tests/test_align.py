@@ -62,5 +62,5 @@ def test_align_finetuned_then_permuted_copy(family, text_ids):
 
 def test_align_refuses_different_widths():
     base, wide = zoo.tiny_model("llama"), zoo.tiny_model("llama", hidden=32)
-    with pytest.raises(TracingError, match="hidden sizes differ.*--stat match"):
+    with pytest.raises(TracingError, match="hidden sizes differ.*--stat match_all"):
         align_weights(base, wide, get_spec(base.config), progress=False)

@@ -67,9 +67,9 @@ def test_derived_pair_is_related_and_record_is_plain(models, tmp_path, monkeypat
     assert set(rec["git"]) >= {"commit", "dirty"}
 
 
-def test_independent_pair_is_not_related(models, tmp_path):
-    code, rec = run(models, tmp_path, "base", "independent", "--stat", "csu")
-    assert code == 0 and rec["log10_pvalue"] > -3
+def test_independent_pair_is_not_related_with_or_without_align(models, tmp_path):
+    code, rec = run(models, tmp_path, "base", "independent", "--stat", "csu", "--align")
+    assert code == 0 and rec["log10_pvalue"] > -3 and rec["aligned_log10_pvalue"] > -3
 
 
 def test_permuted_derived_pair_needs_align(models, tmp_path):
@@ -77,6 +77,15 @@ def test_permuted_derived_pair_needs_align(models, tmp_path):
     assert code == 0
     assert rec["log10_pvalue"] > -3  # permutation hides the relation from csu ...
     assert rec["aligned_log10_pvalue"] < -6  # ... until the models are aligned
+
+
+def test_permtest_is_not_applied_after_align(models, tmp_path, capsys):
+    code, rec = run(models, tmp_path, "base", "derived", "--stat", "l2", "--permute", "--align", "--num_perm", "9")
+    assert code == 0
+    assert rec["log10_pvalue"] >= -1 and rec["extras"]["num_perm"] == 9  # PERMTEST on the permuted pair
+    assert rec["aligned_log10_pvalue"] is None and "not valid after --align" in rec["aligned_extras"]["permtest"]
+    assert rec["aligned_value"] < rec["value"]  # alignment brought the weights back together
+    assert "PERMTEST is not valid after --align" in capsys.readouterr().err
 
 
 def test_eval_reports_losses(models, tmp_path):

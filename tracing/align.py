@@ -5,8 +5,11 @@
 
 1. Residual stream: each hidden unit is a column of the embedding (vocab, hidden); match base and ft
    columns over the shared vocabulary by cosine similarity (linear assignment, float64).
-2. Each layer's MLP neurons: rows of [gate | up] (or fc) of ft, re-indexed into base's residual basis
-   by step 1, matched against the same rows of base.
+2. Each layer's MLP neurons: the gate rows (gated MLPs) or the output-projection columns (GPT-2/NeoX) of ft,
+   re-indexed into base's residual basis by step 1, matched against the same weights of base.
+   The up-projection (fc input) is deliberately left out: csu tests it, and a matching chosen to make
+   the up rows agree would make csu call independent models related after --align. Matching on one
+   weight and testing on another keeps csu --align a test (φ_CSU: gate matching vs up matching).
 The result is a `Perm` in the same currency as `random_perm`: applying it to ft aligns it to base.
 """
 
@@ -43,19 +46,19 @@ def align_weights(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, pr
     emb_b, emb_f = sd_b[spec.embed], sd_f[spec.embed]  # (vocab, hidden)
     if emb_b.shape[1] != emb_f.shape[1]:
         raise TracingError(f"cannot align: hidden sizes differ ({emb_b.shape[1]} vs {emb_f.shape[1]}); "
-                           "use --stat match, which handles different shapes")
+                           "use --stat match_all, which handles different depth and width")
     device = emb_b.device
     vocab = min(emb_b.shape[0], emb_f.shape[0])  # the shared vocabulary
     resid = _match_rows(emb_b[:vocab].T, emb_f[:vocab].to(device).T)  # columns = hidden units
     perm: Perm = {RESID: resid}
     for i, roles in enumerate(tqdm(spec.layers, desc="align MLP", disable=not progress)):
         name = mlp(i)
-        keys = [k for k in (roles.gate, roles.up) if k]
-        if any(sd_b[k].shape != sd_f[k].shape for k in keys):
+        key = roles.gate or roles.down  # never roles.up: csu tests it (see the module docstring)
+        if sd_b[key].shape != sd_f[key].shape:
             raise TracingError(f"cannot align layer {i}: MLP shapes differ "
-                               f"({tuple(sd_b[keys[0]].shape)} vs {tuple(sd_f[keys[0]].shape)}); "
-                               "use --stat match, which handles different shapes")
-        rows_b = torch.cat([_neuron_rows(spec, sd_b, k, name, None, device) for k in keys], dim=1)
-        rows_f = torch.cat([_neuron_rows(spec, sd_f, k, name, resid, device) for k in keys], dim=1)
+                               f"({tuple(sd_b[key].shape)} vs {tuple(sd_f[key].shape)}); "
+                               "use --stat match_all, which handles different depth and width")
+        rows_b = _neuron_rows(spec, sd_b, key, name, None, device)  # (n_neurons, hidden)
+        rows_f = _neuron_rows(spec, sd_f, key, name, resid, device)  # (n_neurons, hidden)
         perm[name] = _match_rows(rows_b, rows_f)  # (n_neurons,)
     return perm

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ DEMO_DIR = Path("results/demo")
 RECIPE = dict(version=1, family="llama", hidden=96, layers=3, intermediate=256, vocab=512,
               train_steps=120, finetune_steps=30, lr=3e-3)
 ALPHA = 0.01  # verdict threshold on p
+MODE_PERMS = 99  # PERMTEST permutations for mode: the smallest attainable p is 1 / (99 + 1) = ALPHA
 
 
 def _train_models(root: Path, progress: bool) -> None:
@@ -72,12 +74,12 @@ def ensure_demo_models(root: Path = DEMO_DIR, progress: bool = True) -> Path:
 
 
 def _run(argv: list[str]) -> dict:
-    from tracing.cli import main, result_path
+    from tracing.cli import build_parser, main, result_path
     from tracing.results import load_record
 
     code = main(argv)
-    args = dict(zip(argv[::2], argv[1::2]))
-    record = load_record(result_path(args["--save"], args["--base_model_id"], args["--ft_model_id"], args["--stat"]))
+    a = build_parser().parse_args(argv)
+    record = load_record(result_path(a.save, a.base_model_id, a.ft_model_id, a.stat))
     if code != 0:
         raise RuntimeError(f"demo run failed: {record.get('error')}")
     return record
@@ -96,20 +98,19 @@ def run_demo(progress: bool = True) -> int:
         csu = _run([*common, "--stat", "csu", "--align"])
         rows.append((pair, "csu", csu["log10_pvalue"]))
         rows.append((pair, "csu --align", csu["aligned_log10_pvalue"]))
-        mode = _run([*common, "--stat", "mode", "--align", "--dataset", str(root / "text.txt"),
-                     "--block_size", "64", "--max_blocks", "16", "--batch_size", "8"])
-        rows.append((pair, "mode --align", mode))
+        mode = _run([*common, "--stat", "mode", "--align", "--num_perm", str(MODE_PERMS),
+                     "--dataset", str(root / "text.txt"), "--block_size", "64", "--max_blocks", "8",
+                     "--batch_size", "8"])
+        rows.append((pair, "mode", mode["log10_pvalue"],
+                     f"PERMTEST, {MODE_PERMS} permutations; loss barrier {mode['extras']['barrier']:+.3f} nats"))
+        rows.append((pair, "mode --align", None, f"loss barrier {mode['aligned_extras']['barrier']:+.3f} nats"))
     print()
-    print(f"{'pair':<22} {'statistic':<14} {'log10 p':>12}  verdict")
-    for pair, stat, res in rows:
-        name = f"base vs {pair}"
-        if isinstance(res, dict):  # mode: a loss barrier, no p-value
-            e = res["aligned_extras"]
-            barrier = res["aligned_value"] - 0.5 * (e["loss_base"] + e["loss_ft"])
-            verdict = f"loss barrier {barrier:+.3f} nats at alpha=0.5 (no p-value; see README)"
-            print(f"{name:<22} {stat:<14} {'-':>12}  {verdict}")
+    print(f"{'pair':<22} {'statistic':<14} {'log10 p':>9}  verdict")
+    for pair, stat, log10p, *note in rows:
+        if log10p is None:  # mode after --align: no valid p-value, the barrier is the evidence
+            shown, verdict = "-", "no p-value"
         else:
-            verdict = "related" if res is not None and res <= torch.log10(torch.tensor(ALPHA)).item() else "unrelated"
-            print(f"{name:<22} {stat:<14} {res:>12.2f}  {verdict}")
+            shown, verdict = f"{log10p:.2f}", "related" if log10p <= math.log10(ALPHA) else "unrelated"
+        print(f"{'base vs ' + pair:<22} {stat:<14} {shown:>9}  {verdict}{'  (' + note[0] + ')' if note else ''}")
     print(f"\n(related = p <= {ALPHA}; records in {out}; {time.perf_counter() - t0:.0f} s)")
     return 0

@@ -43,7 +43,7 @@ def _blocks(args: argparse.Namespace, tokenizer, vocab_size: int) -> torch.Tenso
 
     return load_blocks(args.dataset, tokenizer, args.block_size, max_blocks=args.max_blocks, seed=args.seed,
                        vocab_size=vocab_size, model_ids=(args.base_model_id, args.ft_model_id),
-                       generated_dir=args.generated_dir)
+                       generated_dir=args.generated_dir, progress=not args.no_progress)
 
 
 def _fill(record: dict, prefix: str, res: StatResult) -> None:
@@ -88,7 +88,12 @@ def execute(args: argparse.Namespace, record: dict) -> None:
     if args.align:
         from tracing.align import align_weights
         apply_perm(ft, spec_ft, align_weights(base, ft, spec_base, progress=ctx.progress))
-        _fill(record, "aligned_", compute(info, ctx, args.num_perm))
+        aligned = info.fn(ctx)
+        if args.num_perm:  # alignment chose the ft permutation most like base: ft is no longer exchangeable
+            aligned.extras["permtest"] = "not run: PERMTEST is not valid after --align"
+            print("note: --num_perm applies to the non-aligned statistic only; PERMTEST is not valid after "
+                  "--align (alignment picks the permutation of ft that looks most like base)", file=sys.stderr)
+        _fill(record, "aligned_", aligned)
 
     if args.eval:
         from tracing.evaluate import mean_loss, perplexity

@@ -51,6 +51,9 @@ class StatContext:
     tokenizer_ft: Any = None
     out_dir: str | None = None  # where a statistic may write figures
     progress: bool = True
+    # Values that permuting ft's hidden units cannot change (e.g. the endpoint losses of mode), so that
+    # PERMTEST's inner calls, which share this dict, compute them once.
+    cache: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def jsd_from_context(ctx: StatContext) -> StatResult:
                       extras={"forward_passes": 1, "n_tokens": count, "shared_vocab": n_shared, "unit": "nats"})
 
 
-@register("jsd", needs_data=True, scalar=True, higher_is_related=False,
+@register("jsd", needs_data=True, same_shape=False, higher_is_related=False,
           help="Jensen-Shannon divergence of next-token distributions over the shared vocabulary (nats)")
 def jsd(ctx: StatContext) -> StatResult:
     return jsd_from_context(ctx)

@@ -49,10 +49,13 @@ def mode(ctx: StatContext) -> StatResult:
     for a in curve:
         check_alpha(a)
 
-    def lm(model):
-        return mean_loss(model, ctx.blocks, batch_size=ctx.batch_size, progress=ctx.progress)
+    def lm(name: str) -> float:  # endpoint losses do not change when ft's hidden units are permuted
+        if name not in ctx.cache:
+            model = ctx.base if name == "loss_base" else ctx.ft
+            ctx.cache[name] = mean_loss(model, ctx.blocks, batch_size=ctx.batch_size, progress=ctx.progress)
+        return ctx.cache[name]
 
-    loss_base, loss_ft = lm(ctx.base), lm(ctx.ft)
+    loss_base, loss_ft = lm("loss_base"), lm("loss_ft")
     losses = {0.0: loss_base}  # alpha = 0 is base itself
     if ctx.emb and ctx.attn:
         losses[1.0] = loss_ft  # every group interpolated: alpha = 1 is ft itself
