@@ -93,8 +93,9 @@ def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int, independen
     t0 = time.perf_counter()
     res = info.fn(ctx)
     wall = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM") if reset else _rss_kib("VmHWM")
-    return {"stat": stat, "pair": "independent" if independent else "derived", "tokens": int(blocks.numel()), "layers": n_layers, "wall_s": round(wall, 2),
+    peak = _rss_kib("VmHWM")  # since the reset, or since start when the kernel refused the reset
+    return {"stat": stat, "pair": "independent" if independent else "derived", "tokens": int(blocks.numel()),
+            "layers": n_layers, "wall_s": round(wall, 2),
             "forward_passes_per_model": res.extras["forward_passes"],
             "lap_s": round(res.extras["lap_seconds"], 2),
             "rss_models_mib": round(rss_models / 1024), "peak_rss_mib": round(peak / 1024),

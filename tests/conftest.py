@@ -5,10 +5,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (set before transformers loads)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from tracing import zoo  # noqa: E402
+from tracing import zoo
 
 # One thread: tiny models gain nothing from more, and OpenMP spin-waiting on a shared 2-core CPU is slow.
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ import torch
 
 from tracing import zoo
 from tracing.arch import UnsupportedArchitecture, check_covers, get_spec
-from tracing.perm import apply_perm, invert, is_identity, compose, random_perm
+from tracing.perm import apply_perm, compose, invert, is_identity, random_perm
 
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)
@@ -29,7 +29,8 @@ def test_permutation_preserves_logits(family):
     with torch.no_grad():
         after = model(ids).logits
     assert (before - after).abs().max() <= 1e-4
-    assert not torch.equal(model.state_dict()[spec.layers[0].up], zoo.tiny_model(family).state_dict()[spec.layers[0].up])
+    up = spec.layers[0].up
+    assert not torch.equal(model.state_dict()[up], zoo.tiny_model(family).state_dict()[up])
 
 
 def test_unsupported_architecture_lists_supported_ones():

@@ -123,7 +123,8 @@ def test_generated_reads_each_models_texts_interleaved(tmp_path, tokenizer):
         path.write_text(json.dumps({"model_id": mid, "seed": 0, "max_new_tokens": 32, "texts": texts}))
     assert load_texts("generated", model_ids=("org/base", "./ckpt/ft@v1"), generated_dir=tmp_path) == \
         ["b0", "f0", "b1", "b2"]
-    with pytest.raises(TracingError, match=r"no generated texts for org/other .*python generate.py --model_id org/other"):
+    hint = r"no generated texts for org/other .*python generate.py --model_id org/other"
+    with pytest.raises(TracingError, match=hint):
         load_texts("generated", model_ids=("org/base", "org/other"), generated_dir=tmp_path)
     blocks = load_blocks("generated", tokenizer, 2, model_ids=("org/base",), generated_dir=tmp_path)
     assert blocks.flatten().tolist() == _expected_ids(tokenizer, ["b0", "b1", "b2"])[: blocks.numel()]

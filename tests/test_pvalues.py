@@ -9,8 +9,13 @@ import pytest
 import scipy.stats
 
 from tracing.errors import TracingError
-from tracing.statistics.pvalues import (fisher_log10p, identity_spearman, perm_pair_spearman, permtest_log10p,
-                                        spearman_log10p)
+from tracing.statistics.pvalues import (
+    fisher_log10p,
+    identity_spearman,
+    perm_pair_spearman,
+    permtest_log10p,
+    spearman_log10p,
+)
 
 mpmath.mp.dps = 60
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from submitit.core.utils import UncompletedJobError
 
 from tracing import cluster, zoo
 from tracing.aggregate import aggregate
@@ -99,7 +100,7 @@ def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch):
     for i, job in enumerate(jobs):
         if i != held:
             assert job.result()["status"] == "ok"
-    with pytest.raises(Exception):
+    with pytest.raises(UncompletedJobError):  # cancelled: no result
         jobs[held].result()
     print(f"first launch: {time.perf_counter() - t0:.1f}s", flush=True)
     array_id = jobs[0].job_id.split("_")[0]

@@ -17,8 +17,8 @@ Two ways to keep what the statistics need without storing every activation:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -170,7 +170,7 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
     names_b = {(p, i): n for i in layers for p, n in projection_modules(spec_ft, i, projs).items()}
     widths = {k: (_width(base, names_a[k]), _width(ft, names_b[k])) for k in names_a}
     itemsize = torch.empty((), dtype=acc_dtype).element_size()
-    per_layer = max(sum(wa * wb + wa + wb for (p, i), (wa, wb) in widths.items() if i == l) for l in layers)
+    per_layer = max(sum(wa * wb + wa + wb for (p, i), (wa, wb) in widths.items() if i == layer) for layer in layers)
     chunks = _chunks(layers, per_layer * itemsize, budget_bytes)
     if counter is not None:
         counter.update(forward_passes=0, chunks=len(chunks), n_tokens=int(blocks.numel()))

@@ -91,7 +91,7 @@ def _higher_is_related(stat: str) -> bool:
     try:
         from tracing.statistics import get_stat
         return get_stat(stat).higher_is_related
-    except Exception:  # noqa: BLE001 - a stat this version does not know: assume the usual direction
+    except Exception:
         return True
 
 

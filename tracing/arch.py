@@ -15,8 +15,9 @@ A new architecture is one function below plus one line in `_FAMILIES`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

@@ -19,10 +19,11 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -281,7 +282,7 @@ class PairJob(_Checkpointable):
             code = int((self.runner or run_main)(list(argv)))
         except SystemExit as e:  # argparse errors
             code = e.code if isinstance(e.code, int) else 2
-        except Exception as e:  # noqa: BLE001 - recorded, not lost
+        except Exception as e:
             _failed_record(argv, path, f"{type(e).__name__}: {e}")
             raise
         status, error = record_status(path)
@@ -372,7 +373,7 @@ def _job_state(entry: dict, job_id: str) -> str:
     try:
         import submitit
         return submitit.SlurmJob(folder=Path(entry["folder"]), job_id=job_id).state
-    except Exception:  # noqa: BLE001 - status is best effort
+    except Exception:
         return "UNKNOWN"
 
 
@@ -474,7 +475,7 @@ def launch(config: str | Path, save: str | Path, extra_argv: list[str], cluster:
         for job in jobs:
             try:
                 job.result()
-            except Exception as e:  # noqa: BLE001 - the record / status table reports it
+            except Exception as e:
                 print(f"job {job.job_id} did not finish: {str(e).strip().splitlines()[-1:]}", file=out,
                       flush=True)
         print(f"all jobs ended in {time.perf_counter() - t0:.1f}s", file=out, flush=True)

@@ -1,11 +1,15 @@
-"""Every figure in one place (matplotlib, Agg backend, PNG files). Each function writes one file and returns its path."""
+"""Every figure in one place (matplotlib, Agg backend, PNG files).
+
+Each function writes one file and returns its path.
+"""
 
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+
 
 # ---- activation statistics (match_all) ----
 def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mapping=None) -> str:

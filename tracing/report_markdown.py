@@ -49,7 +49,8 @@ def _weights(w: dict, prefixes: list[str]) -> list[str]:
     if untouched_layers:
         lines += ["Layers with no weight change: "
                   + ", ".join(f"`{prefixes[i].rstrip('.')}`" for i in untouched_layers) + ".", ""]
-    lines += ["Relative change per layer and module (r: effective rank):", "", "| layer | " + " | ".join(w["modules"]) + " |",
+    lines += ["Relative change per layer and module (r: effective rank):", "",
+              "| layer | " + " | ".join(w["modules"]) + " |",
               "|---" * (len(w["modules"]) + 1) + "|"]
     for i in w["layers"]:
         cells = ["-" if a is None else f"‖ΔW‖ {a:.3g} (W = 0)" if v is None else

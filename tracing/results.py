@@ -18,7 +18,6 @@ import pickle
 import platform
 import re
 import subprocess
-import sys
 import tempfile
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -175,7 +174,7 @@ def save_record(record: dict, path: str | Path) -> Path:
 class _PlainUnpickler(pickle.Unpickler):
     """Admits no global at all: plain containers and scalars are built by opcodes, not by find_class."""
 
-    def find_class(self, module: str, name: str):  # noqa: D401
+    def find_class(self, module: str, name: str):
         raise _Refused(f"{module}.{name}")
 
 

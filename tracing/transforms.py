@@ -16,7 +16,7 @@ block outputs do not commute with Q: those families carry `spec.rotate_refusal`.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

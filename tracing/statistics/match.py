@@ -2,10 +2,11 @@
 
 Per layer, B's MLP neurons are matched to A's twice by linear assignment minimising the squared
 Euclidean distance of activation vectors (as in the original; float64), once with the gate_proj outputs
-and once with the up_proj outputs (pre-activation, on the same tokens). For independent models the two matchings are unrelated;
-for related ones they coincide. Spearman between the two index vectors gives a one-sided log10 p per
-layer; Fisher combines the layers. Invariant to permutations and rotations of the residual stream (the
-activations do not depend on its basis). One forward pass per model (tracing/activations.py).
+and once with the up_proj outputs (pre-activation, on the same tokens). For independent models the two
+matchings are unrelated; for related ones they coincide. Spearman between the two index vectors gives a
+one-sided log10 p per layer; Fisher combines the layers. Invariant to permutations and rotations of the
+residual stream (the activations do not depend on its basis). One forward pass per model
+(tracing/activations.py).
 """
 
 from __future__ import annotations

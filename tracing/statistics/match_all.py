@@ -18,10 +18,9 @@ import math
 import os
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from tracing.activations import check_layers, sample_activations, sample_positions, check_blocks
+from tracing.activations import check_blocks, check_layers, sample_activations, sample_positions
 from tracing.errors import TracingError
 from tracing.naming import pair_name
 from tracing.statistics import StatContext, StatResult, register
