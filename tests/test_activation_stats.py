@@ -18,15 +18,6 @@ from tracing.transforms import rotate_residual
 SHAPE = dict(vocab_size=256, hidden=32, layers=3, intermediate=96, heads=2, kv_heads=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds contention on the shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _noisy_copy(model, scale=0.01, seed=1):
     out = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)

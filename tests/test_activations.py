@@ -12,15 +12,6 @@ from tracing.errors import TracingError
 from tracing.statistics.match import assign, euclid_similarity, max_assignment
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds contention on the shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pair():
     a = zoo.tiny_model("llama", seed=0, vocab_size=256, hidden=32, layers=3, intermediate=48, heads=2, kv_heads=1)

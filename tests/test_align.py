@@ -12,15 +12,6 @@ from tracing.errors import TracingError
 from tracing.perm import apply_perm, invert, random_perm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids OpenMP spin-waits (30x slower) on a machine shared by many tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_align_recovers_planted_permutation(family):
     base = zoo.tiny_model(family)

@@ -13,15 +13,6 @@ from tracing.evaluate import mean_loss, perplexity
 from tracing.statistics import StatContext, get_stat
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids OpenMP spin-waits (30x slower) on a machine shared by many tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def blocks(text_ids):
     return text_ids[-16 * 64:].reshape(16, 64)  # held-out tail of the text: (16, 64)

@@ -8,15 +8,6 @@ from tracing.arch import get_spec
 from tracing.errors import TracingError
 from tracing.transforms import group_keys, interpolate_, random_orthogonal, restore_, rotate_residual
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids OpenMP spin-waits (30x slower) on a machine shared by many tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 REFUSED = ("olmo", "olmo2", "gemma2", "gemma3", "gpt2", "gpt_neox")
 ROTATABLE = tuple(f for f in zoo.FAMILIES if f not in REFUSED)
 
