@@ -108,6 +108,28 @@ def test_debug_launch_runs_every_pair_then_skips_finished_ones(tmp_path, models,
     assert cluster.status_table(tmp_path / "out")["counts"] == {"done": 3, "failed": 0, "running": 0, "missing": 0}
 
 
+def test_requeued_job_keeps_a_finished_result_and_preemption_writes_no_failure(tmp_path, models):
+    """What submitit does around a requeue, in-process: the job is called again after its pair finished
+    (it must not redo or overwrite it), or SystemExit ends it mid-run (it must not record a failure)."""
+    result = tmp_path / "pair.pkl"
+    argv = ["--base_model_id", models[0], "--ft_model_id", models[1], "--stat", "l2", "--save", str(result)]
+
+    def preempted(argv):
+        raise SystemExit(-1)  # submitit's exit after requeueing a preempted job
+
+    with pytest.raises(SystemExit):
+        cluster.PairJob(runner=preempted)(argv, str(result))
+    assert not result.exists()
+    assert cluster.PairJob()(argv, str(result))["status"] == "ok"
+    first = result.read_bytes()
+
+    def must_not_run(argv):
+        raise AssertionError("a finished pair ran again")
+
+    assert cluster.PairJob(runner=must_not_run)(argv, str(result))["status"] == "ok"
+    assert result.read_bytes() == first
+
+
 def test_shell_metacharacters_in_a_model_id_stay_a_plain_string(tmp_path, models):
     marker = tmp_path / "pwned"
     evil = f"x; touch {marker} #$(touch {marker})"

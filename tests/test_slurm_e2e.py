@@ -1,5 +1,6 @@
 """End to end on a real Slurm cluster (start one with `bash .ci/slurm-single-node.sh`, root, ~1 min):
-launch 6 pairs as one job array of CPU jobs, kill one mid-run, relaunch (only that pair runs), aggregate.
+launch 6 pairs as one job array of CPU jobs, kill one mid-run, relaunch (only that pair runs), aggregate;
+and a job preempted mid-run (SIGUSR2) is requeued by submitit and finishes.
 
 Skipped, with the reason, when `sinfo` does not answer. The killed job is held deterministically: its job
 function waits for a gate file that never appears, so it is RUNNING (not finished) when it is cancelled.
@@ -129,3 +130,43 @@ def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch):
     assert len(agg["table"]) == 6 and agg["problems"] == []
     l2 = agg["scores"].query("stat == 'l2' and variant == 'non-aligned'").iloc[0]
     assert l2["n"] == 6
+
+
+def _job_info(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+
+
+def test_slurm_preempted_job_is_requeued_and_finishes(setup, monkeypatch):
+    """SIGUSR2 (what Slurm sends before a preemption or time limit) makes submitit checkpoint the job and
+    requeue it; the requeued job runs the pair again and writes its record."""
+    root, _, _ = setup
+    save, gate = root / "requeue", root / "requeue-gate"
+    cfg = root / "requeue.yaml"
+    cfg.write_text("models: [%s, %s]\nslurm: {gpus_per_node: 0, cpus_per_task: 1, mem_gb: 1, timeout_min: 5}\n"
+                   "main: {stat: l2, device: cpu}\n" % (root / "c", root / "held"))
+    monkeypatch.setenv("GATE", str(gate))  # the pair c vs held waits for this file
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    monkeypatch.syspath_prepend(str(root))
+    import e2e_gate
+
+    job = cluster.launch(cfg, save, [], cluster="slurm", runner=e2e_gate.run)["jobs"][0]
+    deadline = time.time() + 180
+    while "JobState=RUNNING" not in _job_info(job.job_id):
+        assert time.time() < deadline, "job never started"
+        time.sleep(0.5)
+    log = Path(job.paths.stdout)
+    while "model-tracing job:" not in (log.read_text() if log.exists() else ""):  # handler installed by now
+        assert time.time() < deadline, "job never reached the pair"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    while "Restarts=1" not in (info := _job_info(job.job_id)) or "JobState=RUNNING" not in info:
+        assert time.time() < deadline, f"job was not requeued:\n{info}"
+        if "Restarts=1" in info and "JobState=PENDING" in info:  # skip Slurm's requeue delay (~2 min)
+            subprocess.run(["scontrol", "update", f"jobid={job.job_id}", "StartTime=now"], check=True)
+        time.sleep(0.5)
+    gate.touch()
+    assert job.result()["status"] == "ok"
+    assert load_record(next(save.glob("*.pkl")))["status"] == "ok"
+    out = log.read_text()
+    print(out, flush=True)
+    assert "Requeued job" in out and out.count("model-tracing job: ok") == 1

@@ -278,10 +278,8 @@ class PairJob(_Checkpointable):
         if status == "ok":  # a requeued job whose pair finished before preemption
             return {"result": result, "status": "ok", "code": 0}
         print(f"model-tracing job: {' '.join(argv)}", flush=True)
-        try:
-            code = int((self.runner or run_main)(list(argv)))
-        except SystemExit as e:  # argparse errors
-            code = e.code if isinstance(e.code, int) else 2
+        try:  # SystemExit passes through: it is how submitit ends a job it has requeued (argv was validated
+            code = int((self.runner or run_main)(list(argv)))  # before submission, so argparse never exits here)
         except Exception as e:
             _failed_record(argv, path, f"{type(e).__name__}: {e}")
             raise

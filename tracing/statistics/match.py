@@ -12,6 +12,7 @@ residual stream (the activations do not depend on its basis). One forward pass p
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -73,8 +74,8 @@ def match_pair(gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     if gate[0].shape[1] > gate[0].shape[0]:
         raise ValueError("match_pair needs width_B <= width_A; swap the models")
     t0 = time.perf_counter()
-    g = assign(euclid_similarity(*gate))
-    u = assign(euclid_similarity(*up))
+    with ThreadPoolExecutor(2) as pool:  # scipy's assignment releases the GIL: gate and up run side by side
+        g, u = pool.map(lambda acc: assign(euclid_similarity(*acc)), (gate, up))
     dt = time.perf_counter() - t0
     rho, log10p = perm_pair_spearman(torch.as_tensor(rank(g)), torch.as_tensor(rank(u)))
     return float(rho), float(log10p), dt
