@@ -88,6 +88,16 @@ def test_permtest_is_not_applied_after_align(models, tmp_path, capsys):
     assert "PERMTEST is not valid after --align" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stat", ["l2", "cos", "emb", "csu", "csu_all", "mode", "jsd", "csh", "match", "match_all"])
+def test_every_statistic_runs_after_permute_rotate_and_align(models, tmp_path, stat):
+    code, rec = run(models, tmp_path, "base", "derived", "--stat", stat, "--permute", "--rotate", "--align",
+                    "--dataset", models["text"], "--block_size", "32", "--max_blocks", "8")
+    assert code == 0 and rec["status"] == "ok"
+    assert isinstance(rec["value"], float) and isinstance(rec["aligned_value"], float)
+    if stat == "match":  # function-level: sees through the permutation and the rotation
+        assert rec["log10_pvalue"] < -6 and rec["aligned_log10_pvalue"] < -6
+
+
 def test_eval_reports_losses(models, tmp_path):
     code, rec = run(models, tmp_path, "base", "derived", "--stat", "l2", "--eval", "--dataset", models["text"],
                     "--block_size", "32", "--max_blocks", "4")
