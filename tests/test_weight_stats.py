@@ -15,7 +15,7 @@ from tracing.statistics import StatContext, StatInfo, get_stat
 from tracing.statistics.permtest import permtest
 from tracing.statistics.shapes import check_same_shapes
 
-FAMILIES = ("llama", "gpt2", "gpt_neox", "gemma2", "olmo")
+FAMILIES = zoo.FAMILIES  # every supported model type
 
 
 def ctx_for(base, ft, **kw) -> StatContext:
