@@ -23,3 +23,20 @@ def tokenizer():
 def text_ids(tokenizer) -> torch.Tensor:
     """1-D token ids of project-generated text (for fine-tuning and evaluation)."""
     return torch.tensor(tokenizer(zoo.synthetic_text(1500, seed=1))["input_ids"])
+
+
+_SUMMARY = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="session")
+def summary_lines(pytestconfig) -> list[str]:
+    """Lines a test wants in the terminal summary even when it passes (e.g. proof that jobs ran on Slurm)."""
+    return pytestconfig.stash.setdefault(_SUMMARY, [])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(_SUMMARY, [])
+    if lines:
+        terminalreporter.section("evidence")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -74,7 +74,7 @@ def test_independent_models_are_not_flagged(base, independent, blocks, stat):
     assert r.log10_pvalue > -3  # p > 0.001
 
 
-def test_match_is_calibrated_over_40_independent_pairs():
+def test_match_is_calibrated_over_40_independent_pairs(summary_lines):
     """Under H0 P(p < 0.05) should be 0.05; observed on this grid of seeds: 2/40 = 0.050 (7/100 on a 100-pair grid)."""
     small = dict(vocab_size=128, hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1)
     g = torch.Generator().manual_seed(0)
@@ -84,7 +84,7 @@ def test_match_is_calibrated_over_40_independent_pairs():
         b = zoo.tiny_model("llama", seed=1001 + 2 * k, **small)
         log10ps.append(_run("match", a, b, torch.randint(0, 128, (2, 32), generator=g)).log10_pvalue)
     frac = float(np.mean(np.array(log10ps) < math.log10(0.05)))
-    print(f"match: fraction of 40 independent pairs with p < 0.05 = {frac:.3f}")
+    summary_lines.append(f"match calibration: {frac * 40:.0f}/40 independent pairs with p < 0.05")
     assert frac < 0.15
 
 

@@ -53,7 +53,7 @@ def test_csu_detects_derived_rejects_independent_and_is_blind_to_permutation(pai
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_csu_after_align_is_calibrated_on_independent_pairs(tokenizer, family):
+def test_csu_after_align_is_calibrated_on_independent_pairs(tokenizer, family, summary_lines):
     """Alignment matches neurons on gate rows (GPT-2: output columns), never on the up rows csu tests,
     so after --align an independent pair still gets a uniform p-value (not a fitted one)."""
     log10p = []
@@ -63,7 +63,10 @@ def test_csu_after_align_is_calibrated_on_independent_pairs(tokenizer, family):
         spec = get_spec(base.config)
         apply_perm(other, spec, align_weights(base, other, spec, progress=False))
         log10p.append(run("csu", base, other).log10_pvalue)
-    assert sum(lp < math.log10(0.05) for lp in log10p) / 40 < 0.15  # observed: 0.05 (llama), 0.025 (gpt2)
+    hits = sum(lp < math.log10(0.05) for lp in log10p)
+    summary_lines.append(f"csu --align calibration ({family}): {hits}/40 independent pairs with p < 0.05, "
+                         f"smallest log10 p {min(log10p):.2f}")
+    assert hits / 40 < 0.15  # observed: 3/40 (llama), 2/40 (gpt2)
     assert min(log10p) > -3
 
 
