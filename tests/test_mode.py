@@ -86,3 +86,17 @@ def test_mode_rejects_bad_input(trained, blocks):
         get_stat("mode").fn(_ctx(base, derived, blocks, alpha=1.5))
     with pytest.raises(TracingError, match="--dataset"):
         get_stat("mode").fn(_ctx(base, derived, None))
+
+
+def test_permtest_of_mode_evaluates_the_endpoints_once(trained, blocks, monkeypatch):
+    """Permuting ft's hidden units cannot change the endpoint losses, so PERMTEST pays only for the
+    interpolated model: 2 endpoint evaluations + (1 + T) interpolations."""
+    import tracing.statistics.mode as mode_module
+    from tracing.statistics.permtest import permtest
+
+    calls = []
+    monkeypatch.setattr(mode_module, "mean_loss", lambda *a, **kw: calls.append(1) or mean_loss(*a, **kw))
+    base, derived, _ = trained
+    res = permtest(get_stat("mode"), _ctx(base, derived, blocks), num_perm=4, seed=0, progress=False)
+    assert len(calls) == 2 + 5
+    assert res.log10_pvalue == -math.log10(5)  # the unpermuted derived pair has the lowest loss
