@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tracing.arch import RESID, ArchSpec, mlp
 from tracing.errors import TracingError
-from tracing.lap import cosine_matrix, match
+from tracing.lap import cosine_matrix, map_in_threads, match
 from tracing.perm import Perm
 
 
@@ -50,15 +50,20 @@ def align_weights(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, pr
     device = emb_b.device
     vocab = min(emb_b.shape[0], emb_f.shape[0])  # the shared vocabulary
     resid = _match_rows(emb_b[:vocab].T, emb_f[:vocab].to(device).T)  # columns = hidden units
-    perm: Perm = {RESID: resid}
-    for i, roles in enumerate(tqdm(spec.layers, desc="align MLP", disable=not progress)):
-        name = mlp(i)
-        key = roles.gate or roles.down  # never roles.up: csu tests it (see the module docstring)
+    keys = [roles.gate or roles.down for roles in spec.layers]  # never up: csu tests it (module docstring)
+    for i, key in enumerate(keys):
         if sd_b[key].shape != sd_f[key].shape:
             raise TracingError(f"cannot align layer {i}: MLP shapes differ "
                                f"({tuple(sd_b[key].shape)} vs {tuple(sd_f[key].shape)}); "
                                "use --stat match_all, which handles different depth and width")
-        rows_b = _neuron_rows(spec, sd_b, key, name, None, device)  # (n_neurons, hidden)
-        rows_f = _neuron_rows(spec, sd_f, key, name, resid, device)  # (n_neurons, hidden)
-        perm[name] = _match_rows(rows_b, rows_f)  # (n_neurons,)
+
+    def align_layer(i: int) -> torch.Tensor:  # runs in a worker thread
+        rows_b = _neuron_rows(spec, sd_b, keys[i], mlp(i), None, device)  # (n_neurons, hidden)
+        rows_f = _neuron_rows(spec, sd_f, keys[i], mlp(i), resid, device)  # (n_neurons, hidden)
+        return _match_rows(rows_b, rows_f)  # (n_neurons,)
+
+    mlps = map_in_threads(align_layer, range(len(keys)))
+    perm: Perm = {RESID: resid}
+    for i, p in enumerate(tqdm(mlps, total=len(keys), desc="align MLP", disable=not progress)):
+        perm[mlp(i)] = p
     return perm

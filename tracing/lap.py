@@ -2,30 +2,74 @@
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of `a` (n, d) with every row of `b` (m, d): (n, m), float64."""
-    a = a.double()
-    b = b.double()
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return a @ b.T
+    """Cosine similarity of every row of `a` (n, d) with every row of `b` (m, d): (n, m).
+
+    Norms in float64, the product in float32 (float64 if an input is float64): half the time of a float64
+    product on a CPU, far less on most GPUs, and ~1e-7 relative error, far below what moves an assignment.
+    """
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+
+    def unit(x: torch.Tensor) -> torch.Tensor:  # rows scaled to norm 1
+        x = x.double()
+        return (x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)).to(dtype)
+
+    return unit(a) @ unit(b).T
 
 
 def match(sim: torch.Tensor | np.ndarray) -> np.ndarray:
     """Maximum-similarity assignment. For sim (n, m) with n <= m returns `cols` (n,): row i <-> column cols[i].
 
     For n > m the roles flip: returns `rows` (m,) such that column j <-> row rows[j].
+    Fast path: when every row's best column is distinct, that choice reaches the upper bound (the sum of
+    the row maxima) of any assignment, so it is optimal and no linear assignment runs (the usual case for
+    related models: a derived 11008-neuron layer costs an argmax instead of a minute of assignment).
     """
     s = sim.detach().cpu().double().numpy() if isinstance(sim, torch.Tensor) else np.asarray(sim, np.float64)
+    if s.shape[0] > s.shape[1]:
+        s = s.T
     if not np.isfinite(s).all():
         s = np.nan_to_num(s, nan=-1.0, posinf=1.0, neginf=-1.0)
-    if s.shape[0] <= s.shape[1]:
-        _, cols = linear_sum_assignment(s, maximize=True)
-        return cols
-    rows, _ = linear_sum_assignment(s.T, maximize=True)
-    return rows
+    best = s.argmax(axis=1)  # (n,)
+    if np.bincount(best, minlength=s.shape[1]).max() <= 1:  # every column chosen at most once
+        return best
+    _, cols = linear_sum_assignment(s, maximize=True)
+    return cols
+
+
+def default_workers() -> int:
+    """Threads for per-layer assignments: the usable cores, at most 4 (each holds an n x n float64 matrix)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def map_in_threads(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+    """fn(item) for each item, in order, with up to `workers` calls running at once.
+
+    For per-layer linear assignments: scipy's solver releases the GIL, so threads use every core without
+    copying the matrices. Items are pulled in the caller's thread, at most `workers` ahead of the results,
+    which bounds the memory held by pending matrices. Default: `default_workers()`.
+    """
+    workers = workers or default_workers()
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from tracing.activations import DEFAULT_BUDGET_BYTES, check_same_mlp, layer_grams
+from tracing.lap import map_in_threads
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.match import max_assignment
 
@@ -20,15 +23,21 @@ def csh_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTES)
 
     check_same_mlp(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, "csh")
     counter: dict = {}
-    per_layer, lap_s = [], 0.0
-    for lg in layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("up",),
-                          layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=budget_bytes,
-                          counter=counter, progress=ctx.progress):
+    grams = layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("up",),
+                        layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=budget_bytes,
+                        counter=counter, progress=ctx.progress)
+
+    def test_layer(item: tuple[int, torch.Tensor]) -> dict:  # runs in a worker thread
+        layer, cosine = item
         t0 = time.perf_counter()
-        cols = max_assignment(lg.cosine("up"))  # (width,): neuron i of A <-> neuron cols[i] of B
-        lap_s += time.perf_counter() - t0
+        cols = max_assignment(cosine)  # (width,): neuron i of A <-> neuron cols[i] of B
         rho, log10p = identity_spearman(cols)
-        per_layer.append({"layer": lg.layer, "rho": float(rho), "log10_pvalue": float(log10p)})
+        return {"layer": layer, "rho": float(rho), "log10_pvalue": float(log10p),
+                "lap_s": time.perf_counter() - t0}
+
+    # the cosine matrix (width_A, width_B) is a new tensor, taken before the accumulators move on
+    per_layer = list(map_in_threads(test_layer, ((lg.layer, lg.cosine("up")) for lg in grams)))
+    lap_s = sum(r.pop("lap_s") for r in per_layer)
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
                       extras={"forward_passes": counter["forward_passes"], "n_tokens": counter["n_tokens"],

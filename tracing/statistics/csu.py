@@ -30,7 +30,7 @@ from tracing.statistics.shapes import check_same_shapes
 @torch.no_grad()
 def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor) -> tuple[float, float]:
     """Match rows of (n, d) and (n, d) by cosine similarity; Spearman of the matching vs identity: (rho, log10 p)."""
-    sim = lap.cosine_matrix(rows_a, rows_b.to(rows_a.device))  # (n, n) float64
+    sim = lap.cosine_matrix(rows_a, rows_b.to(rows_a.device))  # (n, n)
     cols = lap.match(sim)  # (n,): row i of A <-> row cols[i] of B
     return identity_spearman(cols)
 
@@ -51,13 +51,17 @@ def _rows(spec: ArchSpec, key: str, w: torch.Tensor, perm: str | None = None) ->
 def csu(ctx: StatContext) -> StatResult:
     sd_a, sd_b = ctx.base.state_dict(), ctx.ft.state_dict()  # views, no copies
     check_same_shapes(ctx.spec_base, sd_a, ctx.spec_ft, sd_b, "csu")
-    per_layer = []
-    for i in tqdm(selected_layers(ctx), desc="csu layers", disable=not ctx.progress):
+    layers = selected_layers(ctx)
+
+    def test_layer(i: int) -> dict:  # runs in a worker thread (match_rows is no_grad itself)
         key_a, key_b = ctx.spec_base.layers[i].up, ctx.spec_ft.layers[i].up
         rows_a = ctx.spec_base.neuron_rows(sd_a[key_a], key_a, mlp(i))  # (n_neurons, hidden)
         rows_b = ctx.spec_ft.neuron_rows(sd_b[key_b], key_b, mlp(i))  # (n_neurons, hidden)
         rho, lp = match_rows(rows_a, rows_b)
-        per_layer.append({"layer": i, "rho": float(rho), "log10_pvalue": float(lp)})
+        return {"layer": i, "rho": float(rho), "log10_pvalue": float(lp)}
+
+    per_layer = list(tqdm(lap.map_in_threads(test_layer, layers), total=len(layers), desc="csu layers",
+                          disable=not ctx.progress))
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
                       extras={"layers_skipped_nan": n_nan})

@@ -29,16 +29,8 @@ NO_GATE = ("{stat} needs a gated MLP (gate_proj and up_proj), which {model_type}
 def max_assignment(sim: torch.Tensor | np.ndarray, dim: int = 1) -> np.ndarray:
     """Maximum-similarity assignment for `sim` (n, m). dim=1: each row gets a column (n <= m), returns
     idx (n,) with row i <-> column idx[i]; dim=0: each column gets a row (m <= n), idx (m,).
-
-    Fast path: when every row's (column's) best partner is distinct, that choice reaches the upper bound
-    sum of the maxima of any assignment, so it is optimal and no linear assignment is needed (the usual
-    case for related models). Otherwise: linear assignment in float64 (tracing/lap.py).
-    """
-    s = sim.detach().cpu().double().numpy() if isinstance(sim, torch.Tensor) else np.asarray(sim, np.float64)
-    best = s.argmax(axis=dim)  # (n,) or (m,)
-    if np.isfinite(s).all() and np.bincount(best).max() <= 1:  # every partner chosen at most once
-        return best
-    return lap.match(s if dim == 1 else s.T)
+    float64 linear assignment with an exact argmax fast path (tracing/lap.py)."""
+    return lap.match(sim if dim == 1 else sim.T)
 
 
 def assign(sim_ab: torch.Tensor) -> np.ndarray:
