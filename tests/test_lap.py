@@ -3,6 +3,7 @@ and per-layer work in threads comes back in order."""
 
 import numpy as np
 import pytest
+import torch
 from scipy.optimize import linear_sum_assignment
 
 from tracing import lap
@@ -34,3 +35,11 @@ def test_more_rows_than_columns_gives_a_row_per_column():
 
 def test_map_in_threads_keeps_the_order():
     assert list(lap.map_in_threads(lambda x: x * x, iter(range(10)), workers=3)) == [x * x for x in range(10)]
+
+
+def test_match_leaves_the_callers_matrix_alone():
+    sim = np.random.default_rng(2).standard_normal((25, 25))  # colliding argmaxes: full assignment
+    for given in (sim, torch.from_numpy(sim)):  # float64 ndarray and a tensor sharing its memory
+        before = sim.copy()
+        lap.match(given)
+        assert np.array_equal(sim, before)

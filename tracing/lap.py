@@ -37,17 +37,25 @@ def match(sim: torch.Tensor | np.ndarray) -> np.ndarray:
     For n > m the roles flip: returns `rows` (m,) such that column j <-> row rows[j].
     Fast path: when every row's best column is distinct, that choice reaches the upper bound (the sum of
     the row maxima) of any assignment, so it is optimal and no linear assignment runs (the usual case for
-    related models: a derived 11008-neuron layer costs an argmax instead of a minute of assignment).
+    related models). Otherwise the float64 cost matrix is negated in place when this function made it, so
+    that scipy (which copies to negate for maximize=True) holds no second n x m copy.
     """
-    s = sim.detach().cpu().double().numpy() if isinstance(sim, torch.Tensor) else np.asarray(sim, np.float64)
+    if isinstance(sim, torch.Tensor):
+        src = sim.detach().cpu()
+        s = src.double().numpy()
+        owned = s.ctypes.data != src.data_ptr()  # a converted copy, not the caller's memory
+    else:
+        s = np.asarray(sim, dtype=np.float64)
+        owned = s is not sim
     if s.shape[0] > s.shape[1]:
-        s = s.T
+        s, owned = np.ascontiguousarray(s.T), True
     if not np.isfinite(s).all():
-        s = np.nan_to_num(s, nan=-1.0, posinf=1.0, neginf=-1.0)
+        s, owned = np.nan_to_num(s, nan=-1.0, posinf=1.0, neginf=-1.0, copy=not owned), True
     best = s.argmax(axis=1)  # (n,)
     if np.bincount(best, minlength=s.shape[1]).max() <= 1:  # every column chosen at most once
         return best
-    _, cols = linear_sum_assignment(s, maximize=True)
+    cost = np.negative(s, out=s) if owned else np.negative(s)  # maximise similarity = minimise -similarity
+    _, cols = linear_sum_assignment(cost)
     return cols
 
 
