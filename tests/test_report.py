@@ -23,6 +23,7 @@ from tracing.report_predict import (
     next_token_change,
     perplexity,
     score_targets,
+    token_entropy,
 )
 from tracing.report_weights import effective_rank, weight_diff
 
@@ -245,6 +246,34 @@ def test_prediction_tables_and_perplexity(models, planted, tokenizer):
     with torch.no_grad():
         loss = base(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert perplexity(lb, ids) == pytest.approx(float(torch.tensor(loss).exp()), rel=1e-5)
+
+
+def test_masked_logits_give_finite_entropy_and_moves(tokenizer):
+    """A logit of -inf (a masked token) has probability 0: it adds 0 to the entropy and, masked in both
+    models, has not moved; neither may turn into nan."""
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 0.0, -inf, -inf], [0.0, 1.0, 2.0, 3.0]])  # (T, V)
+    ent = token_entropy(logits)
+    assert ent[0] == pytest.approx(float(torch.tensor(2.0).log()))
+    assert ent[1] == pytest.approx(token_entropy(logits[1:])[0]) and all(e == e for e in ent)
+    change = next_token_change(logits[0], torch.tensor([1.0, 0.0, -inf, 0.0]), tokenizer, top_k=4)
+    deltas = {m["id"]: m["delta"] for m in change["moved"]}
+    assert deltas[2] == 0.0 and deltas[3] == inf and all(d == d for d in deltas.values())
+
+
+def test_a_zero_weight_that_changed_does_not_make_its_layer_untouched(models, tokenizer, tmp_path):
+    base, spec = models["llama"]
+    base, ft = copy.deepcopy(base), copy.deepcopy(base)
+    key = spec.layers[1].pre_mlp_norm
+    with torch.no_grad():
+        base.state_dict()[key].zero_()  # W = 0, so ‖ΔW‖/‖W‖ is undefined (None)
+    res = write_report(base, ft, tokenizer, tokenizer, spec, tmp_path, prompts=["Ada visits Lima."],
+                       progress=False)
+    assert [r["rel_change"] for r in res["weights"]["per_key"] if r["key"] == key] == [None]
+    untouched = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+                     if line.startswith("Layers with no weight change"))
+    assert "`model.layers.0`" in untouched and "`model.layers.2`" in untouched
+    assert "`model.layers.1`" not in untouched
 
 
 @pytest.fixture(scope="module")

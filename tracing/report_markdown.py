@@ -45,7 +45,8 @@ def _weights(w: dict, prefixes: list[str]) -> list[str]:
         lines += [f"Low-rank updates (effective rank ≤ {LOW_RANK_FRACTION:.3g} of the matrix size; a merged LoRA "
                   f"looks like this): " + ", ".join(f"`{r['key']}` (rank {r['eff_rank']})" for r in low[:20])
                   + (f" and {len(low) - 20} more" if len(low) > 20 else "") + ".", ""]
-    untouched_layers = [i for i in w["layers"] if all(v in (None, 0.0) for v in w["rel_change"][i])]
+    # abs_change, not rel_change: rel_change is None also for a weight that was all zeros and changed
+    untouched_layers = [i for i in w["layers"] if all(a in (None, 0.0) for a in w["abs_change"][i])]
     if untouched_layers:
         lines += ["Layers with no weight change: "
                   + ", ".join(f"`{prefixes[i].rstrip('.')}`" for i in untouched_layers) + ".", ""]

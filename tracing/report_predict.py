@@ -35,7 +35,7 @@ def next_token_change(logits_base: torch.Tensor, logits_ft: torch.Tensor, tokeni
         vals, idx = lp.topk(k)
         return [dict(token=_label(tokenizer, int(i)), id=int(i), prob=math.exp(float(x))) for x, i in zip(vals, idx)]
 
-    delta = lf - lb
+    delta = torch.where(lf == lb, 0.0, lf - lb)  # (V,); a token at -inf in both models did not move (not nan)
     _, moved = delta.abs().topk(k)
     return dict(top_base=top(lb), top_ft=top(lf),
                 moved=[dict(token=_label(tokenizer, int(i)), id=int(i), logp_base=float(lb[i]),
@@ -44,8 +44,9 @@ def next_token_change(logits_base: torch.Tensor, logits_ft: torch.Tensor, tokeni
 
 def token_entropy(logits: torch.Tensor) -> list[float]:
     """Entropy (nats) of the next-token distribution at each position; logits (T, V)."""
-    lp = torch.log_softmax(logits.to(torch.float64), -1)
-    return [float(x) for x in -(lp.exp() * lp).sum(-1)]
+    lp = torch.log_softmax(logits.to(torch.float64), -1)  # (T, V)
+    plogp = torch.where(lp.isneginf(), 0.0, lp.exp() * lp)  # a -inf logit adds 0, not 0 * -inf = nan
+    return [float(x) for x in -plogp.sum(-1)]
 
 
 def perplexity(logits: torch.Tensor, ids: list[int]) -> float | None:
