@@ -267,6 +267,10 @@ def test_token_is_scrubbed_from_library_failures(monkeypatch, caplog):
     def leaky(*args, token=None, **kw):
         logging.getLogger("transformers.leaky").error("request with Authorization: Bearer %s", token)  # stderr
         logging.getLogger("urllib3.leaky").error("request with Authorization: Bearer %s", token)  # root
+        try:
+            raise ConnectionError(f"refused: Bearer {token}")
+        except ConnectionError:
+            logging.getLogger("urllib3.leaky").warning("retrying", exc_info=True)  # the token in a traceback
         raise ValueError(f"server said: bad header Authorization: Bearer {token}")
 
     seen = io.StringIO()  # transformers' own loggers do not propagate: watch them through their handler
@@ -279,6 +283,6 @@ def test_token_is_scrubbed_from_library_failures(monkeypatch, caplog):
             load_model("org/model", progress=False)
     assert "bad header" in str(err.value) and FAKE_TOKEN not in str(err.value)
     assert err.value.__cause__ is None and err.value.__suppress_context__
-    assert "Bearer ***" in caplog.text and FAKE_TOKEN not in caplog.text
+    assert "Bearer ***" in caplog.text and "refused: Bearer ***" in caplog.text and FAKE_TOKEN not in caplog.text
     logging.getLogger("transformers").removeHandler(handler)
     assert "Bearer ***" in seen.getvalue() and FAKE_TOKEN not in seen.getvalue()

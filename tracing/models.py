@@ -21,11 +21,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tracing.arch import get_spec
 from tracing.errors import TracingError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +155,10 @@ class _Scrub(logging.Filter):
         msg = record.getMessage()
         if self.secret in msg:
             record.msg, record.args = msg.replace(self.secret, "***"), ()
+        if record.exc_info and not record.exc_text:  # a logged exception: format its traceback once, here
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and self.secret in record.exc_text:
+            record.exc_text, record.exc_info = record.exc_text.replace(self.secret, "***"), None
         return True
 
 
@@ -301,7 +309,8 @@ def _from_pretrained(src: Source, config, *, dtype, device, device_map, token, t
 # ---------------------------------------------------------------------- the entry point
 def load_model(name: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "auto",
                device_map: str | dict | None = None, trust_remote_code: bool = False, token: str | None = None,
-               adapter_base: str | None = None, revision: str | None = None, progress: bool = True):
+               adapter_base: str | None = None, revision: str | None = None,
+               progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """(model in eval mode, tokenizer or None) for a hub id[@revision], local dir, PEFT adapter or .gguf.
 
     Raises TracingError (one line naming the fix) for a missing model, an unreachable adapter base,
