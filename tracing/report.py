@@ -109,10 +109,10 @@ def write_report(base: torch.nn.Module, ft: torch.nn.Module, tokenizer_base, tok
         hf, lf = forward(ft, ids)
         sim = token_similarity(hb, hf)  # (L+1, T)
         tokens = [tok.decode([i]) for i in ids]
-        rec = dict(prompt=prompt, tokens=tokens, similarity=sim.tolist(),
-                   min_similarity_per_layer=sim.min(dim=1).values.tolist(),
-                   first_changed_state=_first_below(sim.min(dim=1).values.tolist(), 1 - SIM_EXACT),
-                   first_moved_state=_first_below(sim.min(dim=1).values.tolist(), SIM_DROP),
+        min_sim = sim.min(dim=1).values.tolist()  # (L+1,): the least similar token per state
+        rec = dict(prompt=prompt, tokens=tokens, similarity=sim.tolist(), min_similarity_per_layer=min_sim,
+                   first_changed_state=_first_below(min_sim, 1 - SIM_EXACT),
+                   first_moved_state=_first_below(min_sim, SIM_DROP),
                    next_token=next_token_change(lb[-1], lf[-1], tok, top_k),
                    entropy_base=token_entropy(lb), entropy_ft=token_entropy(lf),
                    perplexity_base=perplexity(lb, ids), perplexity_ft=perplexity(lf, ids))

@@ -16,12 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from tracing.errors import TracingError
+from tracing.evaluate import model_device
 
 DEFAULT_TEMPLATE = "The capital of France is {w}."
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ weights give relative change 0 and effective rank 0. Part of the fine-tuning dif
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -39,7 +40,8 @@ def _rank_from_energies(e: torch.Tensor, energy: float) -> int:
 CHUNK = 8192  # rows (or columns) of ΔW per step of the Gram accumulation
 
 
-def _sq_singular_values(part, shape: tuple[int, int]) -> tuple[torch.Tensor, float]:
+def _sq_singular_values(part: Callable[[int, int, int], torch.Tensor],
+                        shape: tuple[int, int]) -> tuple[torch.Tensor, float]:
     """(σ² descending, ‖·‖_F²) of an (m, n) matrix, from the eigenvalues and trace of its (min, min) Gram matrix.
 
     `part(start, stop, axis)` returns a slice of the matrix along `axis`; the Gram matrix is accumulated
