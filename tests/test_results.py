@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tracing.errors import TracingError
-from tracing.results import git_info, load_record, new_record, save_record, scrub_args, to_plain
+from tracing.results import error_line, git_info, load_record, new_record, save_record, scrub_args, to_plain
 
 
 def test_git_info_names_the_code_commit():
@@ -89,3 +89,17 @@ def test_load_reports_truncated_and_corrupt_files(tmp_path):
     for path in (truncated, garbage):
         with pytest.raises(TracingError, match="corrupt or truncated"):
             load_record(path)
+
+
+def test_load_refuses_a_self_referencing_pickle(tmp_path):
+    loop: list = []
+    loop.append(loop)  # built by pickle opcodes alone, no global needed
+    path = tmp_path / "loop.pkl"
+    path.write_bytes(pickle.dumps({"status": "ok", "x": loop}))
+    with pytest.raises(TracingError, match="refusing to load .*loop.pkl: it nests too deeply"):
+        load_record(path)
+
+
+def test_error_line_is_the_last_non_blank_line():
+    assert error_line("Traceback (most recent call last):\n  ...\nValueError: bad\n\n") == "ValueError: bad"
+    assert error_line(" \n") is None and error_line(None) is None and error_line("") is None

@@ -139,7 +139,8 @@ def _check_plain(obj: Any, where: str = "record") -> None:
                            "data; convert it with tracing.results.to_plain() before saving")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder (fsync, rename): never half-written."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -152,10 +153,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _json_default(obj: Any) -> Any:
-    raise TypeError(type(obj).__name__)
-
-
 def save_record(record: dict, path: str | Path) -> Path:
     """Write `record` to `path` (.pkl, protocol 4) and its JSON twin (.json), each atomically.
 
@@ -165,9 +162,9 @@ def save_record(record: dict, path: str | Path) -> Path:
     _check_plain(record)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=1, sort_keys=False, default=_json_default, allow_nan=True)
-    _atomic_write(path.with_suffix(".json"), text.encode())
-    _atomic_write(path, pickle.dumps(record, protocol=4))
+    text = json.dumps(record, indent=1, allow_nan=True)
+    atomic_write(path.with_suffix(".json"), text.encode())
+    atomic_write(path, pickle.dumps(record, protocol=4))
     return path
 
 
@@ -196,14 +193,15 @@ def load_record(path: str | Path) -> dict:
     except Exception as e:  # truncated / corrupt: EOFError, UnpicklingError, ValueError, ...
         raise TracingError(f"corrupt or truncated result {path} ({type(e).__name__}); delete it and rerun "
                            "the pair") from None
-    if isinstance(obj, dict):
-        obj = _tuples_to_lists(obj)
     if not isinstance(obj, dict):
         raise TracingError(f"result {path} holds a {type(obj).__name__}, not a record dict; delete it and rerun")
     try:
+        obj = _tuples_to_lists(obj)
         _check_plain(obj)
     except TracingError as e:
         raise TracingError(f"refusing to load {path}: {e}") from None
+    except RecursionError:  # a self-referencing or absurdly deep structure: no record looks like that
+        raise TracingError(f"refusing to load {path}: it nests too deeply (or refers to itself)") from None
     return obj
 
 
@@ -213,6 +211,12 @@ def _tuples_to_lists(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_tuples_to_lists(v) for v in obj]
     return obj
+
+
+def error_line(error: Any) -> str | None:
+    """The last non-blank line of an error text (a traceback ends with the exception), None when there is none."""
+    lines = [ln for ln in str(error).splitlines() if ln.strip()] if error else []
+    return lines[-1].strip() if lines else None
 
 
 def is_finite(x: Any) -> bool:
