@@ -36,3 +36,8 @@ def test_writes_the_schema_the_generated_dataset_reads(tmp_path, model_dir):
 def test_missing_model_is_a_one_line_error(tmp_path, capsys):
     assert main(["--model_id", str(tmp_path / "nope"), "--save", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bad_sizes_are_refused_before_loading(tmp_path, capsys):
+    assert main(["--model_id", "any", "--save", str(tmp_path), "--batch_size", "0"]) == 2
+    assert "--batch_size must be positive" in capsys.readouterr().err

@@ -12,22 +12,24 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tracing.errors import TracingError
 from tracing.naming import safe_name
+from tracing.results import atomic_write
 
 
 def output_path(save: str | Path, model_id: str) -> Path:
+    """Where generate.py writes (and `--dataset generated` reads) one model's texts."""
     return Path(save) / f"{safe_name(model_id)}_gentext.json"
 
 
 @torch.no_grad()
-def sample_texts(model, tokenizer, n: int, max_new_tokens: int, seed: int = 0, batch_size: int = 8,
-                 temperature: float = 1.0, progress: bool = True) -> list[str]:
+def sample_texts(model: torch.nn.Module, tokenizer: Any, n: int, max_new_tokens: int, seed: int = 0,
+                 batch_size: int = 8, temperature: float = 1.0, progress: bool = True) -> list[str]:
     """n unconditional samples (each starts from the BOS token, or token 0 without one), decoded."""
     from tqdm import tqdm
 
@@ -48,14 +50,10 @@ def sample_texts(model, tokenizer, n: int, max_new_tokens: int, seed: int = 0, b
 
 
 def write_texts(path: Path, model_id: str, seed: int, max_new_tokens: int, texts: list[str]) -> Path:
+    """Write the texts file atomically (a failed write leaves neither a partial file nor a temp file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps({"model_id": model_id, "seed": seed, "max_new_tokens": max_new_tokens, "texts": texts})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data.encode("utf-8"))
     return path
 
 
@@ -68,8 +66,8 @@ def generate_for(model_id: str, save: str | Path, n: int = 32, max_new_tokens: i
     path = output_path(save, model_id)
     if path.exists() and not force:
         return path, False
-    if n < 1 or max_new_tokens < 1:
-        raise TracingError("--n and --max_new_tokens must be positive")
+    if n < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise TracingError("--n, --max_new_tokens and --batch_size must be positive")
     model, tokenizer = load_model(model_id, dtype=dtype, device=device, token=os.environ.get("HF_TOKEN"))
     model.eval()
     texts = sample_texts(model, tokenizer, n, max_new_tokens, seed=seed, batch_size=batch_size, progress=progress)
