@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except TracingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.wait and out["jobs"]:
-        return 1 if cluster.status_table(Path(args.save), out["tasks"])["counts"]["failed"] else 0
+    if out["status"] is not None:  # waited (--wait, or the debug executor): a pair without an ok record fails
+        counts = out["status"]["counts"]
+        return 1 if counts["failed"] or counts["missing"] else 0
     return 0
 
 

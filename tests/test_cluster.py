@@ -103,8 +103,15 @@ def test_debug_launch_runs_every_pair_then_skips_finished_ones(tmp_path, models,
         assert rec["status"] == "ok" and rec["value"] > 0 and "token" not in rec["args"]
     again = cluster.launch(cfg, tmp_path / "out", [], cluster="debug")
     assert again["skipped"] == 3 and again["jobs"] == []
-    forced = cluster.launch(cfg, tmp_path / "out", [], cluster="debug", force=True)
-    assert len(forced["jobs"]) == 3
+    ran = []
+
+    def runner(argv):
+        ran.append(argv)
+        return cluster.run_main(argv)
+
+    forced = cluster.launch(cfg, tmp_path / "out", [], cluster="debug", force=True, runner=runner)
+    assert len(forced["jobs"]) == 3 and len(ran) == 3  # --force reruns the pairs, not just resubmits them
+    assert all(load_record(t.result)["status"] == "ok" for t in forced["tasks"])
     assert cluster.status_table(tmp_path / "out")["counts"] == {"done": 3, "failed": 0, "running": 0, "missing": 0}
 
 
@@ -168,3 +175,55 @@ def test_launch_cli_bad_input_exits_2_with_one_line(tmp_path):
                            "--dry_run"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "valid keys" in proc.stderr
+
+
+def test_abbreviated_or_reserved_flags_never_reach_a_job(tmp_path, capsys):
+    cfg = cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\n"))
+    for argv in (["--tok", "hf_secret"], ["--toke=hf_secret"]):
+        with pytest.raises(TracingError, match="export HF_TOKEN") as err:
+            cluster.plan(cfg, tmp_path, argv)
+        assert "hf_secret" not in str(err.value)
+    for argv in (["--base_model_id", "x"], ["--sav", "elsewhere"], ["--demo"]):
+        with pytest.raises(TracingError, match="set by launch.py per pair"):
+            cluster.plan(cfg, tmp_path, argv)
+    with pytest.raises(TracingError, match="--hf_tok") as err:  # unknown flags are named, their values are not
+        cluster.plan(cfg, tmp_path, ["--hf_tok", "hf_secret"])
+    assert "hf_secret" not in str(err.value)
+
+
+def test_a_job_that_crashes_leaves_a_failed_record_naming_its_pair(tmp_path):
+    result = tmp_path / "pair.pkl"
+    argv = ["--base_model_id", "org/a", "--ft_model_id", "org/b", "--stat", "l2", "--save", str(result)]
+
+    def crash(argv):
+        raise RuntimeError("CUDA out of memory\n")
+
+    with pytest.raises(RuntimeError):
+        cluster.PairJob(runner=crash)(argv, str(result))
+    rec = load_record(result)
+    assert (rec["status"], rec["base_model_id"], rec["ft_model_id"], rec["stat"]) == ("failed", "org/a", "org/b", "l2")
+    assert cluster.record_status(result) == ("failed", "RuntimeError: CUDA out of memory")
+
+
+def test_status_reads_the_log_of_its_own_array_task(tmp_path):
+    for task in ("4", "40"):
+        (tmp_path / f"77_{task}_0_log.err").write_text(f"error of task {task}\n\n")
+    entry = {"folder": str(tmp_path), "cluster": "local"}
+    assert cluster._last_log_line(entry, "77_4") == "error of task 4"
+    assert cluster._last_log_line(entry, "77_5") is None
+
+
+def test_non_numeric_resources_are_a_tracing_error():
+    with pytest.raises(TracingError, match="slurm: mem_gb must be a number, got 'lots'"):
+        cluster.executor_parameters({"mem_gb": "lots"}, {}, "slurm", "x")
+    with pytest.raises(TracingError, match="timeout_min"):
+        cluster.executor_parameters({"timeout_min": None}, {}, "local", "x")
+
+
+def test_launch_cli_exits_1_when_a_waited_pair_failed(tmp_path, models):
+    cfg = write_yaml(tmp_path / "c.yaml", "models: [%s, %s]\nmain: {stat: l2, device: cpu}\n"
+                     % (models[0], tmp_path / "no-such-model"))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(cfg), "--save",
+                           str(tmp_path / "out"), "--cluster", "debug"], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the debug executor waits: its failures count
+    assert "failed 1" in proc.stdout

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -61,11 +61,12 @@ class LaunchConfig:
     duplicates: int = 0
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path, what: str = "config") -> Any:
+    """yaml.safe_load of a file; unreadable or malformed YAML is a TracingError naming the file (and line)."""
     try:
         text = path.read_text()
     except OSError as e:
-        raise TracingError(f"cannot read config {path}: {e.strerror or e}") from None
+        raise TracingError(f"cannot read {what} {path}: {e.strerror or e}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -85,6 +86,7 @@ def _model_list(doc: dict, key: str, path: Path) -> list[str]:
 
 
 def infer_flat(doc: Any) -> str:
+    """The pairing a YAML document asks for, from its keys: 'all', 'split' or 'specified'."""
     if isinstance(doc, list) or "models" in doc:
         return "all"
     if "base_models" in doc or "ft_models" in doc:
@@ -101,7 +103,7 @@ def load_config(path: str | Path, flat: str | None = None) -> LaunchConfig:
     a pair of a model with itself is dropped.
     """
     path = Path(path)
-    doc = _read_yaml(path)
+    doc = read_yaml(path)
     if doc is None:
         raise TracingError(f"{path} is empty; list models under 'models:' (see config/demo.yaml)")
     if isinstance(doc, list):
@@ -196,10 +198,11 @@ def parse_main_argv(argv: list[str]) -> argparse.Namespace:
     try:
         args, unknown = parser.parse_known_args(argv)
     except (argparse.ArgumentError, SystemExit) as e:
-        raise TracingError(f"bad main.py flags {' '.join(argv)}: {e}; see python main.py --help") from None
+        raise TracingError(f"bad main.py flags: {e}; see python main.py --help") from None
+    unknown_flags = [a for a in unknown if a.startswith("-")]  # not their values, which may be secrets
     if unknown:
-        raise TracingError(f"unknown flag(s) {' '.join(unknown)}: neither launch.py's nor main.py's; "
-                           "see python launch.py --help and python main.py --help")
+        raise TracingError(f"unknown flag(s) {' '.join(unknown_flags) or '(a stray value)'}: neither launch.py's "
+                           "nor main.py's; see python launch.py --help and python main.py --help")
     validate(args)
     return args
 
@@ -216,13 +219,17 @@ def plan(cfg: LaunchConfig, save: str | Path, extra_argv: list[str]) -> list[Tas
     """One Task per pair: the argv main.py gets (YAML main: defaults, then CLI flags) and its result path."""
     from tracing.cli import result_path
 
-    if any(a == "--token" or a.startswith("--token=") for a in extra_argv):
-        raise TracingError("--token is not passed to jobs; export HF_TOKEN in the submitting shell instead")
     common = flags_to_argv(cfg.main) + list(extra_argv) + ["--no_progress"]
     tasks = []
     for pair in cfg.pairs:
         argv = ["--base_model_id", pair.base, "--ft_model_id", pair.ft, "--save", str(save), *common]
         args = parse_main_argv(argv)
+        # checked on the parsed flags, so that abbreviations (--tok, --sav) are caught too
+        if args.token is not None:
+            raise TracingError("--token is not passed to jobs; export HF_TOKEN in the submitting shell instead")
+        if (args.base_model_id, args.ft_model_id, args.save, args.demo) != (pair.base, pair.ft, str(save), False):
+            raise TracingError("--base_model_id, --ft_model_id, --save and --demo are set by launch.py per pair; "
+                               "list models in the YAML and pass --save to launch.py")
         tasks.append(Task(pair, argv, result_path(save, pair.base, pair.ft, args.stat),
                           safe_name(f"{pair.base_name}__vs__{pair.ft_name}", max_len=120)))
     return tasks
@@ -232,16 +239,22 @@ def plan(cfg: LaunchConfig, save: str | Path, extra_argv: list[str]) -> list[Tas
 
 
 def _failed_record(argv: list[str], result: Path, error: str) -> None:
+    """The record of a job that ended without one, naming its pair like main.py's own records do."""
     from tracing.results import new_record, save_record
 
-    rec = new_record({"argv": argv})
-    rec.update(status="failed", error=error, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    try:
+        args = vars(parse_main_argv(argv))
+    except TracingError:  # unreachable for planned argv (validated before submission)
+        args = {"argv": argv}
+    rec = new_record(args)
+    rec.update(status="failed", error=error, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               stat=args.get("stat"), base_model_id=args.get("base_model_id"), ft_model_id=args.get("ft_model_id"))
     save_record(rec, result)
 
 
 def record_status(path: Path) -> tuple[str, str | None]:
     """('ok'|'failed'|'corrupt'|'missing', error line) of one result file."""
-    from tracing.results import load_record
+    from tracing.results import error_line, load_record
 
     if not path.exists():
         return "missing", None
@@ -249,8 +262,7 @@ def record_status(path: Path) -> tuple[str, str | None]:
         rec = load_record(path)
     except TracingError as e:
         return "corrupt", str(e)
-    error = rec.get("error")
-    return str(rec.get("status")), (str(error).strip().splitlines() or [""])[-1] if error else None
+    return str(rec.get("status")), error_line(rec.get("error"))
 
 
 def run_main(argv: list[str]) -> int:
@@ -301,11 +313,18 @@ def default_cluster() -> str:
 def executor_parameters(cfg_slurm: dict, overrides: dict, cluster: str, name: str) -> dict:
     """submitit AutoExecutor parameters from SLURM_DEFAULTS < YAML slurm: < CLI flags."""
     s = {**SLURM_DEFAULTS, **cfg_slurm, **{k: v for k, v in overrides.items() if v is not None}}
-    params: dict[str, Any] = {"name": name, "timeout_min": int(s["timeout_min"]),
-                              "gpus_per_node": int(s["gpus_per_node"]), "cpus_per_task": int(s["cpus_per_task"]),
-                              "mem_gb": float(s["mem_gb"]), "nodes": int(s.get("nodes", 1))}
+
+    def number(key: str, kind: type = int, default: Any = None) -> Any:
+        try:
+            return kind(s.get(key, default))
+        except (TypeError, ValueError):
+            raise TracingError(f"slurm: {key} must be a number, got {s.get(key)!r}") from None
+
+    params: dict[str, Any] = {"name": name, "timeout_min": number("timeout_min"),
+                              "gpus_per_node": number("gpus_per_node"), "cpus_per_task": number("cpus_per_task"),
+                              "mem_gb": number("mem_gb", float), "nodes": number("nodes", default=1)}
     if cluster == "slurm":
-        params["slurm_array_parallelism"] = int(s["array_parallelism"])
+        params["slurm_array_parallelism"] = number("array_parallelism")
         for key in ("partition", "account", "qos", "constraint"):
             if s.get(key):
                 params[f"slurm_{key}"] = str(s[key])
@@ -376,12 +395,13 @@ def _job_state(entry: dict, job_id: str) -> str:
 
 
 def _last_log_line(entry: dict, job_id: str) -> str | None:
-    folder = Path(entry["folder"])
-    for log in sorted(folder.glob(f"{job_id}*_log.err")):
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        if lines:
-            return lines[-1]
-    return None
+    """Last non-blank line of the job's stderr log (its task 0; array task 4 must not read task 40's log)."""
+    from submitit.core.utils import JobPaths
+
+    from tracing.results import error_line
+
+    log = JobPaths(entry["folder"], job_id=job_id, task_id=0).stderr
+    return error_line(log.read_text(errors="replace")) if log.is_file() else None
 
 
 def status_table(save: Path, tasks: list[Task] | None = None) -> dict:
@@ -419,14 +439,16 @@ def status_table(save: Path, tasks: list[Task] | None = None) -> dict:
     return {"counts": counts, "rows": rows}
 
 
-def print_status(save: Path, tasks: list[Task] | None = None) -> dict:
+def print_status(save: Path, tasks: list[Task] | None = None, out: TextIO | None = None) -> dict:
+    """Print the status_table summary line and one line per pair that is not done; returns the table."""
+    out = out or sys.stdout
     table = status_table(save, tasks)
     c = table["counts"]
     print(f"{save}: done {c['done']}  running {c['running']}  failed {c['failed']}  missing {c['missing']}",
-          flush=True)
+          file=out, flush=True)
     for name, kind, error in table["rows"]:
         if kind != "done":
-            print(f"  {kind:8s} {name}" + (f"  | {error}" if error else ""), flush=True)
+            print(f"  {kind:8s} {name}" + (f"  | {error}" if error else ""), file=out, flush=True)
     return table
 
 
@@ -436,8 +458,11 @@ def print_status(save: Path, tasks: list[Task] | None = None) -> dict:
 def launch(config: str | Path, save: str | Path, extra_argv: list[str], cluster: str | None = None,
            flat: str | None = None, force: bool = False, dry_run: bool = False, wait: bool = False,
            slurm_overrides: dict | None = None, runner: Callable[[list[str]], int] | None = None,
-           out=None) -> dict:
-    """Plan, skip finished pairs, submit the rest as one job array; returns {"tasks", "skipped", "jobs"}."""
+           out: TextIO | None = None) -> dict:
+    """Plan, skip finished pairs, submit the rest as one job array.
+
+    Returns {"tasks", "skipped", "jobs", "status"}; "status" is the status_table after waiting, else None.
+    """
     out = out or sys.stdout
     cfg = load_config(config, flat)
     cluster = cluster or default_cluster()
@@ -459,23 +484,29 @@ def launch(config: str | Path, save: str | Path, extra_argv: list[str], cluster:
         for t in tasks:
             mark = "run " if t in todo else "skip"
             print(f"  {mark} {t.pair.base_name} vs {t.pair.ft_name} -> {t.result}", file=out)
-        return {"tasks": tasks, "skipped": skipped, "jobs": []}
+        return {"tasks": tasks, "skipped": skipped, "jobs": [], "status": None}
     if not todo:
-        return {"tasks": tasks, "skipped": skipped, "jobs": []}
+        return {"tasks": tasks, "skipped": skipped, "jobs": [], "status": None}
     folder = save / "submitit"
     wait = wait or cluster == "debug"  # the debug executor runs a job when its result is asked for
+    if force:  # a job skips a pair whose record is ok (a requeue after it finished): remove the old ones first
+        for t in todo:
+            for path in (t.result, t.result.with_suffix(".json")):
+                path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     jobs = submit(todo, folder, cluster, params, runner)
     write_manifest(save, cluster, todo, jobs, folder)
     print(f"submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks), logs in {folder}",
           file=out, flush=True)
+    table = None
     if wait:
+        from tracing.results import error_line
+
         for job in jobs:
             try:
                 job.result()
             except Exception as e:
-                print(f"job {job.job_id} did not finish: {str(e).strip().splitlines()[-1:]}", file=out,
-                      flush=True)
+                print(f"job {job.job_id} did not finish: {error_line(e)}", file=out, flush=True)
         print(f"all jobs ended in {time.perf_counter() - t0:.1f}s", file=out, flush=True)
-        print_status(save, tasks)
-    return {"tasks": tasks, "skipped": skipped, "jobs": jobs}
+        table = print_status(save, tasks, out)
+    return {"tasks": tasks, "skipped": skipped, "jobs": jobs, "status": table}
