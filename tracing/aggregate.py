@@ -19,11 +19,13 @@ from pathlib import Path
 import pandas as pd
 
 from tracing.errors import TracingError
-from tracing.results import load_record
+from tracing.results import error_line, load_record
 
 COLUMNS = ["base", "ft", "stat", "status", "value", "log10_pvalue", "aligned_value", "aligned_log10_pvalue",
            "base_loss", "ft_loss", "base_ppl", "ft_ppl", "wall_time_s", "commit", "dirty", "finished", "error",
            "file"]
+# (variant, value column, log10 p column) of the two results every record can carry
+VARIANTS = (("non-aligned", "value", "log10_pvalue"), ("aligned", "aligned_value", "aligned_log10_pvalue"))
 
 
 def result_files(folder: str | Path) -> list[Path]:
@@ -41,9 +43,7 @@ def _row(rec: dict, path: Path) -> dict:
     row = {k: rec.get(k) for k in COLUMNS}
     row.update(base=rec.get("base_model_id", args.get("base_model_id")),
                ft=rec.get("ft_model_id", args.get("ft_model_id")), stat=rec.get("stat", args.get("stat")),
-               commit=git.get("commit"), dirty=git.get("dirty"), file=str(path))
-    err = rec.get("error")
-    row["error"] = str(err).strip().splitlines()[-1] if err else None
+               commit=git.get("commit"), dirty=git.get("dirty"), file=str(path), error=error_line(rec.get("error")))
     return row
 
 
@@ -107,8 +107,7 @@ def score(df: pd.DataFrame, tree: dict[str, str], threshold: float) -> pd.DataFr
     ok = ok[ok["related"].notna()]
     rows = []
     for stat, group in ok.groupby("stat", sort=True):
-        for variant, vcol, pcol in (("non-aligned", "value", "log10_pvalue"),
-                                    ("aligned", "aligned_value", "aligned_log10_pvalue")):
+        for variant, vcol, pcol in VARIANTS:
             labels = [bool(x) for x in group["related"]]
             pvals = pd.to_numeric(group[pcol], errors="coerce")
             values = pd.to_numeric(group[vcol], errors="coerce")
@@ -153,17 +152,14 @@ def aggregate(folder: str | Path, out: str | Path | None = None, truth: str | Pa
         ok = df[df["status"] == "ok"]
         for stat in sorted(ok["stat"].dropna().unique()):
             sub = ok[ok["stat"] == stat]
-            for variant, vcol, pcol in (("", "value", "log10_pvalue"),
-                                        ("aligned_", "aligned_value", "aligned_log10_pvalue")):
+            for variant, vcol, pcol in VARIANTS:
                 col, label = (pcol, "log10 p") if sub[pcol].notna().any() else (vcol, "value")
                 if not sub[col].notna().any():
                     continue
                 cells = [(b, f, float(v)) for b, f, v in zip(sub["base"], sub["ft"], sub[col]) if v is not None
                          and not (isinstance(v, float) and math.isnan(v))]
-                name = f"heatmap_{variant}{stat}.png"
-                written[name] = Path(plots.pair_heatmap(cells, str(out / name),
-                                                        f"{stat} {variant.rstrip('_') or 'non-aligned'}: {label}",
-                                                        label))
+                name = f"heatmap_{'aligned_' if variant == 'aligned' else ''}{stat}.png"
+                written[name] = Path(plots.pair_heatmap(cells, str(out / name), f"{stat} {variant}: {label}", label))
         curves = [(f"{r.get('base_model_id')} vs {r.get('ft_model_id')}", r["extras"]["alphas"],
                    r["extras"]["losses"]) for r in records
                   if r.get("status") == "ok" and isinstance(r.get("extras"), dict)

@@ -8,13 +8,12 @@ ancestor, i.e. when they lie in the same tree; models in different trees are ind
 from __future__ import annotations
 
 from pathlib import Path
-
-import yaml
+from typing import Any
 
 from tracing.errors import TracingError
 
 
-def _walk(items, root: str | None, out: dict[str, str], path: Path) -> None:
+def _walk(items: Any, root: str | None, out: dict[str, str], path: Path) -> None:
     if not isinstance(items, list):
         raise TracingError(f"{path}: children must be a list of model ids or 'parent: [children]' items")
     for item in items:
@@ -39,15 +38,10 @@ def _add(name: str, root: str | None, out: dict[str, str], path: Path) -> None:
 
 def load_tree(path: str | Path) -> dict[str, str]:
     """{model id: id of its tree's root} for every model in the tree YAML."""
+    from tracing.cluster import read_yaml
+
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise TracingError(f"cannot read lineage tree {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise TracingError(f"malformed YAML in {where}: {getattr(e, 'problem', e)}") from None
+    doc = read_yaml(path, "lineage tree")
     roots: dict[str, str] = {}
     _walk(doc or [], None, roots, path)
     if not roots:
