@@ -12,7 +12,6 @@ residual stream (the activations do not depend on its basis). One forward pass p
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ import torch
 from tracing import lap
 from tracing.activations import DEFAULT_BUDGET_BYTES, check_same_mlp, layer_grams
 from tracing.errors import TracingError
+from tracing.lap import map_in_threads
 from tracing.statistics import StatContext, StatResult, register
 
 NO_GATE = ("{stat} needs a gated MLP (gate_proj and up_proj), which {model_type} does not have; "
@@ -57,20 +57,25 @@ def rank(idx: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(idx, kind="stable"), kind="stable")
 
 
-def match_pair(gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-               up: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[float, float, float]:
-    """(rho, log10 p, seconds in assignment) for one layer pair. `gate` and `up` are each
-    (Gram (width_A, width_B), squared norms of A (width_A,), squared norms of B (width_B,)), width_B <= width_A."""
+def match_similarities(sim_gate: torch.Tensor, sim_up: torch.Tensor) -> tuple[float, float, float]:
+    """(rho, log10 p, seconds in assignment) for one layer pair from its gate and up similarity matrices,
+    each (width_A, width_B) with width_B <= width_A."""
     from tracing.statistics.pvalues import perm_pair_spearman
 
-    if gate[0].shape[1] > gate[0].shape[0]:
-        raise ValueError("match_pair needs width_B <= width_A; swap the models")
+    if sim_gate.shape[1] > sim_gate.shape[0]:
+        raise ValueError("match needs width_B <= width_A; swap the models")
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:  # scipy's assignment releases the GIL: gate and up run side by side
-        g, u = pool.map(lambda acc: assign(euclid_similarity(*acc)), (gate, up))
+    g, u = assign(sim_gate), assign(sim_up)
     dt = time.perf_counter() - t0
     rho, log10p = perm_pair_spearman(torch.as_tensor(rank(g)), torch.as_tensor(rank(u)))
     return float(rho), float(log10p), dt
+
+
+def match_pair(gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               up: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[float, float, float]:
+    """match_similarities from accumulators: `gate` and `up` are each (Gram (width_A, width_B),
+    squared norms of A (width_A,), squared norms of B (width_B,))."""
+    return match_similarities(euclid_similarity(*gate), euclid_similarity(*up))
 
 
 def match_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> StatResult:
@@ -81,13 +86,16 @@ def match_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTE
             raise TracingError(NO_GATE.format(stat="match", model_type=spec.model_type))
     check_same_mlp(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, "match")
     counter: dict = {}
+    grams = layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("gate", "up"),
+                        layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=budget_bytes,
+                        counter=counter, progress=ctx.progress)
+    # similarities are new tensors, taken in this thread before the accumulators move on to the next chunk
+    sims = ((lg.layer, *(euclid_similarity(lg.gram[p], lg.sq_base[p], lg.sq_ft[p]) for p in ("gate", "up")))
+            for lg in grams)
     per_layer, lap_s = [], 0.0
-    for lg in layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("gate", "up"),
-                          layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=budget_bytes,
-                          counter=counter, progress=ctx.progress):
-        rho, log10p, dt = match_pair(*((lg.gram[p], lg.sq_base[p], lg.sq_ft[p]) for p in ("gate", "up")))
+    for layer, (rho, log10p, dt) in map_in_threads(lambda it: (it[0], match_similarities(it[1], it[2])), sims):
         lap_s += dt
-        per_layer.append({"layer": lg.layer, "rho": rho, "log10_pvalue": log10p})
+        per_layer.append({"layer": layer, "rho": rho, "log10_pvalue": log10p})
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
                       extras={"forward_passes": counter["forward_passes"], "n_tokens": counter["n_tokens"],

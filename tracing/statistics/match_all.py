@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from tracing.activations import check_blocks, check_layers, sample_activations, sample_positions
 from tracing.errors import TracingError
+from tracing.lap import map_in_threads
 from tracing.naming import pair_name
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.match import NO_GATE, match_pair
@@ -80,9 +81,9 @@ def match_all_from_context(ctx: StatContext) -> StatResult:
     rho = np.zeros_like(logp)
     lap_s = 0.0
     pairs = [(a, b) for a in range(len(layers_a)) for b in range(len(layers_b))]
-    for a, b in tqdm(pairs, desc="match_all layer pairs", disable=not ctx.progress):
-        i, j = layers_a[a], layers_b[b]
-        r, lp, dt = _pair(acts_a, acts_b, i, j)
+    results = map_in_threads(lambda ab: _pair(acts_a, acts_b, layers_a[ab[0]], layers_b[ab[1]]), pairs)
+    for (a, b), (r, lp, dt) in zip(pairs, tqdm(results, total=len(pairs), desc="match_all layer pairs",
+                                               disable=not ctx.progress)):
         rho[a, b], logp[a, b] = r, lp
         lap_s += dt
     holm = holm_log10(logp)
