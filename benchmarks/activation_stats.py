@@ -72,7 +72,8 @@ def build_pair(n_layers: int, seed: int = 0, independent: bool = False):
     return base, derived
 
 
-def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int, independent: bool = False) -> dict:
+def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int, independent: bool = False,
+            device: str = "cpu") -> dict:
     """Build the pair, then time one statistic (meant to run in a fresh process)."""
     import gc
 
@@ -81,7 +82,7 @@ def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int, independen
     from tracing.arch import get_spec
     from tracing.statistics import StatContext, get_stat
 
-    base, derived = build_pair(n_layers, independent=independent)
+    base, derived = (m.to(device) for m in build_pair(n_layers, independent=independent))
     blocks = torch.randint(0, SMOLLM2_135M["vocab_size"], (n_blocks, BLOCK_SIZE),
                            generator=torch.Generator().manual_seed(0))  # (n_blocks, T)
     ctx = StatContext(base=base, ft=derived, spec_base=get_spec(base.config), spec_ft=get_spec(derived.config),
@@ -90,8 +91,14 @@ def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int, independen
     gc.collect()
     rss_models = _rss_kib("VmRSS")
     reset = _reset_peak_rss()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     res = info.fn(ctx)
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     peak = _rss_kib("VmHWM")  # since the reset, or since start when the kernel refused the reset
     return {"stat": stat, "pair": "independent" if independent else "derived", "tokens": int(blocks.numel()),
@@ -99,7 +106,8 @@ def run_one(stat: str, n_blocks: int, n_layers: int, batch_size: int, independen
             "forward_passes_per_model": res.extras["forward_passes"],
             "lap_s": round(res.extras["lap_seconds"], 2),
             "rss_models_mib": round(rss_models / 1024), "peak_rss_mib": round(peak / 1024),
-            "peak_reset": reset, "log10_pvalue": res.log10_pvalue, "threads": torch.get_num_threads()}
+            "peak_reset": reset, "log10_pvalue": res.log10_pvalue, "threads": torch.get_num_threads(),
+            "device": device, "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None}
 
 
 def main() -> None:
@@ -110,6 +118,7 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=4, help="blocks per forward pass")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--independent", action="store_true", help="an independent pair instead of a derived one")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:n] (models move there after being built)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
     if args.threads:
@@ -117,7 +126,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(run_one(args.stats[0], args.n_blocks[0], args.n_layers, args.batch_size,
-                                 args.independent)), flush=True)
+                                 args.independent, args.device)), flush=True)
         return
     rows = []
     for stat in args.stats:
@@ -126,13 +135,15 @@ def main() -> None:
                    "--n_layers", str(args.n_layers), "--batch_size", str(args.batch_size)]
             cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--independent"] if args.independent else []
+            cmd += ["--device", args.device]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
             rows.append(row)
             print(f"{row['stat']:6s} {row['pair']} tokens={row['tokens']:5d} wall={row['wall_s']:6.2f}s "
                   f"passes/model={row['forward_passes_per_model']} lap={row['lap_s']:5.2f}s "
                   f"peak_rss={row['peak_rss_mib']} MiB (models loaded: {row['rss_models_mib']} MiB) "
-                  f"log10p={row['log10_pvalue']:.1f}", flush=True)
+                  f"log10p={row['log10_pvalue']:.1f}"
+                  + (f" peak_gpu={row['peak_gpu_mib']} MiB" if row["peak_gpu_mib"] is not None else ""), flush=True)
     print(json.dumps(rows))
 
 

@@ -36,7 +36,7 @@ def _rss_mib(field: str) -> int:
         return next(int(line.split()[1]) // 1024 for line in f if line.startswith(field + ":"))
 
 
-def run_one(shape: str, layers: int | None, pair: str) -> dict:
+def run_one(shape: str, layers: int | None, pair: str, device: str = "cpu") -> dict:
     import torch
     import transformers
 
@@ -58,6 +58,7 @@ def run_one(shape: str, layers: int | None, pair: str) -> dict:
         with torch.no_grad():
             for p, q in zip(other.parameters(), base.parameters()):
                 p.copy_(q + 0.01 * q.std() * torch.randn(q.shape, generator=g))
+    base, other = base.to(device), other.to(device)
     spec = get_spec(config)
     csu = get_stat("csu").fn
     with open("/proc/self/clear_refs", "w") as f:
@@ -67,6 +68,8 @@ def run_one(shape: str, layers: int | None, pair: str) -> dict:
     def timed(fn):
         t0 = time.perf_counter()
         out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         return out, round(time.perf_counter() - t0, 2)
 
     ctx = StatContext(base=base, ft=other, spec_base=spec, spec_ft=spec, progress=False)
@@ -82,7 +85,7 @@ def run_one(shape: str, layers: int | None, pair: str) -> dict:
             "permuted_csu_s": t_permuted, "permuted_csu_log10p": permuted.log10_pvalue,
             "align_s": t_align, "aligned_csu_s": t_aligned, "aligned_csu_log10p": aligned.log10_pvalue,
             "rss_models_mib": rss_models, "peak_rss_mib": _rss_mib("VmHWM"),
-            "assignment_threads": lap.default_workers(), "torch_threads": torch.get_num_threads()}
+            "assignment_threads": lap.default_workers(), "torch_threads": torch.get_num_threads(), "device": device}
 
 
 def main() -> None:
@@ -90,14 +93,16 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm")
     ap.add_argument("--layers", type=int, default=None, help="number of layers (default: the shape's)")
     ap.add_argument("--pairs", nargs="+", choices=["derived", "independent"], default=["derived", "independent"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:n] (models move there after being built)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.shape, args.layers, args.pairs[0])), flush=True)
+        print(json.dumps(run_one(args.shape, args.layers, args.pairs[0], args.device)), flush=True)
         return
     rows = []
     for pair in args.pairs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", "--shape", args.shape, "--pairs", pair]
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", "--shape", args.shape, "--pairs", pair,
+               "--device", args.device]
         cmd += ["--layers", str(args.layers)] if args.layers else []
         row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         rows.append(row)
