@@ -53,10 +53,13 @@ def ids(text_ids) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- device and dtype
-def test_device_and_dtype_defaults():
+def test_device_and_dtype_defaults(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_dtype(None, "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
     assert resolve_dtype(None, "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: False)  # e.g. a V100
+    assert resolve_dtype(None, "cuda:1") == torch.float16
     assert resolve_dtype("bf16", "cpu") == resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert resolve_dtype("fp16", "cpu") == torch.float16
     with pytest.raises(TracingError, match="float32, bfloat16"):

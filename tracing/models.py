@@ -66,11 +66,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """None/'auto' -> bfloat16 on GPU, float32 on CPU; else one of float32/fp32/float16/fp16/bfloat16/bf16."""
+    """None/'auto' -> bfloat16 on GPU (float16 on GPUs without bf16, before Ampere), float32 on CPU;
+    else one of float32/fp32/float16/fp16/bfloat16/bf16."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
         raise TracingError(f"unknown --dtype '{dtype}': use float32, bfloat16 or float16 "
