@@ -77,7 +77,7 @@ def _sacct(job_id: str) -> str:
     return out
 
 
-def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch):
+def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch, summary_lines):
     root, cfg, tree = setup
     save = root / "results"
     monkeypatch.setenv("GATE", str(root / "gate-never-created"))
@@ -103,10 +103,12 @@ def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch):
             assert job.result()["status"] == "ok"
     with pytest.raises(UncompletedJobError):  # cancelled: no result
         jobs[held].result()
-    print(f"first launch: {time.perf_counter() - t0:.1f}s", flush=True)
+    first = time.perf_counter() - t0
     array_id = jobs[0].job_id.split("_")[0]
     accounting = _sacct(array_id)
     assert accounting.count("COMPLETED") == 5 and "CANCELLED" in accounting  # they ran on Slurm
+    summary_lines.append(f"Slurm: job array {array_id} on {_node(jobs[0].job_id)}: 6 tasks, "
+                         f"{accounting.count('COMPLETED')} COMPLETED, 1 CANCELLED mid-run ({first:.1f} s)")
 
     for i, t in enumerate(tasks):
         if i == held:
@@ -123,6 +125,8 @@ def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch):
     print(proc.stdout, proc.stderr, f"relaunch: {time.perf_counter() - t1:.1f}s", flush=True)
     assert proc.returncode == 0
     assert "5 already done, 1 to run on slurm" in proc.stdout
+    summary_lines.append(f"Slurm: relaunch ran only the cancelled pair ({time.perf_counter() - t1:.1f} s): "
+                         + next(line for line in proc.stdout.splitlines() if "submitted job array" in line))
     assert "done 6  running 0  failed 0  missing 0" in proc.stdout
     assert load_record(tasks[held].result)["status"] == "ok"
 
@@ -136,7 +140,13 @@ def _job_info(job_id: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
 
 
-def test_slurm_preempted_job_is_requeued_and_finishes(setup, monkeypatch):
+def _node(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "NodeList"], capture_output=True,
+                         text=True, timeout=30).stdout.split()
+    return f"node {out[0]}" if out else "a Slurm node"
+
+
+def test_slurm_preempted_job_is_requeued_and_finishes(setup, monkeypatch, summary_lines):
     """SIGUSR2 (what Slurm sends before a preemption or time limit) makes submitit checkpoint the job and
     requeue it; the requeued job runs the pair again and writes its record."""
     root, _, _ = setup
@@ -170,3 +180,5 @@ def test_slurm_preempted_job_is_requeued_and_finishes(setup, monkeypatch):
     out = log.read_text()
     print(out, flush=True)
     assert "Requeued job" in out and out.count("model-tracing job: ok") == 1
+    summary_lines.append(f"Slurm: job {job.job_id} got SIGUSR2 mid-run, was requeued by submitit "
+                         "(Restarts=1) and wrote its record (status ok)")
