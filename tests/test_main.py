@@ -180,3 +180,28 @@ def test_entry_point_exit_code_and_single_line(tmp_path):
                            "--stat", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown statistic" in proc.stderr
+
+
+def test_weight_only_runs_on_a_gpu_keep_the_models_in_cpu_memory(monkeypatch):
+    """On a GPU, weight statistics load both models into CPU memory and send one matrix at a time to
+    the GPU; anything that runs the models (data statistics, --eval, --report) or --rotate loads them there."""
+    import torch
+
+    import tracing.models
+    from tracing.cli import build_parser
+    from tracing.pipeline import placement
+    from tracing.statistics import get_stat
+
+    monkeypatch.setattr(tracing.models, "resolve_device", lambda device="auto": torch.device("cuda"))
+
+    def where(*argv):
+        args = build_parser().parse_args(["--base_model_id", "a", "--ft_model_id", "b", *argv])
+        return placement(args, get_stat(args.stat))
+
+    assert where("--stat", "csu", "--align") == ("cpu", torch.device("cuda"))
+    assert where("--stat", "l2", "--device", "cuda:0") == ("cpu", torch.device("cuda"))
+    assert where("--stat", "match") == ("auto", None)
+    for extra in (["--eval"], ["--rotate"], ["--device_map", "auto"], ["--report", "r"]):
+        assert where("--stat", "csu", *extra) == ("auto", None), extra
+    monkeypatch.setattr(tracing.models, "resolve_device", lambda device="auto": torch.device("cpu"))
+    assert where("--stat", "csu") == ("auto", None)

@@ -40,16 +40,18 @@ def _neuron_rows(spec: ArchSpec, sd: dict[str, torch.Tensor], key: str, name: st
 
 
 @torch.no_grad()
-def align_weights(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, progress: bool = True) -> Perm:
-    """The permutation of ft's residual stream and MLP neurons that best matches base's weights."""
+def align_weights(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, progress: bool = True,
+                  device: torch.device | None = None) -> Perm:
+    """The permutation of ft's residual stream and MLP neurons that best matches base's weights.
+    `device`: where the cosine products run (default: base's device; weights move there one at a time)."""
     sd_b, sd_f = base.state_dict(), ft.state_dict()
     emb_b, emb_f = sd_b[spec.embed], sd_f[spec.embed]  # (vocab, hidden)
     if emb_b.shape[1] != emb_f.shape[1]:
         raise TracingError(f"cannot align: hidden sizes differ ({emb_b.shape[1]} vs {emb_f.shape[1]}); "
                            "use --stat match_all, which handles different depth and width")
-    device = emb_b.device
+    device = device or emb_b.device
     vocab = min(emb_b.shape[0], emb_f.shape[0])  # the shared vocabulary
-    resid = _match_rows(emb_b[:vocab].T, emb_f[:vocab].to(device).T)  # columns = hidden units
+    resid = _match_rows(emb_b[:vocab].to(device).T, emb_f[:vocab].to(device).T)  # columns = hidden units
     keys = [roles.gate or roles.down for roles in spec.layers]  # never up: csu tests it (module docstring)
     for i, key in enumerate(keys):
         if sd_b[key].shape != sd_f[key].shape:

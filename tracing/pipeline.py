@@ -27,10 +27,26 @@ def compute(info: StatInfo, ctx: StatContext, num_perm: int) -> StatResult:
     return info.fn(ctx)
 
 
-def _load_pair(args: argparse.Namespace):
-    from tracing.models import load_model
+def placement(args: argparse.Namespace, info: StatInfo) -> tuple[str | torch.device, torch.device | None]:
+    """(device the models load on, device for the statistic's matrix products or None).
 
-    kw = dict(dtype=args.dtype, device=args.device, device_map=args.device_map,
+    A weight-only run on a GPU (no data, --eval, --report or --rotate) keeps both models in CPU memory in
+    the GPU dtype and sends one weight matrix at a time to the GPU: a pair of 70B models needs no GPU
+    that holds them. Everything else runs where the models are.
+    """
+    from tracing.models import resolve_device
+
+    if args.device_map or info.needs_data or args.eval or args.report or args.rotate:
+        return args.device, None
+    dev = resolve_device(args.device)
+    return ("cpu", dev) if dev.type == "cuda" else (args.device, None)
+
+
+def _load_pair(args: argparse.Namespace, device: str | torch.device):
+    from tracing.models import load_model, resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))  # the GPU's dtype also when kept on the CPU
+    kw = dict(dtype=dtype, device=device, device_map=args.device_map,
               trust_remote_code=args.trust_remote_code, token=args.token or os.environ.get("HF_TOKEN"),
               adapter_base=args.adapter_base, progress=not args.no_progress)
     base, tok_base = load_model(args.base_model_id, **kw)
@@ -61,7 +77,10 @@ def execute(args: argparse.Namespace, record: dict) -> None:
     from tracing.perm import apply_perm, random_perm
 
     info = get_stat(args.stat)
-    base, tok_base, ft, tok_ft = _load_pair(args)
+    load_on, compute_device = placement(args, info)
+    if compute_device is not None:
+        record["compute_device"] = str(compute_device)
+    base, tok_base, ft, tok_ft = _load_pair(args, load_on)
     spec_base, spec_ft = get_spec(base.config), get_spec(ft.config)
     if info.same_shape or args.align:
         from tracing.statistics.shapes import check_same_shapes
@@ -83,11 +102,11 @@ def execute(args: argparse.Namespace, record: dict) -> None:
                       batch_size=args.batch_size, alpha=args.alpha, alphas=args.alphas, attn=args.attn,
                       emb=args.emb, layers=args.layers, max_tokens=args.max_tokens, seed=args.seed,
                       tokenizer_base=tok_base, tokenizer_ft=tok_ft, out_dir=args.report or args.out_dir,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, compute_device=compute_device)
     _fill(record, "", compute(info, ctx, args.num_perm))
     if args.align:
         from tracing.align import align_weights
-        apply_perm(ft, spec_ft, align_weights(base, ft, spec_base, progress=ctx.progress))
+        apply_perm(ft, spec_ft, align_weights(base, ft, spec_base, progress=ctx.progress, device=compute_device))
         aligned = info.fn(ctx)
         if args.num_perm:  # alignment chose the ft permutation most like base: ft is no longer exchangeable
             aligned.extras["permtest"] = "not run: PERMTEST is not valid after --align"

@@ -52,6 +52,8 @@ class StatContext:
     tokenizer_ft: Any = None
     out_dir: str | None = None  # where a statistic may write figures
     progress: bool = True
+    # weight statistics: where matrix products run when the models stay in CPU memory (None: the models' device)
+    compute_device: torch.device | None = None
     # Values that permuting ft's hidden units cannot change (e.g. the endpoint losses of mode), so that
     # PERMTEST's inner calls, which share this dict, compute them once.
     cache: dict = field(default_factory=dict)

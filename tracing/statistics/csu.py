@@ -28,9 +28,12 @@ from tracing.statistics.shapes import check_same_shapes
 
 
 @torch.no_grad()
-def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor) -> tuple[float, float]:
-    """Match rows of (n, d) and (n, d) by cosine similarity; Spearman of the matching vs identity: (rho, log10 p)."""
-    sim = lap.cosine_matrix(rows_a, rows_b.to(rows_a.device))  # (n, n)
+def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor,
+               device: torch.device | None = None) -> tuple[float, float]:
+    """Match rows of (n, d) and (n, d) by cosine similarity; Spearman of the matching vs identity: (rho, log10 p).
+    The cosine product runs on `device` (default: rows_a's)."""
+    device = device or rows_a.device
+    sim = lap.cosine_matrix(rows_a.to(device), rows_b.to(device))  # (n, n)
     cols = lap.match(sim)  # (n,): row i of A <-> row cols[i] of B
     return identity_spearman(cols)
 
@@ -57,7 +60,7 @@ def csu(ctx: StatContext) -> StatResult:
         key_a, key_b = ctx.spec_base.layers[i].up, ctx.spec_ft.layers[i].up
         rows_a = ctx.spec_base.neuron_rows(sd_a[key_a], key_a, mlp(i))  # (n_neurons, hidden)
         rows_b = ctx.spec_ft.neuron_rows(sd_b[key_b], key_b, mlp(i))  # (n_neurons, hidden)
-        rho, lp = match_rows(rows_a, rows_b)
+        rho, lp = match_rows(rows_a, rows_b, ctx.compute_device)
         return {"layer": i, "rho": float(rho), "log10_pvalue": float(lp)}
 
     per_layer = list(tqdm(lap.map_in_threads(test_layer, layers), total=len(layers), desc="csu layers",
@@ -94,7 +97,7 @@ def csu_all(ctx: StatContext) -> StatResult:
     best = {i: (0.0, None, None) for i in layers_a}  # layer -> (min log10 p, ft layer, role)
     for role, i, j in tqdm(jobs, desc="csu_all pairs", disable=not ctx.progress):
         ka, kb = roles_a[role][i], roles_b[role][j]
-        _, lp = match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]))
+        _, lp = match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]), ctx.compute_device)
         matrices[role][row_of[i]][j] = None if math.isnan(lp) else float(lp)
         if not math.isnan(lp) and lp < best[i][0]:
             best[i] = (float(lp), j, role)
