@@ -11,6 +11,7 @@ import pytest
 
 from tracing import zoo
 from tracing.cli import main, result_path
+from tracing.statistics.pvalues import permtest_log10p
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,9 @@ def test_permuted_derived_pair_needs_align(models, tmp_path):
 def test_permtest_is_not_applied_after_align(models, tmp_path, capsys):
     code, rec = run(models, tmp_path, "base", "derived", "--stat", "l2", "--permute", "--align", "--num_perm", "9")
     assert code == 0
-    assert rec["log10_pvalue"] >= -1 and rec["extras"]["num_perm"] == 9  # PERMTEST on the permuted pair
+    null = rec["extras"]["null"]  # PERMTEST ran on the permuted (non-aligned) pair
+    assert rec["extras"]["num_perm"] == len(null) == 9
+    assert rec["log10_pvalue"] == permtest_log10p(rec["value"], null, higher_is_related=False)
     assert rec["aligned_log10_pvalue"] is None and "not valid after --align" in rec["aligned_extras"]["permtest"]
     assert rec["aligned_value"] < rec["value"]  # alignment brought the weights back together
     assert "PERMTEST is not valid after --align" in capsys.readouterr().err

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import pickle
 import platform
@@ -217,8 +216,3 @@ def error_line(error: Any) -> str | None:
     """The last non-blank line of an error text (a traceback ends with the exception), None when there is none."""
     lines = [ln for ln in str(error).splitlines() if ln.strip()] if error else []
     return lines[-1].strip() if lines else None
-
-
-def is_finite(x: Any) -> bool:
-    """True for a real, finite number (used when tabulating values that may be None or NaN)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

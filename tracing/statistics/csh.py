@@ -12,10 +12,9 @@ import time
 
 import torch
 
+from tracing import lap
 from tracing.activations import DEFAULT_BUDGET_BYTES, check_same_mlp, layer_grams
-from tracing.lap import map_in_threads
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.match import max_assignment
 
 
 def csh_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> StatResult:
@@ -27,17 +26,18 @@ def csh_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTES)
                         layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=budget_bytes,
                         counter=counter, progress=ctx.progress)
 
-    def test_layer(item: tuple[int, torch.Tensor]) -> dict:  # runs in a worker thread
+    def test_layer(item: tuple[int, torch.Tensor]) -> tuple[dict, float]:  # runs in a worker thread
         layer, cosine = item
         t0 = time.perf_counter()
-        cols = max_assignment(cosine)  # (width,): neuron i of A <-> neuron cols[i] of B
+        cols = lap.match(cosine)  # (width,): neuron i of A <-> neuron cols[i] of B
+        dt = time.perf_counter() - t0
         rho, log10p = identity_spearman(cols)
-        return {"layer": layer, "rho": float(rho), "log10_pvalue": float(log10p),
-                "lap_s": time.perf_counter() - t0}
+        return {"layer": layer, "rho": float(rho), "log10_pvalue": float(log10p)}, dt
 
     # the cosine matrix (width_A, width_B) is a new tensor, taken before the accumulators move on
-    per_layer = list(map_in_threads(test_layer, ((lg.layer, lg.cosine("up")) for lg in grams)))
-    lap_s = sum(r.pop("lap_s") for r in per_layer)
+    results = list(lap.map_in_threads(test_layer, ((lg.layer, lg.cosine("up")) for lg in grams)))
+    per_layer = [r for r, _ in results]
+    lap_s = sum(dt for _, dt in results)
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
                       extras={"forward_passes": counter["forward_passes"], "n_tokens": counter["n_tokens"],

@@ -95,9 +95,14 @@ def csu_all(ctx: StatContext) -> StatResult:
     matrices = {role: [[None] * n_b for _ in layers_a] for role in {r for r, _, _ in jobs}}
     row_of = {i: r for r, i in enumerate(layers_a)}
     best = {i: (0.0, None, None) for i in layers_a}  # layer -> (min log10 p, ft layer, role)
-    for role, i, j in tqdm(jobs, desc="csu_all pairs", disable=not ctx.progress):
+
+    def test_pair(job: tuple[str, int, int]) -> float:  # runs in a worker thread
+        role, i, j = job
         ka, kb = roles_a[role][i], roles_b[role][j]
-        _, lp = match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]), ctx.compute_device)
+        return match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]), ctx.compute_device)[1]
+
+    results = lap.map_in_threads(test_pair, jobs)
+    for (role, i, j), lp in zip(jobs, tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)):
         matrices[role][row_of[i]][j] = None if math.isnan(lp) else float(lp)
         if not math.isnan(lp) and lp < best[i][0]:
             best[i] = (float(lp), j, role)

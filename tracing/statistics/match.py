@@ -19,28 +19,21 @@ import torch
 from tracing import lap
 from tracing.activations import DEFAULT_BUDGET_BYTES, check_same_mlp, layer_grams
 from tracing.errors import TracingError
-from tracing.lap import map_in_threads
 from tracing.statistics import StatContext, StatResult, register
 
 NO_GATE = ("{stat} needs a gated MLP (gate_proj and up_proj), which {model_type} does not have; "
            "use csh or csu instead")
 
 
-def max_assignment(sim: torch.Tensor | np.ndarray, dim: int = 1) -> np.ndarray:
-    """Maximum-similarity assignment for `sim` (n, m). dim=1: each row gets a column (n <= m), returns
-    idx (n,) with row i <-> column idx[i]; dim=0: each column gets a row (m <= n), idx (m,).
-    float64 linear assignment with an exact argmax fast path (tracing/lap.py)."""
-    return lap.match(sim if dim == 1 else sim.T)
-
-
 def assign(sim_ab: torch.Tensor) -> np.ndarray:
     """Match B's neurons into A's for a similarity (width_A, width_B), width_B <= width_A.
 
     Returns `idx` (width_B,): neuron j of B <-> neuron idx[j] of A. Square inputs give a permutation.
+    (lap.match: float64 assignment with an exact argmax fast path.)
     """
-    if sim_ab.shape[0] == sim_ab.shape[1]:  # square: rows are contiguous, the inverse is the same matching
-        return np.argsort(max_assignment(sim_ab, dim=1))
-    return max_assignment(sim_ab, dim=0)
+    if sim_ab.shape[0] == sim_ab.shape[1]:  # square: lap.match gives A -> B; its inverse is B -> A
+        return np.argsort(lap.match(sim_ab))
+    return lap.match(sim_ab)  # more rows than columns: one row of A per column of B
 
 
 def euclid_similarity(gram: torch.Tensor, sq_base: torch.Tensor, sq_ft: torch.Tensor) -> torch.Tensor:
@@ -93,7 +86,7 @@ def match_from_context(ctx: StatContext, budget_bytes: int = DEFAULT_BUDGET_BYTE
     sims = ((lg.layer, *(euclid_similarity(lg.gram[p], lg.sq_base[p], lg.sq_ft[p]) for p in ("gate", "up")))
             for lg in grams)
     per_layer, lap_s = [], 0.0
-    for layer, (rho, log10p, dt) in map_in_threads(lambda it: (it[0], match_similarities(it[1], it[2])), sims):
+    for layer, (rho, log10p, dt) in lap.map_in_threads(lambda it: (it[0], match_similarities(it[1], it[2])), sims):
         lap_s += dt
         per_layer.append({"layer": layer, "rho": rho, "log10_pvalue": log10p})
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
