@@ -11,8 +11,12 @@ they override the YAML's `main:` block. The Hugging Face token comes from $HF_TO
 
 import argparse
 import sys
+from pathlib import Path
 
-from tracing.errors import TracingError
+from tracing import cluster
+from tracing.cli import parse_run_flags
+from tracing.config import SLURM_KEYS, load_config
+from tracing.errors import EXIT_FAILED, EXIT_OK, exit_on_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,26 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pathlib import Path
-
-    from tracing import cluster
-
     args, extra = build_parser().parse_known_args(argv)
-    overrides = {k: getattr(args, k) for k in cluster.SLURM_KEYS if hasattr(args, k)}
-    try:
+    overrides = {k: getattr(args, k) for k in SLURM_KEYS if hasattr(args, k)}
+
+    def run() -> int:
+        flags = parse_run_flags(extra)  # main.py's flags for every pair
         if args.status:
-            tasks = cluster.plan(cluster.load_config(args.config, args.flat), Path(args.save), extra)
+            tasks = cluster.plan(load_config(args.config, args.flat), Path(args.save), flags)
             counts = cluster.print_status(Path(args.save), tasks)["counts"]
-            return 1 if counts["failed"] else 0
-        out = cluster.launch(args.config, args.save, extra, cluster=args.cluster, flat=args.flat,
+            return EXIT_FAILED if counts["failed"] else EXIT_OK
+        out = cluster.launch(args.config, args.save, flags, cluster=args.cluster, flat=args.flat,
                              force=args.force, dry_run=args.dry_run, wait=args.wait, slurm_overrides=overrides)
-    except TracingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if out["status"] is not None:  # waited (--wait, or the debug executor): a pair without an ok record fails
-        counts = out["status"]["counts"]
-        return 1 if counts["failed"] or counts["missing"] else 0
-    return 0
+        if out["status"] is not None:  # waited (--wait, or the debug executor): a pair without an ok record fails
+            counts = out["status"]["counts"]
+            return EXIT_FAILED if counts["failed"] or counts["missing"] else EXIT_OK
+        return EXIT_OK
+
+    return exit_on_error(run)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def run_one(shape: str, layers: int | None, pair: str, device: str = "cpu") -> d
     import torch
     import transformers
 
-    from tracing import lap
+    from tracing import matching
     from tracing.align import align_weights
     from tracing.arch import get_spec
     from tracing.perm import apply_perm, random_perm
@@ -85,7 +85,8 @@ def run_one(shape: str, layers: int | None, pair: str, device: str = "cpu") -> d
             "permuted_csu_s": t_permuted, "permuted_csu_log10p": permuted.log10_pvalue,
             "align_s": t_align, "aligned_csu_s": t_aligned, "aligned_csu_log10p": aligned.log10_pvalue,
             "rss_models_mib": rss_models, "peak_rss_mib": _rss_mib("VmHWM"),
-            "assignment_threads": lap.default_workers(), "torch_threads": torch.get_num_threads(), "device": device}
+            "assignment_threads": matching.default_workers(), "torch_threads": torch.get_num_threads(),
+            "device": device}
 
 
 def main() -> None:

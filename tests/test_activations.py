@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from tracing import lap, zoo
+from tracing import matching, zoo
 from tracing.activations import layer_grams, sample_activations, sample_positions
 from tracing.arch import get_spec
 from tracing.errors import TracingError
-from tracing.statistics.match import assign, euclid_similarity
+from tracing.matching import assign, euclid_similarity
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,14 @@ def test_streaming_gram_equals_full_activation_matrices(pair):
         for proj in ("gate", "up"):
             xa, xb = full_a[proj, lg.layer].double(), full_b[proj, lg.layer].double()
             torch.testing.assert_close(lg.gram[proj], xa.T @ xb, rtol=1e-5, atol=1e-4)
-            cos = lap.cosine_matrix(xa.T, xb.T)  # neurons as rows
+            cos = matching.cosine_matrix(xa.T, xb.T)  # neurons as rows
             torch.testing.assert_close(lg.cosine(proj), cos, rtol=1e-5, atol=1e-6)
             full_dist = torch.cdist(xa.T, xb.T).square()  # (width_A, width_B)
             torch.testing.assert_close(lg.sq_dist(proj), full_dist, rtol=1e-5, atol=1e-4)
             # B's neurons into A's, minimum total squared distance, straight from scipy on the full matrices
-            expected = lap.match(-full_dist.T)
+            expected = matching.match(-full_dist.T)
             assert (assign(euclid_similarity(lg.gram[proj], lg.sq_base[proj], lg.sq_ft[proj])) == expected).all()
-            assert (lap.match(lg.cosine(proj)) == lap.match(cos)).all()
+            assert (matching.match(lg.cosine(proj)) == matching.match(cos)).all()
 
 
 def test_one_forward_pass_per_model_for_all_layers(pair):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tracing import zoo
-from tracing.arch import UnsupportedArchitecture, check_covers, get_spec
+from tracing.arch import GROUPS, SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, check_covers, get_spec
 from tracing.perm import apply_perm, compose, invert, is_identity, random_perm
 
 
@@ -15,6 +15,30 @@ def test_spec_covers_every_state_dict_key(family):
     check_covers(spec, model.state_dict())
     assert spec.n_layers == 3 and len(spec.layers) == 3
     assert spec.gated == (family not in ("gpt2", "gpt_neox"))
+
+
+def test_every_supported_model_type_has_a_zoo_model():
+    zoo_types = {zoo.tiny_config(f).model_type for f in zoo.FAMILIES}
+    assert set(SUPPORTED_MODEL_TYPES) - {"gemma3"} <= zoo_types  # gemma3 is the multimodal wrapper of gemma3_text
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_layer_structure_partitions_the_spec(family):
+    """Every key is in exactly one group; the keys of block i are exactly those under its prefix."""
+    spec = get_spec(zoo.tiny_model(family, layers=3).config)
+    groups = {g: set(spec.keys_in([g])) for g in GROUPS}
+    assert set().union(*groups.values()) == set(spec.axes)
+    assert sum(map(len, groups.values())) == len(spec.axes)
+    for i, roles in enumerate(spec.layers):
+        assert {roles.up, roles.down} <= groups["mlp"] and set(roles.attn_in) <= groups["attn"]
+        in_block = {k for k in spec.axes if k.startswith(roles.prefix + ".")}
+        assert {k for k, j in spec.layer_of.items() if j == i} == in_block
+        if roles.pre_mlp_norm:
+            assert roles.pre_mlp_norm in groups["norm"]
+        assert spec.local_key(roles.up) == spec.local_key(spec.layers[0].up)  # same role, any layer
+    assert spec.embed in groups["emb"] and spec.embed not in spec.layer_of
+    if family == "qwen2":
+        assert "model.layers.1.self_attn.q_proj.bias" in groups["attn"]
 
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from tracing import cluster, zoo
+from tracing.cli import parse_run_flags
+from tracing.cluster.status import _last_log_line
+from tracing.config import RunConfig, load_config
 from tracing.errors import TracingError
 from tracing.results import load_record
 
@@ -34,82 +37,34 @@ def write_yaml(path: Path, text: str) -> Path:
     return path
 
 
-def test_flat_list_gives_all_pairs_once(tmp_path):
-    cfg = cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b, c, b, a]\n"))
-    assert cfg.flat == "all"
-    assert [(p.base, p.ft) for p in cfg.pairs] == [("a", "b"), ("a", "c"), ("b", "c")]
-    assert cfg.duplicates == 7  # of the 10 pairs i<j: self pairs a-a, b-b and repeats like b-a are dropped
-
-
-def test_bare_list_is_the_original_flat_format(tmp_path):
-    cfg = cluster.load_config(write_yaml(tmp_path / "c.yaml", "- a\n- b\n"))
-    assert [(p.base, p.ft) for p in cfg.pairs] == [("a", "b")]
-
-
-def test_split_and_specified_forms(tmp_path):
-    split = cluster.load_config(write_yaml(tmp_path / "s.yaml", "base_models: [a, b]\nft_models: [x, y]\n"))
-    assert split.flat == "split" and len(split.pairs) == 4
-    spec = cluster.load_config(write_yaml(tmp_path / "p.yaml", "models_1: [org/a, org/b]\nmodels_2: [org/x, org/x]\n"
-                                          "names_1: [A, B]\nnames_2: [X, X]\n"))
-    assert spec.flat == "specified"
-    assert [(p.base, p.ft, p.base_name, p.ft_name) for p in spec.pairs] == [
-        ("org/a", "org/x", "A", "X"), ("org/b", "org/x", "B", "X")]
-
-
-def test_shipped_configs_parse():
-    sizes = {"llama7b.yaml": 210, "llama7b_split.yaml": 98, "llama_specified.yaml": 4, "demo.yaml": 3}
-    for name, n in sizes.items():
-        assert len(cluster.load_config(ROOT / "config" / name).pairs) == n, name
-
-
-def test_malformed_yaml_names_file_and_line(tmp_path):
-    path = write_yaml(tmp_path / "bad.yaml", "models:\n  - a\n  - b\nslurm: {gpus_per_node: 0\n")
-    with pytest.raises(TracingError, match=r"malformed YAML in .*bad\.yaml:\d+"):
-        cluster.load_config(path)
-
-
-def test_unknown_keys_list_the_valid_ones(tmp_path):
-    with pytest.raises(TracingError, match=r"unknown key\(s\) modles; valid keys: models, base_models"):
-        cluster.load_config(write_yaml(tmp_path / "c.yaml", "modles: [a, b]\n"))
-    with pytest.raises(TracingError, match=r"unknown slurm key\(s\) gpu; valid: partition"):
-        cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\nslurm: {gpu: 1}\n"))
-    with pytest.raises(TracingError, match=r"unknown main key\(s\) statistic; valid: .*stat"):
-        cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\nmain: {statistic: csu}\n"))
-
-
-@pytest.mark.parametrize("text", ["", "models: []\n", "models: [only-one]\n", "base_models: [a]\nft_models: []\n"])
-def test_empty_model_list_is_refused(tmp_path, text):
-    with pytest.raises(TracingError, match="empty|no model pairs"):
-        cluster.load_config(write_yaml(tmp_path / "c.yaml", text))
-
-
 def test_plan_merges_yaml_defaults_and_cli_flags(tmp_path):
-    cfg = cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\nmain: {stat: csu, align: true}\n"))
-    (task,) = cluster.plan(cfg, tmp_path / "out", ["--stat", "l2"])
-    assert task.argv[:6] == ["--base_model_id", "a", "--ft_model_id", "b", "--save", str(tmp_path / "out")]
-    assert "--align" in task.argv and task.result == tmp_path / "out" / "a__vs__b__l2.pkl"
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\nmain: {stat: csu, align: true}\n"))
+    (task,) = cluster.plan(cfg, tmp_path / "out", {"stat": "l2"})
+    assert (task.cfg.base_model_id, task.cfg.ft_model_id, task.cfg.save) == ("a", "b", str(tmp_path / "out"))
+    assert task.cfg.align and task.cfg.stat == "l2" and task.result == tmp_path / "out" / "a__vs__b__l2.pkl"
+    assert task.cfg.command_line().startswith("python main.py --base_model_id a --ft_model_id b --stat l2 --align")
     with pytest.raises(TracingError, match="unknown statistic|valid"):
-        cluster.plan(cfg, tmp_path, ["--stat", "nope"])
+        cluster.plan(cfg, tmp_path, {"stat": "nope"})
     with pytest.raises(TracingError, match="export HF_TOKEN"):
-        cluster.plan(cfg, tmp_path, ["--token", "hf_secret"])
+        cluster.plan(cfg, tmp_path, {"token": "hf_secret"})
 
 
 def test_debug_launch_runs_every_pair_then_skips_finished_ones(tmp_path, models, capsys):
     cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nmain: {stat: l2, device: cpu}\n" % ", ".join(models))
-    out = cluster.launch(cfg, tmp_path / "out", [], cluster="debug")
+    out = cluster.launch(cfg, tmp_path / "out", {}, cluster="debug")
     assert len(out["jobs"]) == 3
     for task in out["tasks"]:
         rec = load_record(task.result)
         assert rec["status"] == "ok" and rec["value"] > 0 and "token" not in rec["args"]
-    again = cluster.launch(cfg, tmp_path / "out", [], cluster="debug")
+    again = cluster.launch(cfg, tmp_path / "out", {}, cluster="debug")
     assert again["skipped"] == 3 and again["jobs"] == []
     ran = []
 
-    def runner(argv):
-        ran.append(argv)
-        return cluster.run_main(argv)
+    def runner(run_cfg):
+        ran.append(run_cfg)
+        return cluster.run_main(run_cfg)
 
-    forced = cluster.launch(cfg, tmp_path / "out", [], cluster="debug", force=True, runner=runner)
+    forced = cluster.launch(cfg, tmp_path / "out", {}, cluster="debug", force=True, runner=runner)
     assert len(forced["jobs"]) == 3 and len(ran) == 3  # --force reruns the pairs, not just resubmits them
     assert all(load_record(t.result)["status"] == "ok" for t in forced["tasks"])
     assert cluster.status_table(tmp_path / "out")["counts"] == {"done": 3, "failed": 0, "running": 0, "missing": 0}
@@ -119,21 +74,21 @@ def test_requeued_job_keeps_a_finished_result_and_preemption_writes_no_failure(t
     """What submitit does around a requeue, in-process: the job is called again after its pair finished
     (it must not redo or overwrite it), or SystemExit ends it mid-run (it must not record a failure)."""
     result = tmp_path / "pair.pkl"
-    argv = ["--base_model_id", models[0], "--ft_model_id", models[1], "--stat", "l2", "--save", str(result)]
+    cfg = RunConfig(base_model_id=models[0], ft_model_id=models[1], stat="l2", save=str(result))
 
-    def preempted(argv):
+    def preempted(cfg):
         raise SystemExit(-1)  # submitit's exit after requeueing a preempted job
 
     with pytest.raises(SystemExit):
-        cluster.PairJob(runner=preempted)(argv, str(result))
+        cluster.PairJob(runner=preempted)(cfg)
     assert not result.exists()
-    assert cluster.PairJob()(argv, str(result))["status"] == "ok"
+    assert cluster.PairJob()(cfg)["status"] == "ok"
     first = result.read_bytes()
 
-    def must_not_run(argv):
+    def must_not_run(cfg):
         raise AssertionError("a finished pair ran again")
 
-    assert cluster.PairJob(runner=must_not_run)(argv, str(result))["status"] == "ok"
+    assert cluster.PairJob(runner=must_not_run)(cfg)["status"] == "ok"
     assert result.read_bytes() == first
 
 
@@ -141,7 +96,7 @@ def test_shell_metacharacters_in_a_model_id_stay_a_plain_string(tmp_path, models
     marker = tmp_path / "pwned"
     evil = f"x; touch {marker} #$(touch {marker})"
     cfg = write_yaml(tmp_path / "c.yaml", json.dumps({"models": [models[0], evil], "main": {"stat": "l2"}}))
-    out = cluster.launch(cfg, tmp_path / "out", [], cluster="debug")
+    out = cluster.launch(cfg, tmp_path / "out", {}, cluster="debug")
     (task,) = out["tasks"]
     assert not marker.exists()
     assert "/" not in task.result.name and ";" not in task.result.name and " " not in task.result.name
@@ -153,7 +108,7 @@ def test_shell_metacharacters_in_a_model_id_stay_a_plain_string(tmp_path, models
 
 def test_dry_run_submits_nothing(tmp_path, models, capsys):
     cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nslurm: {gpus_per_node: 0}\n" % ", ".join(models))
-    out = cluster.launch(cfg, tmp_path / "out", ["--stat", "l2"], cluster="local", dry_run=True)
+    out = cluster.launch(cfg, tmp_path / "out", {"stat": "l2"}, cluster="local", dry_run=True)
     assert out["jobs"] == [] and not (tmp_path / "out").exists()
     text = capsys.readouterr().out
     assert "3 pairs" in text and '"gpus_per_node": 0' in text and text.count("  run  ") == 3
@@ -162,7 +117,7 @@ def test_dry_run_submits_nothing(tmp_path, models, capsys):
 def test_local_launch_runs_jobs_as_processes_and_reports_status(tmp_path, models, capsys):
     cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nslurm: {gpus_per_node: 0, timeout_min: 5}\n"
                      % ", ".join(models[:2]))
-    out = cluster.launch(cfg, tmp_path / "out", ["--stat", "l2", "--device", "cpu"], cluster="local", wait=True)
+    out = cluster.launch(cfg, tmp_path / "out", {"stat": "l2", "device": "cpu"}, cluster="local", wait=True)
     assert "done 1  running 0  failed 0  missing 0" in capsys.readouterr().out
     (task,) = out["tasks"]
     assert load_record(task.result)["status"] == "ok"
@@ -178,28 +133,33 @@ def test_launch_cli_bad_input_exits_2_with_one_line(tmp_path):
 
 
 def test_abbreviated_or_reserved_flags_never_reach_a_job(tmp_path, capsys):
-    cfg = cluster.load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\n"))
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\n"))
+
+    def plan(argv):  # what launch.py does with the flags that are not its own
+        return cluster.plan(cfg, tmp_path, parse_run_flags(argv))
+
     for argv in (["--tok", "hf_secret"], ["--toke=hf_secret"]):
         with pytest.raises(TracingError, match="export HF_TOKEN") as err:
-            cluster.plan(cfg, tmp_path, argv)
+            plan(argv)
         assert "hf_secret" not in str(err.value)
     for argv in (["--base_model_id", "x"], ["--sav", "elsewhere"], ["--demo"]):
         with pytest.raises(TracingError, match="set by launch.py per pair"):
-            cluster.plan(cfg, tmp_path, argv)
-    with pytest.raises(TracingError, match="--hf_tok") as err:  # unknown flags are named, their values are not
-        cluster.plan(cfg, tmp_path, ["--hf_tok", "hf_secret"])
-    assert "hf_secret" not in str(err.value)
+            plan(argv)
+    for argv in (["--hf_tok", "hf_secret"], ["--hf_tok=hf_secret"]):  # unknown flags are named, values are not
+        with pytest.raises(TracingError, match="--hf_tok") as err:
+            plan(argv)
+        assert "hf_secret" not in str(err.value)
 
 
 def test_a_job_that_crashes_leaves_a_failed_record_naming_its_pair(tmp_path):
     result = tmp_path / "pair.pkl"
-    argv = ["--base_model_id", "org/a", "--ft_model_id", "org/b", "--stat", "l2", "--save", str(result)]
+    cfg = RunConfig(base_model_id="org/a", ft_model_id="org/b", stat="l2", save=str(result))
 
-    def crash(argv):
+    def crash(cfg):
         raise RuntimeError("CUDA out of memory\n")
 
     with pytest.raises(RuntimeError):
-        cluster.PairJob(runner=crash)(argv, str(result))
+        cluster.PairJob(runner=crash)(cfg)
     rec = load_record(result)
     assert (rec["status"], rec["base_model_id"], rec["ft_model_id"], rec["stat"]) == ("failed", "org/a", "org/b", "l2")
     assert cluster.record_status(result) == ("failed", "RuntimeError: CUDA out of memory")
@@ -209,8 +169,8 @@ def test_status_reads_the_log_of_its_own_array_task(tmp_path):
     for task in ("4", "40"):
         (tmp_path / f"77_{task}_0_log.err").write_text(f"error of task {task}\n\n")
     entry = {"folder": str(tmp_path), "cluster": "local"}
-    assert cluster._last_log_line(entry, "77_4") == "error of task 4"
-    assert cluster._last_log_line(entry, "77_5") is None
+    assert _last_log_line(entry, "77_4") == "error of task 4"
+    assert _last_log_line(entry, "77_5") is None
 
 
 def test_non_numeric_resources_are_a_tracing_error():

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from tracing import zoo
-from tracing.data import generated_path, load_blocks, load_texts
+from tracing.data import load_blocks, load_texts
 from tracing.errors import TracingError
+from tracing.naming import generated_path
 
 DOCS = [zoo.synthetic_text(40, seed=s) for s in range(3)]
 
@@ -119,7 +120,7 @@ def test_wikitext_rows_become_articles():
 
 def test_generated_reads_each_models_texts_interleaved(tmp_path, tokenizer):
     for mid, texts in (("org/base", ["b0", "b1", "b2"]), ("./ckpt/ft@v1", ["f0"])):
-        path = generated_path(mid, tmp_path)
+        path = generated_path(tmp_path, mid)
         path.write_text(json.dumps({"model_id": mid, "seed": 0, "max_new_tokens": 32, "texts": texts}))
     assert load_texts("generated", model_ids=("org/base", "./ckpt/ft@v1"), generated_dir=tmp_path) == \
         ["b0", "f0", "b1", "b2"]

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from tracing import zoo
-from tracing.data import generated_path
 from tracing.generate import generate_for, main
+from tracing.naming import generated_path
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory):
 def test_writes_the_schema_the_generated_dataset_reads(tmp_path, model_dir):
     path, written = generate_for(model_dir, tmp_path, n=5, max_new_tokens=6, seed=3, batch_size=2,
                                  device="cpu", progress=False)
-    assert written and path == generated_path(model_dir, tmp_path)
+    assert written and path == generated_path(tmp_path, model_dir)
     data = json.loads(path.read_text())
     assert data["model_id"] == model_dir and data["seed"] == 3 and data["max_new_tokens"] == 6
     assert len(data["texts"]) == 5 and all(isinstance(t, str) and t for t in data["texts"])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tracing import zoo
-from tracing.cli import main, result_path
+from tracing.cli import main
+from tracing.naming import result_path
 from tracing.statistics.pvalues import permtest_log10p
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,21 +191,22 @@ def test_weight_only_runs_on_a_gpu_keep_the_models_in_cpu_memory(monkeypatch):
     the GPU; anything that runs the models (data statistics, --eval, --report) or --rotate loads them there."""
     import torch
 
-    import tracing.models
-    from tracing.cli import build_parser
+    import tracing.pipeline
+    from tracing.cli import parse_run_flags
+    from tracing.config import RunConfig
     from tracing.pipeline import placement
     from tracing.statistics import get_stat
 
-    monkeypatch.setattr(tracing.models, "resolve_device", lambda device="auto": torch.device("cuda"))
+    monkeypatch.setattr(tracing.pipeline, "resolve_device", lambda device="auto": torch.device("cuda"))
 
     def where(*argv):
-        args = build_parser().parse_args(["--base_model_id", "a", "--ft_model_id", "b", *argv])
-        return placement(args, get_stat(args.stat))
+        cfg = RunConfig.from_dict(parse_run_flags(["--base_model_id", "a", "--ft_model_id", "b", *argv]))
+        return placement(cfg, get_stat(cfg.stat))
 
     assert where("--stat", "csu", "--align") == ("cpu", torch.device("cuda"))
     assert where("--stat", "l2", "--device", "cuda:0") == ("cpu", torch.device("cuda"))
     assert where("--stat", "match") == ("auto", None)
     for extra in (["--eval"], ["--rotate"], ["--device_map", "auto"], ["--report", "r"]):
         assert where("--stat", "csu", *extra) == ("auto", None), extra
-    monkeypatch.setattr(tracing.models, "resolve_device", lambda device="auto": torch.device("cpu"))
+    monkeypatch.setattr(tracing.pipeline, "resolve_device", lambda device="auto": torch.device("cpu"))
     assert where("--stat", "csu") == ("auto", None)

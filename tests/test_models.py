@@ -13,8 +13,10 @@ import torch
 import transformers
 
 from tracing import zoo
+from tracing.checkpoints import locate, split_revision
+from tracing.devices import resolve_device, resolve_dtype
 from tracing.errors import TracingError
-from tracing.models import load_model, locate, resolve_device, resolve_dtype, split_revision
+from tracing.models import load_model
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
 

@@ -10,14 +10,14 @@ from tracing import zoo
 from tracing.arch import get_spec
 from tracing.errors import TracingError
 from tracing.report import read_prompts, write_report
-from tracing.report_hidden import (
+from tracing.report.hidden import (
     compare_words,
     find_word,
     forward,
     token_similarity,
     word_position,
 )
-from tracing.report_predict import (
+from tracing.report.predict import (
     continuation_ids,
     continuation_logprob,
     next_token_change,
@@ -25,7 +25,7 @@ from tracing.report_predict import (
     score_targets,
     token_entropy,
 )
-from tracing.report_weights import effective_rank, weight_diff
+from tracing.report.weights import effective_rank, weight_diff
 
 FAMILIES = ("llama", "gpt2")
 SHAPE = dict(hidden=32, layers=3, intermediate=64)
@@ -78,7 +78,7 @@ def test_effective_rank_counts_singular_values_up_to_the_energy_fraction():
 
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
 def test_chunked_gram_energies_equal_singular_values(shape, monkeypatch):
-    from tracing import report_weights
+    from tracing.report import weights as report_weights
 
     monkeypatch.setattr(report_weights, "CHUNK", 7)  # several chunks along the long axis
     d = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -42,12 +42,12 @@ GATE_MODULE = '''
 import os, time
 from tracing.cluster import run_main
 
-def run(argv):
-    """Run main.py, except for the pair c vs held: wait for GATE (never created)."""
-    if argv[1].endswith("/c") and argv[3].endswith("/held"):
+def run(cfg):
+    """Run the pair, except for c vs held: wait for GATE (never created)."""
+    if cfg.base_model_id.endswith("/c") and cfg.ft_model_id.endswith("/held"):
         while not os.path.exists(os.environ.get("GATE", "/nonexistent")):
             time.sleep(0.2)
-    return run_main(argv)
+    return run_main(cfg)
 '''
 
 
@@ -86,7 +86,7 @@ def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch, summary_lines)
     import e2e_gate
 
     t0 = time.perf_counter()
-    out = cluster.launch(cfg, save, [], cluster="slurm", runner=e2e_gate.run)
+    out = cluster.launch(cfg, save, {}, cluster="slurm", runner=e2e_gate.run)
     tasks, jobs = out["tasks"], out["jobs"]
     assert len(jobs) == 6
     held = next(i for i, t in enumerate(tasks) if t.pair.ft.endswith("/held") and t.pair.base.endswith("/c"))
@@ -159,7 +159,7 @@ def test_slurm_preempted_job_is_requeued_and_finishes(setup, monkeypatch, summar
     monkeypatch.syspath_prepend(str(root))
     import e2e_gate
 
-    job = cluster.launch(cfg, save, [], cluster="slurm", runner=e2e_gate.run)["jobs"][0]
+    job = cluster.launch(cfg, save, {}, cluster="slurm", runner=e2e_gate.run)["jobs"][0]
     deadline = time.time() + 180
     while "JobState=RUNNING" not in _job_info(job.job_id):
         assert time.time() < deadline, "job never started"

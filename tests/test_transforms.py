@@ -6,7 +6,7 @@ import torch
 from tracing import zoo
 from tracing.arch import get_spec
 from tracing.errors import TracingError
-from tracing.transforms import group_keys, interpolate_, random_orthogonal, restore_, rotate_residual
+from tracing.transforms import interpolate_, random_orthogonal, restore_, rotate_residual
 
 REFUSED = ("olmo", "olmo2", "gemma2", "gemma3", "gpt2", "gpt_neox")
 ROTATABLE = tuple(f for f in zoo.FAMILIES if f not in REFUSED)
@@ -64,15 +64,6 @@ def pair():
     return a, b, get_spec(a.config)
 
 
-def test_groups_partition_the_spec(pair):
-    _, _, spec = pair
-    groups = {g: set(group_keys(spec, [g])) for g in ("mlp", "attn", "norm", "emb")}
-    assert set().union(*groups.values()) == set(spec.axes)
-    assert sum(map(len, groups.values())) == len(spec.axes)
-    assert spec.layers[1].gate in groups["mlp"] and "model.layers.1.self_attn.q_proj.bias" in groups["attn"]
-    assert spec.layers[0].pre_mlp_norm in groups["norm"] and spec.embed in groups["emb"]
-
-
 def test_interpolate_endpoints_and_restore(pair):
     a, b, spec = pair
     orig = {k: v.clone() for k, v in a.state_dict().items()}
@@ -81,7 +72,7 @@ def test_interpolate_endpoints_and_restore(pair):
     restore_(a, saved)
 
     saved = interpolate_(a, b, 1.0, spec, groups=("mlp",))
-    chosen = set(group_keys(spec, ["mlp"]))
+    chosen = set(spec.keys_in(["mlp"]))
     sa, sb = a.state_dict(), b.state_dict()
     assert set(saved) == chosen and all(v.device.type == "cpu" for v in saved.values())
     assert all(torch.equal(sa[k], sb[k]) for k in chosen)

@@ -18,8 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from tracing.errors import TracingError
+from tracing import plots
+from tracing.errors import TracingError, exit_on_error
+from tracing.lineage import load_tree, related
+from tracing.naming import AGGREGATE_SUBDIR, SUBMITIT_SUBDIR
 from tracing.results import error_line, load_record
+from tracing.statistics import get_stat
 
 COLUMNS = ["base", "ft", "stat", "status", "value", "log10_pvalue", "aligned_value", "aligned_log10_pvalue",
            "base_loss", "ft_loss", "base_ppl", "ft_ppl", "wall_time_s", "commit", "dirty", "finished", "error",
@@ -34,7 +38,7 @@ def result_files(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise TracingError(f"results folder {folder} does not exist; pass the --save folder of main.py/launch.py")
     files = [p for ext in ("*.pkl", "*.p") for p in folder.rglob(ext)]
-    return sorted(p for p in files if "submitit" not in p.relative_to(folder).parts)
+    return sorted(p for p in files if SUBMITIT_SUBDIR not in p.relative_to(folder).parts)
 
 
 def _row(rec: dict, path: Path) -> dict:
@@ -89,9 +93,8 @@ def auc(scores: list[float], labels: list[bool]) -> float | None:
 
 def _higher_is_related(stat: str) -> bool:
     try:
-        from tracing.statistics import get_stat
         return get_stat(stat).higher_is_related
-    except Exception:
+    except TracingError:  # a record of a statistic this version does not know
         return True
 
 
@@ -100,8 +103,6 @@ def score(df: pd.DataFrame, tree: dict[str, str], threshold: float) -> pd.DataFr
 
     AUC ranks pairs by -log10 p where the statistic has p-values, else by its value (sign from the registry).
     """
-    from tracing.lineage import related
-
     ok = df[df["status"] == "ok"].copy()
     ok["related"] = [related(tree, b, f) for b, f in zip(ok["base"], ok["ft"])]
     ok = ok[ok["related"].notna()]
@@ -139,10 +140,8 @@ def score(df: pd.DataFrame, tree: dict[str, str], threshold: float) -> pd.DataFr
 def aggregate(folder: str | Path, out: str | Path | None = None, truth: str | Path | None = None,
               threshold: float = -2.0, figures: bool = True) -> dict:
     """Write the table, figures and (with a truth tree) the scores; returns paths, the frames and problems."""
-    from tracing import plots
-
     df, problems, records = load_results(folder)
-    out = Path(out) if out else Path(folder) / "aggregate"
+    out = Path(out) if out else Path(folder) / AGGREGATE_SUBDIR
     out.mkdir(parents=True, exist_ok=True)
     written = {"csv": out / "results.csv", "md": out / "results.md"}
     df.to_csv(written["csv"], index=False)
@@ -167,8 +166,6 @@ def aggregate(folder: str | Path, out: str | Path | None = None, truth: str | Pa
         if curves:
             written["mode_curves.png"] = Path(plots.loss_vs_alpha(curves, str(out / "mode_curves.png")))
     if truth:
-        from tracing.lineage import load_tree
-
         scores = score(df, load_tree(truth), threshold)
         written["scores_csv"], written["scores_md"] = out / "scores.csv", out / "scores.md"
         scores.to_csv(written["scores_csv"], index=False)
@@ -185,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=-2.0, help="call a pair related when log10 p <= this")
     p.add_argument("--no_figures", action="store_true")
     args = p.parse_args(argv)
-    try:
-        res = aggregate(args.results_dir, args.out, args.truth, args.threshold, figures=not args.no_figures)
-    except TracingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_on_error(lambda: _report(aggregate(args.results_dir, args.out, args.truth, args.threshold,
+                                                   figures=not args.no_figures)))
+
+
+def _report(res: dict) -> int:
+    """Print what aggregate() found and wrote."""
     for line in res["problems"]:
         print(f"skipped: {line}", file=sys.stderr)
     df = res["table"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tracing.arch import RESID, ArchSpec, mlp
 from tracing.errors import TracingError
-from tracing.lap import cosine_matrix, map_in_threads, match
+from tracing.matching import cosine_matrix, map_in_threads, match
 from tracing.perm import Perm
 
 

@@ -9,12 +9,15 @@ entries read the other way round.
     spec = get_spec(model.config)
     spec.axes["model.layers.0.mlp.up_proj.weight"]   # ("mlp.0", "resid")
     spec.layers[0].up                                 # "model.layers.0.mlp.up_proj.weight"
+    spec.layer_of["model.layers.0.mlp.up_proj.weight"] # 0   (keys outside the blocks are absent)
+    spec.group_of["model.layers.0.mlp.up_proj.weight"] # "mlp"  (mlp / attn / norm / emb)
 
 A new architecture is one function below plus one line in `_FAMILIES`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +28,7 @@ from tracing.errors import TracingError
 
 Axes = tuple  # tuple[str | None, ...], one entry per tensor axis
 NormKind = Literal["rms", "rms_1p", "layer", "layer_nonparam"]
+GROUPS = ("mlp", "attn", "norm", "emb")  # parameter groups: what group_of maps every key to
 
 RESID = "resid"
 
@@ -36,8 +40,11 @@ def mlp(i: int) -> str:
 
 @dataclass(frozen=True)
 class LayerRoles:
-    """The keys the statistics need for one transformer block (weights as stored)."""
+    """One transformer block: its module paths and the keys the statistics need (weights as stored)."""
 
+    prefix: str  # the block's module path, e.g. "model.layers.3"; every key of the block starts with it + "."
+    mlp_module: str  # e.g. "model.layers.3.mlp": every MLP parameter lives under it
+    attn_module: str  # e.g. "model.layers.3.self_attn"
     up: str  # MLP input projection without activation (up_proj / c_fc / dense_h_to_4h)
     down: str  # MLP output projection
     gate: str | None = None  # gate_proj for gated MLPs, None otherwise
@@ -70,6 +77,24 @@ class ArchSpec:
     conv1d: bool = False  # GPT-2 layout: weights stored (in, out)
     rotate_refusal: str | None = None  # why an orthogonal rotation is not function-preserving
     extra_embeds: tuple[str, ...] = field(default=())  # e.g. GPT-2 position embedding
+    layer_of: dict[str, int] = field(init=False, repr=False)  # key -> its block's index (keys in blocks only)
+    group_of: dict[str, str] = field(init=False, repr=False)  # key -> "mlp" | "attn" | "norm" | "emb"
+
+    def __post_init__(self) -> None:
+        """Derive layer_of and group_of from the blocks' module paths (the only place that reads key strings)."""
+        layer_of: dict[str, int] = {}
+        group_of: dict[str, str] = {}
+        starts = [(f"{r.prefix}.", f"{r.mlp_module}.", f"{r.attn_module}.", i) for i, r in enumerate(self.layers)]
+        for key in self.axes:
+            group_of[key] = "emb"  # outside every block: embeddings, final norm, lm_head
+            for block, mlp_mod, attn_mod, i in starts:
+                if key.startswith(block):
+                    layer_of[key] = i
+                    group_of[key] = "mlp" if key.startswith(mlp_mod) else "attn" if key.startswith(attn_mod) \
+                        else "norm"
+                    break
+        object.__setattr__(self, "layer_of", layer_of)
+        object.__setattr__(self, "group_of", group_of)
 
     # ------------------------------------------------------------------ helpers
     def axis(self, key: str, perm: str) -> int | None:
@@ -84,6 +109,18 @@ class ArchSpec:
     def perm_names(self) -> list[str]:
         names = {p for ax in self.axes.values() for p in ax if p is not None}
         return sorted(names, key=lambda p: (p != RESID, len(p), p))
+
+    def local_key(self, key: str) -> str:
+        """`key` relative to its block, e.g. "mlp.up_proj.weight" (the same role in every layer); else `key`."""
+        i = self.layer_of.get(key)
+        return key if i is None else key[len(self.layers[i].prefix) + 1:]
+
+    def keys_in(self, groups: tuple[str, ...] | list[str]) -> list[str]:
+        """The keys in the chosen parameter groups (GROUPS), in spec order."""
+        bad = [g for g in groups if g not in GROUPS]
+        if bad:
+            raise TracingError(f"unknown parameter group(s) {bad}; choose from {', '.join(GROUPS)}")
+        return [k for k in self.axes if self.group_of[k] in groups]
 
     def neuron_rows(self, tensor: torch.Tensor, key: str, perm: str) -> torch.Tensor:
         """View `tensor` (stored under `key`) with the `perm` axis first: (n_perm, rest...)."""
@@ -125,6 +162,7 @@ def _llama_like(cfg, prefix: str = "model", *, norms=("input_layernorm", "post_a
             axes[f"{p}.{nm}.weight"] = (RESID,)
         attn_norm, mlp_norm = (f"{p}.{norms[0]}.weight", f"{p}.{norms[1]}.weight") if norms else (None, None)
         layers.append(LayerRoles(
+            prefix=p, mlp_module=f"{p}.mlp", attn_module=f"{p}.self_attn",
             up=f"{p}.mlp.up_proj.weight", down=f"{p}.mlp.down_proj.weight",
             gate=f"{p}.mlp.gate_proj.weight", pre_mlp_norm=mlp_norm, pre_attn_norm=attn_norm,
             attn_in=tuple(f"{p}.self_attn.{x}_proj.weight" for x in "qkv"),
@@ -194,6 +232,7 @@ def gpt_neox(cfg) -> ArchSpec:
         axes[f"{p}.mlp.dense_4h_to_h.weight"] = (RESID, mlp(i))
         axes[f"{p}.mlp.dense_4h_to_h.bias"] = (RESID,)
         layers.append(LayerRoles(
+            prefix=p, mlp_module=f"{p}.mlp", attn_module=f"{p}.attention",
             up=f"{p}.mlp.dense_h_to_4h.weight", down=f"{p}.mlp.dense_4h_to_h.weight",
             pre_mlp_norm=f"{p}.post_attention_layernorm.weight",
             pre_attn_norm=f"{p}.input_layernorm.weight",
@@ -229,6 +268,7 @@ def gpt2(cfg) -> ArchSpec:
         axes[f"{p}.mlp.c_proj.weight"] = (mlp(i), RESID)
         axes[f"{p}.mlp.c_proj.bias"] = (RESID,)
         layers.append(LayerRoles(
+            prefix=p, mlp_module=f"{p}.mlp", attn_module=f"{p}.attn",
             up=f"{p}.mlp.c_fc.weight", down=f"{p}.mlp.c_proj.weight",
             pre_mlp_norm=f"{p}.ln_2.weight", pre_attn_norm=f"{p}.ln_1.weight",
             attn_in=(f"{p}.attn.c_attn.weight",), attn_out=f"{p}.attn.c_proj.weight"))
@@ -265,7 +305,7 @@ def get_spec(config) -> ArchSpec:
     for family, (builder, types) in _FAMILIES.items():
         if model_type in types:
             spec = builder(config)
-            return ArchSpec(**{**spec.__dict__, "family": family})
+            return dataclasses.replace(spec, family=family)
     raise UnsupportedArchitecture(
         f"unsupported architecture '{model_type}'; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
 

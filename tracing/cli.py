@@ -1,129 +1,137 @@
-"""Command line of `main.py`: the flags of the original tool plus ours, parsed into a Namespace.
+"""Command line of `main.py`: the flags of the original tool plus ours, parsed into a `RunConfig`.
 
     python main.py --base_model_id A --ft_model_id B --stat csu --align
-    tracing.cli.main(["--base_model_id", "A", "--ft_model_id", "B"])   # same, in-process (Slurm jobs)
+    tracing.cli.main(["--base_model_id", "A", "--ft_model_id", "B"])   # the same, in-process
+    parse_run_flags(["--stat", "l2", "--align"])                       # {'stat': 'l2', 'align': True}
+
+Flag defaults are RunConfig's: the parser only records the flags that were given.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
-from pathlib import Path
 
-from tracing.errors import TracingError
-from tracing.naming import pair_name
-
-
-def _alphas(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--alphas takes comma-separated numbers, got '{text}'") from None
+from tracing import naming
+from tracing.config import FIELDS, RunConfig, parse_alphas, parse_layers
+from tracing.demo import run_demo
+from tracing.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TracingError, exit_on_error
+from tracing.pipeline import check, run_pair, summary
 
 
-def _layers(text: str) -> list[int]:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7]."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part.strip()[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            elif part.strip():
-                out.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes indices like '0,2,5-7', got '{text}'") from None
-    return out
+def _type(parse):
+    """An argparse type from a TracingError-raising parser (argparse shows its message)."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except TracingError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+class _Parser(argparse.ArgumentParser):
+    def add(self, group, name: str, help: str, **kw) -> None:
+        """A flag named after its RunConfig field, showing that field's default in --help."""
+        default = FIELDS[name].default
+        if default is not dataclasses.MISSING and default is not None and default is not False:
+            help = f"{help} (default: {default})"
+        group.add_argument(f"--{name}", help=help, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="main.py", description="Test whether ft_model was derived from base_model (one pair).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """main.py's flags; a parsed Namespace holds only the flags given (defaults are RunConfig's)."""
+    p = _Parser(prog="main.py", description="Test whether ft_model was derived from base_model (one pair).",
+                argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("models")
-    g.add_argument("--base_model_id", help="hub id[@revision], local dir, PEFT adapter dir or .gguf file")
-    g.add_argument("--ft_model_id", help="the model whose origin is tested (same forms)")
-    g.add_argument("--adapter_base", help="base model for a PEFT adapter whose recorded base is unreachable")
-    g.add_argument("--token", default=None, help="Hugging Face token (default: $HF_TOKEN); never stored")
-    g.add_argument("--dtype", default=None, help="float32|bfloat16|float16 (default: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
-    g.add_argument("--device_map", default=None, help="'auto' shards big models over all GPUs (accelerate)")
-    g.add_argument("--trust_remote_code", action="store_true", help="run model code from the checkpoint")
+    p.add(g, "base_model_id", "hub id[@revision], local dir, PEFT adapter dir or .gguf file")
+    p.add(g, "ft_model_id", "the model whose origin is tested (same forms)")
+    p.add(g, "adapter_base", "base model for a PEFT adapter whose recorded base is unreachable")
+    g.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN); never stored")
+    p.add(g, "dtype", "float32|bfloat16|float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add(g, "device", "auto|cpu|cuda|cuda:N")
+    p.add(g, "device_map", "'auto' shards big models over all GPUs (accelerate)")
+    p.add(g, "trust_remote_code", "run model code from the checkpoint", action="store_true")
 
     g = p.add_argument_group("statistic")
-    g.add_argument("--stat", default="csu", help="statistic name (see README); unknown names list the valid ones")
-    g.add_argument("--permute", action="store_true", help="randomly permute ft's hidden units first")
-    g.add_argument("--rotate", action="store_true", help="randomly rotate ft's residual stream first (RMSNorm models)")
-    g.add_argument("--align", action="store_true", help="also compute the statistic after aligning ft to base")
-    g.add_argument("--num_perm", type=int, default=0, help="wrap the statistic in PERMTEST with T permutations")
-    g.add_argument("--alpha", type=float, default=0.5, help="mode: interpolation weight of ft")
-    g.add_argument("--alphas", type=_alphas, default=None, help="mode: a curve, e.g. 0,0.25,0.5,0.75,1")
-    g.add_argument("--attn", action="store_true", help="mode: also interpolate attention")
-    g.add_argument("--emb", action="store_true", help="mode: also interpolate embeddings")
-    g.add_argument("--layers", type=_layers, default=None, help="restrict per-layer statistics, e.g. 0,2,5-7")
-    g.add_argument("--max_tokens", type=int, default=None, help="activation statistics: token sample size")
+    p.add(g, "stat", "statistic name (see README); unknown names list the valid ones")
+    p.add(g, "permute", "randomly permute ft's hidden units first", action="store_true")
+    p.add(g, "rotate", "randomly rotate ft's residual stream first (RMSNorm models)", action="store_true")
+    p.add(g, "align", "also compute the statistic after aligning ft to base", action="store_true")
+    p.add(g, "num_perm", "wrap the statistic in PERMTEST with T permutations", type=int)
+    p.add(g, "alpha", "mode: interpolation weight of ft", type=float)
+    p.add(g, "alphas", "mode: a curve, e.g. 0,0.25,0.5,0.75,1", type=_type(parse_alphas))
+    p.add(g, "attn", "mode: also interpolate attention", action="store_true")
+    p.add(g, "emb", "mode: also interpolate embeddings", action="store_true")
+    p.add(g, "layers", "restrict per-layer statistics, e.g. 0,2,5-7", type=_type(parse_layers))
+    p.add(g, "max_tokens", "activation statistics: token sample size", type=int)
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", "--dataset_id", dest="dataset", default="wikitext",
-                   help="wikitext | random | generated | a local .txt/.jsonl/.parquet file")
-    g.add_argument("--block_size", type=int, default=512)
-    g.add_argument("--batch_size", type=int, default=1)
-    g.add_argument("--max_blocks", type=int, default=None, help="use at most this many blocks")
-    g.add_argument("--generated_dir", default="results/generated", help="where generate.py wrote texts")
-    g.add_argument("--eval", action="store_true", help="report base and ft loss and perplexity")
+    p.add(g, "dataset", "wikitext | random | generated | a local .txt/.jsonl/.parquet file")
+    g.add_argument("--dataset_id", dest="dataset", help="alias of --dataset (the original tool's name)")
+    p.add(g, "block_size", "tokens per block", type=int)
+    p.add(g, "batch_size", "blocks per forward pass", type=int)
+    p.add(g, "max_blocks", "use at most this many blocks", type=int)
+    p.add(g, "generated_dir", "where generate.py wrote texts")
+    p.add(g, "eval", "report base and ft loss and perplexity", action="store_true")
 
     g = p.add_argument_group("fine-tuning diff report")
-    g.add_argument("--report", metavar="DIR", default=None, help="write DIR/report.md and figures")
-    g.add_argument("--prompts", default=None, help="file with one prompt per line")
-    g.add_argument("--report_token", default=None, help="token position to follow, e.g. foo")
-    g.add_argument("--compare", default=None, help="'foo=Paris': ft state for foo vs base state for Paris")
-    g.add_argument("--targets", default=None, help="continuations to score, e.g. 'English,French'")
-    g.add_argument("--top_k", type=int, default=5)
+    p.add(g, "report", "write DIR/report.md and figures", metavar="DIR")
+    p.add(g, "prompts", "file with one prompt per line")
+    p.add(g, "report_token", "token position to follow, e.g. foo")
+    p.add(g, "compare", "'foo=Paris': ft state for foo vs base state for Paris")
+    p.add(g, "targets", "continuations to score, e.g. 'English,French'")
+    p.add(g, "top_k", "top next tokens shown", type=int)
 
     g = p.add_argument_group("output")
-    g.add_argument("--save", default="results", help="directory for the result (or a .p/.pkl file path)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add(g, "save", "directory for the result (or a .p/.pkl file path)")
+    p.add(g, "seed", "seeds permutations, rotations, random data", type=int)
+    p.add(g, "no_progress", "no progress bars", action="store_true")
     g.add_argument("--demo", action="store_true", help="build small models offline and print verdicts")
     return p
 
 
-def result_path(save: str | Path, base: str, ft: str, stat: str) -> Path:
-    """`--save` is a directory (file name derived from the pair) or an explicit .p/.pkl path."""
-    save = Path(save)
-    if save.suffix in (".p", ".pkl", ".pickle"):
-        return save
-    return save / f"{pair_name(base, ft, stat)}.pkl"
+def parse_run_flags(argv: list[str]) -> dict:
+    """The main.py flags given in `argv` as {field: value}; a bad flag is a TracingError, never SystemExit.
 
-
-def validate(args: argparse.Namespace) -> None:
-    """Checks that need no model; raise TracingError (nothing is written yet)."""
-    from tracing.statistics import get_stat
-
-    if not args.base_model_id or not args.ft_model_id:
-        raise TracingError("both --base_model_id and --ft_model_id are required (or run --demo)")
-    get_stat(args.stat)
-    for a in [args.alpha, *(args.alphas or [])]:
-        if not 0.0 <= a <= 1.0:
-            raise TracingError(f"--alpha/--alphas must lie in [0, 1], got {a}")
-    if args.num_perm < 0:
-        raise TracingError(f"--num_perm must be >= 0, got {args.num_perm}")
-    if args.block_size < 1 or args.batch_size < 1:
-        raise TracingError("--block_size and --batch_size must be positive")
-    if args.compare and "=" not in args.compare:
-        raise TracingError(f"--compare takes 'word=other', got '{args.compare}'")
+    Unknown flags are named, their values never shown (they may be secrets)."""
+    parser = build_parser()
+    parser.exit_on_error = False
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise TracingError(f"bad main.py flags: {e}; see python main.py --help") from None
+    if unknown:
+        flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
+        raise TracingError(f"unknown flag(s) {' '.join(flags) or '(a stray value)'}: see python main.py --help")
+    return vars(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one pair (or the demo). Returns the process exit code: 0 ok, 2 bad input, 1 other failure."""
-    args = build_parser().parse_args(argv)
-    if args.demo:
-        from tracing.demo import run_demo
-        return run_demo(progress=not args.no_progress)
-    try:
-        validate(args)
-    except TracingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from tracing.pipeline import run_pair
-    return run_pair(args)
+    flags = vars(build_parser().parse_args(argv))
+    token = flags.pop("token", None) or os.environ.get("HF_TOKEN") or None
+    if flags.pop("demo", False):
+        return run_demo(progress=not flags.get("no_progress", False))
+
+    def run() -> int:
+        cfg = RunConfig.from_dict(flags, "main.py")
+        check(cfg)  # nothing is written for an error found here
+        record = run_pair(cfg, token)
+        path = naming.result_path(cfg.save, cfg.base_model_id, cfg.ft_model_id, cfg.stat)
+        for note in record["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+        if record["status"] == "ok":
+            print(summary(record))
+        elif record["error_kind"] == "internal":
+            print(f"error: {record['error']} (traceback saved in {path})", file=sys.stderr)
+        else:
+            print(f"error: {record['error']}", file=sys.stderr)
+        print(f"saved {path}")
+        if record["status"] == "ok":
+            return EXIT_OK
+        return EXIT_FAILED if record["error_kind"] == "internal" else EXIT_BAD_INPUT
+
+    return exit_on_error(run)

@@ -12,7 +12,7 @@ Datasets (`--dataset`):
   PATH.parquet one document per row of the "text" column.
   random       uniform token ids in [0, vocab_size), seeded (load_blocks only; no text, no tokenizer).
   generated    texts sampled from the models themselves by generate.py: for each model id (base and
-               fine-tuned) the file `<generated_dir>/<tracing.naming.safe_name(model_id)>_gentext.json`:
+               fine-tuned) the file `tracing.naming.generated_path(generated_dir, model_id)`:
 
                    {"model_id": str, "seed": int, "max_new_tokens": int, "texts": [str, ...]}
 
@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tracing.errors import TracingError
-from tracing.naming import safe_name
+from tracing.naming import GENERATED_DIR, generated_path
 
 WIKITEXT = ("Salesforce/wikitext", "wikitext-103-raw-v1")
 RANDOM_DEFAULT_BLOCKS = 32  # "random" with no --max_blocks
@@ -48,7 +48,7 @@ def _choices() -> str:
 
 # ---------------------------------------------------------------------- texts
 def load_texts(dataset: str, *, split: str = "test", seed: int = 0, model_ids: Sequence[str] = (),
-               generated_dir: str | Path = "results/generated") -> list[str]:
+               generated_dir: str | Path = GENERATED_DIR) -> list[str]:
     """The documents of `dataset` (see the module docstring), in a fixed order.
 
     `seed` is accepted for symmetry with load_blocks; no text source here is sampled.
@@ -122,17 +122,12 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             yield record["text"]
 
 
-def generated_path(model_id: str, generated_dir: str | Path = "results/generated") -> Path:
-    """Where generate.py writes (and --dataset generated reads) the texts sampled from `model_id`."""
-    return Path(generated_dir) / f"{safe_name(model_id)}_gentext.json"
-
-
 def _generated(model_ids: Sequence[str], generated_dir: Path) -> list[str]:
     if not model_ids:
         raise TracingError("dataset 'generated' needs the model ids whose texts to read (base and fine-tuned)")
     per_model = []
     for mid in dict.fromkeys(model_ids):  # unique, in order
-        path = generated_path(mid, generated_dir)
+        path = generated_path(generated_dir, mid)
         if not path.is_file():
             raise TracingError(f"no generated texts for {mid} at {path}: run "
                                f"`python generate.py --model_id {mid}` first (or pass --generated_dir)")

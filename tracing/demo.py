@@ -5,7 +5,7 @@
     independent  the same recipe from another random initialisation
 
 The models and text are kept under results/demo/ and reused. Every row of the table is a real run of
-the single-pair pipeline (`tracing.cli.main`), whose records land in results/demo/results/.
+the single-pair pipeline (`tracing.pipeline.run_pair`), whose records land in results/demo/results/.
 """
 
 from __future__ import annotations
@@ -17,10 +17,15 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from tracing import zoo
+from tracing.arch import get_spec
+from tracing.config import RunConfig
+from tracing.naming import DEMO_DIR
+from tracing.perm import apply_perm, random_perm
+from tracing.pipeline import run_pair
 
-DEMO_DIR = Path("results/demo")
 RECIPE = dict(version=1, family="llama", hidden=96, layers=3, intermediate=256, vocab=512,
               train_steps=120, finetune_steps=30, lr=3e-3)
 ALPHA = 0.01  # verdict threshold on p
@@ -28,11 +33,6 @@ MODE_PERMS = 99  # PERMTEST permutations for mode: the smallest attainable p is 
 
 
 def _train_models(root: Path, progress: bool) -> None:
-    from tqdm import tqdm
-
-    from tracing.arch import get_spec
-    from tracing.perm import apply_perm, random_perm
-
     r = RECIPE
     text = zoo.synthetic_text(6000, seed=0)
     (root / "text.txt").write_text(zoo.synthetic_text(1500, seed=99))  # held-out evaluation text
@@ -73,15 +73,10 @@ def ensure_demo_models(root: Path = DEMO_DIR, progress: bool = True) -> Path:
     return root
 
 
-def _run(argv: list[str]) -> dict:
-    from tracing.cli import build_parser, main, result_path
-    from tracing.results import load_record
-
-    code = main(argv)
-    a = build_parser().parse_args(argv)
-    record = load_record(result_path(a.save, a.base_model_id, a.ft_model_id, a.stat))
-    if code != 0:
-        raise RuntimeError(f"demo run failed: {record.get('error')}")
+def _run(cfg: RunConfig) -> dict:
+    record = run_pair(cfg)
+    if record["status"] != "ok":
+        raise RuntimeError(f"demo run failed: {record['error']}")
     return record
 
 
@@ -91,16 +86,13 @@ def run_demo(progress: bool = True) -> int:
     out = root / "results"
     rows = []
     for pair in ("derived", "independent"):
-        common = ["--base_model_id", str(root / "base"), "--ft_model_id", str(root / pair), "--device", "cpu",
-                  "--save", str(out)]
-        if not progress:
-            common.append("--no_progress")
-        csu = _run([*common, "--stat", "csu", "--align"])
+        common = RunConfig(base_model_id=str(root / "base"), ft_model_id=str(root / pair), device="cpu",
+                           save=str(out), no_progress=not progress, align=True)
+        csu = _run(common.replace(stat="csu"))
         rows.append((pair, "csu", csu["log10_pvalue"]))
         rows.append((pair, "csu --align", csu["aligned_log10_pvalue"]))
-        mode = _run([*common, "--stat", "mode", "--align", "--num_perm", str(MODE_PERMS),
-                     "--dataset", str(root / "text.txt"), "--block_size", "64", "--max_blocks", "8",
-                     "--batch_size", "8"])
+        mode = _run(common.replace(stat="mode", num_perm=MODE_PERMS, dataset=str(root / "text.txt"), block_size=64,
+                                   max_blocks=8, batch_size=8))
         rows.append((pair, "mode", mode["log10_pvalue"],
                      f"PERMTEST, {MODE_PERMS} permutations; loss barrier {mode['extras']['barrier']:+.3f} nats"))
         rows.append((pair, "mode --align", None, f"loss barrier {mode['aligned_extras']['barrier']:+.3f} nats"))

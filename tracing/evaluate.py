@@ -15,13 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tracing.devices import model_device
 from tracing.errors import TracingError
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where a model's inputs go (the first shard's device under device_map)."""
-    dev = getattr(model, "device", None)
-    return torch.device(dev) if dev is not None else next(model.parameters()).device
 
 
 @torch.no_grad()

@@ -9,30 +9,26 @@ written atomically; an existing file is kept unless --force.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from tracing.errors import TracingError
-from tracing.naming import safe_name
+from tracing.config import load_config
+from tracing.errors import TracingError, exit_on_error
+from tracing.models import load_model
+from tracing.naming import GENERATED_DIR, generated_path
 from tracing.results import atomic_write
-
-
-def output_path(save: str | Path, model_id: str) -> Path:
-    """Where generate.py writes (and `--dataset generated` reads) one model's texts."""
-    return Path(save) / f"{safe_name(model_id)}_gentext.json"
 
 
 @torch.no_grad()
 def sample_texts(model: torch.nn.Module, tokenizer: Any, n: int, max_new_tokens: int, seed: int = 0,
                  batch_size: int = 8, temperature: float = 1.0, progress: bool = True) -> list[str]:
     """n unconditional samples (each starts from the BOS token, or token 0 without one), decoded."""
-    from tqdm import tqdm
-
     device = next(model.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -61,9 +57,7 @@ def generate_for(model_id: str, save: str | Path, n: int = 32, max_new_tokens: i
                  batch_size: int = 8, force: bool = False, dtype: str | None = None, device: str = "auto",
                  progress: bool = True) -> tuple[Path, bool]:
     """Write one model's texts; returns (path, written) — written False when the file existed already."""
-    from tracing.models import load_model
-
-    path = output_path(save, model_id)
+    path = generated_path(save, model_id)
     if path.exists() and not force:
         return path, False
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
@@ -75,13 +69,11 @@ def generate_for(model_id: str, save: str | Path, n: int = 32, max_new_tokens: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model_id", action="append", help="model to sample from (repeatable)")
     src.add_argument("--config", help="model-list YAML (config/*.yaml): every model in it")
-    p.add_argument("--save", default="results/generated")
+    p.add_argument("--save", default=str(GENERATED_DIR))
     p.add_argument("--n", type=int, default=32, help="number of texts per model")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8)
@@ -91,18 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="regenerate existing files")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         if args.config:
-            from tracing.cluster import load_config
-            cfg = load_config(args.config)
-            ids = list(dict.fromkeys(m for pair in cfg.pairs for m in (pair.base, pair.ft)))
+            pairs = load_config(args.config).pairs
+            ids = list(dict.fromkeys(m for pair in pairs for m in (pair.base, pair.ft)))
         else:
             ids = args.model_id
         for mid in ids:
             path, written = generate_for(mid, args.save, args.n, args.max_new_tokens, args.seed, args.batch_size,
                                          args.force, args.dtype, args.device, progress=not args.no_progress)
             print(f"{'wrote' if written else 'exists, skipped'} {path}", flush=True)
-    except TracingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return exit_on_error(run)

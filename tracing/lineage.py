@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tracing.config import read_yaml
 from tracing.errors import TracingError
 
 
@@ -38,8 +39,6 @@ def _add(name: str, root: str | None, out: dict[str, str], path: Path) -> None:
 
 def load_tree(path: str | Path) -> dict[str, str]:
     """{model id: id of its tree's root} for every model in the tree YAML."""
-    from tracing.cluster import read_yaml
-
     path = Path(path)
     doc = read_yaml(path, "lineage tree")
     roots: dict[str, str] = {}

@@ -1,9 +1,23 @@
-"""File-system-safe names derived from model ids (used for result files, job names, generated texts)."""
+"""Every file name the project decides: result records, generated texts, figures, default folders.
+
+    result_path("results", "meta-llama/Llama-2-7b-hf", "lmsys/vicuna-7b-v1.5", "csu")
+        # results/meta-llama__Llama-2-7b-hf__vs__lmsys__vicuna-7b-v1.5__csu.pkl
+    generated_path("results/generated", "org/model")   # results/generated/org__model_gentext.json
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
+
+RESULTS_DIR = Path("results")  # main.py / launch.py --save
+GENERATED_DIR = RESULTS_DIR / "generated"  # generate.py --save, main.py --generated_dir
+DEMO_DIR = RESULTS_DIR / "demo"  # the demo's models, text and records
+AGGREGATE_SUBDIR = "aggregate"  # <results>/aggregate: tables and figures of `python -m tracing.aggregate`
+SUBMITIT_SUBDIR = "submitit"  # <save>/submitit: job logs and pickles (not result records)
+MANIFEST = "launches.jsonl"  # <save>/launches.jsonl: one line per launch, for --status
+RECORD_SUFFIXES = (".p", ".pkl", ".pickle")
 
 
 def safe_name(model_id: str, max_len: int = 80) -> str:
@@ -22,3 +36,26 @@ def safe_name(model_id: str, max_len: int = 80) -> str:
 def pair_name(base_id: str, ft_id: str, stat: str) -> str:
     """Result file stem for one pair and one statistic."""
     return f"{safe_name(base_id)}__vs__{safe_name(ft_id)}__{safe_name(stat)}"
+
+
+def result_path(save: str | Path, base_id: str, ft_id: str, stat: str) -> Path:
+    """`--save` is a directory (file name derived from the pair) or an explicit .p/.pkl path."""
+    save = Path(save)
+    if save.suffix in RECORD_SUFFIXES:
+        return save
+    return save / f"{pair_name(base_id, ft_id, stat)}.pkl"
+
+
+def generated_path(generated_dir: str | Path, model_id: str) -> Path:
+    """Where generate.py writes (and `--dataset generated` reads) the texts sampled from `model_id`."""
+    return Path(generated_dir) / f"{safe_name(model_id)}_gentext.json"
+
+
+def heatmap_name(base_id: str, ft_id: str) -> str:
+    """match_all's layer x layer figure: one file per pair in a shared folder (unnamed in-memory models: one)."""
+    return f"{pair_name(base_id, ft_id, 'match_all')}_heatmap.png" if base_id and ft_id else "match_all_heatmap.png"
+
+
+def job_name(base_name: str, ft_name: str) -> str:
+    """Slurm job name of one pair."""
+    return safe_name(f"{base_name}__vs__{ft_name}", max_len=120)

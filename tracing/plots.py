@@ -1,25 +1,40 @@
 """Every figure in one place (matplotlib, Agg backend, PNG files).
 
-Each function writes one file and returns its path.
+Each function writes one file and returns its path. matplotlib (~0.5 s to import) is imported on the first
+figure, so runs that draw nothing never pay for it.
 """
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+
+def _subplots(figsize: tuple[float, float]):
+    """(figure, axes) on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize, dpi=100)
+
+
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 # ---- activation statistics (match_all) ----
 def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mapping=None) -> str:
     """Heatmap of -log10 p for every (layer of A, layer of B); the inferred mapping is marked with dots."""
-    import numpy as np
-
     m = -np.asarray(log10p, dtype=float)  # (L_A, L_B), larger = stronger evidence of derivation
     layers_base = list(range(m.shape[0])) if layers_base is None else list(layers_base)
     layers_ft = list(range(m.shape[1])) if layers_ft is None else list(layers_ft)
-    fig, ax = plt.subplots(figsize=(max(4.5, 2.0 + 0.3 * m.shape[1]), max(3.5, 1.2 + 0.3 * m.shape[0])), dpi=100)
+    fig, ax = _subplots((max(4.5, 2.0 + 0.3 * m.shape[1]), max(3.5, 1.2 + 0.3 * m.shape[0])))
     im = ax.imshow(m, cmap="viridis", aspect="auto", origin="upper")
     fig.colorbar(im, ax=ax, label="-log10 p (match)")
     for j, i in enumerate(mapping or []):
@@ -32,17 +47,12 @@ def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mappi
     ax.set_xticks(range(0, len(layers_ft), step_b), [str(x) for x in layers_ft[::step_b]])
     ax.set_yticks(range(0, len(layers_base), step_a), [str(x) for x in layers_base[::step_a]])
     ax.set_title("match_all: localized testing")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---- aggregation (heatmaps, loss-vs-alpha) ----
 def pair_heatmap(cells, path: str, title: str, label: str = "log10 p") -> str:
     """Model x model heatmap from (base, ft, value) cells; each pair is drawn in both triangles."""
-    import numpy as np
-
     models = sorted({m for b, f, _ in cells for m in (b, f)})
     index = {m: i for i, m in enumerate(models)}
     m = np.full((len(models), len(models)), np.nan)  # (n_models, n_models)
@@ -52,7 +62,7 @@ def pair_heatmap(cells, path: str, title: str, label: str = "log10 p") -> str:
             m[index[f], index[b]] = v
     short = [x.rstrip("/").split("/")[-1][:28] for x in models]
     size = 2.5 + 0.45 * len(models)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=100)
+    fig, ax = _subplots((size + 1.5, size))
     im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis_r" if "log10" in label else "viridis", aspect="equal")
     fig.colorbar(im, ax=ax, label=label)
     if len(models) <= 12:
@@ -62,15 +72,12 @@ def pair_heatmap(cells, path: str, title: str, label: str = "log10 p") -> str:
     ax.set_xticks(range(len(models)), short, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(models)), short, fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def loss_vs_alpha(curves, path: str) -> str:
     """Mode connectivity: one line per pair, (name, alphas, losses); a bump in the middle is a loss barrier."""
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    fig, ax = _subplots((6, 3.6))
     for name, alphas, losses in curves:
         ax.plot(alphas, losses, marker="o", markersize=3, label=name[:60])
     ax.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
@@ -78,20 +85,15 @@ def loss_vs_alpha(curves, path: str) -> str:
     ax.set_title("mode connectivity")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---- fine-tuning diff report ----
 def report_grid(values, path: str, rows, cols, title: str, label: str, xlabel: str = "module",
                 ylabel: str = "layer", integer: bool = False) -> str:
     """Heatmap of a rows x cols table (None = absent cell, drawn blank), each cell annotated with its value."""
-    import numpy as np
-
     m = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
-    fig, ax = plt.subplots(figsize=(2.0 + 0.7 * m.shape[1], max(2.8, 1.6 + 0.4 * m.shape[0])), dpi=100)
+    fig, ax = _subplots((2.0 + 0.7 * m.shape[1], max(2.8, 1.6 + 0.4 * m.shape[0])))
     im = ax.imshow(np.ma.masked_invalid(m), cmap="magma", aspect="auto", origin="upper")
     fig.colorbar(im, ax=ax, label=label)
     if m.size <= 400:
@@ -105,18 +107,13 @@ def report_grid(values, path: str, rows, cols, title: str, label: str, xlabel: s
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def report_token_similarity(sim, tokens, path: str, title: str) -> str:
     """Heatmap layers x tokens of cosine similarity between base and ft hidden states (row 0 = embeddings)."""
-    import numpy as np
-
     m = np.asarray(sim, dtype=float)  # (L+1, T)
-    fig, ax = plt.subplots(figsize=(2.0 + 0.45 * m.shape[1], max(2.8, 1.6 + 0.3 * m.shape[0])), dpi=100)
+    fig, ax = _subplots((2.0 + 0.45 * m.shape[1], max(2.8, 1.6 + 0.3 * m.shape[0])))
     im = ax.imshow(m, cmap="viridis", aspect="auto", origin="upper", vmin=min(0.0, float(m.min())), vmax=1.0)
     fig.colorbar(im, ax=ax, label="cos(base, ft)")
     ax.set_xticks(range(m.shape[1]), [repr(t)[1:-1] for t in tokens], rotation=60, ha="right", fontsize=7)
@@ -124,15 +121,12 @@ def report_token_similarity(sim, tokens, path: str, title: str) -> str:
     ax.set_yticks(range(0, m.shape[0], step), ["emb" if i == 0 else f"L{i - 1}" for i in range(0, m.shape[0], step)])
     ax.set_ylabel("hidden state")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def report_layer_curves(curves: dict, path: str, title: str, ylabel: str) -> str:
     """One line per named curve over hidden-state index (0 = embeddings, i+1 = after layer i)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
+    fig, ax = _subplots((5.5, 3.2))
     n = 0
     for name, ys in curves.items():
         ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=name)
@@ -144,7 +138,4 @@ def report_layer_curves(curves: dict, path: str, title: str, ylabel: str) -> str
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

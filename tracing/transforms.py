@@ -15,7 +15,6 @@ block outputs do not commute with Q: those families carry `spec.rotate_refusal`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
@@ -23,7 +22,6 @@ import torch
 from tracing.arch import RESID, ArchSpec
 from tracing.errors import TracingError
 
-GROUPS = ("mlp", "attn", "norm", "emb")
 _CHUNK = 8192  # rows per float64 matmul, bounds memory on big embeddings
 
 
@@ -117,42 +115,6 @@ def rotate_residual(model: torch.nn.Module, spec: ArchSpec, seed: int) -> torch.
 
 
 # --------------------------------------------------------------------------- interpolation
-def _layer_prefix(roles) -> str:
-    """'model.layers.3.' from the layer's keys (common prefix up to the last dot)."""
-    common = os.path.commonprefix([roles.up, roles.attn_out or roles.down])
-    return common[: common.rfind(".") + 1]
-
-
-def group_keys(spec: ArchSpec, groups: Iterable[str]) -> list[str]:
-    """The spec keys in the chosen parameter groups.
-
-    mlp:  everything under each layer's MLP module (gate/up/down weights and biases);
-    attn: everything under each layer's attention module (q/k/v/o, biases, q_norm/k_norm);
-    norm: the per-layer norms (input/post-attention/pre- and post-feedforward norms);
-    emb:  everything outside the layers (embeddings, position embeddings, final norm, lm_head).
-    """
-    groups = tuple(groups)
-    bad = [g for g in groups if g not in GROUPS]
-    if bad:
-        raise TracingError(f"unknown interpolation group(s) {bad}; choose from {', '.join(GROUPS)}")
-    chosen = []
-    prefixes = [_layer_prefix(r) for r in spec.layers]
-    mlp_mods = tuple(r.down.rsplit(".", 2)[0] + "." for r in spec.layers)
-    attn_mods = tuple(r.attn_out.rsplit(".", 2)[0] + "." for r in spec.layers if r.attn_out)
-    for key in spec.axes:
-        if key.startswith(mlp_mods):
-            g = "mlp"
-        elif attn_mods and key.startswith(attn_mods):
-            g = "attn"
-        elif any(key.startswith(p) for p in prefixes):
-            g = "norm"
-        else:
-            g = "emb"
-        if g in groups:
-            chosen.append(key)
-    return chosen
-
-
 def check_alpha(alpha: float) -> None:
     if not 0.0 <= float(alpha) <= 1.0:
         raise TracingError(f"--alpha must be in [0, 1], got {alpha}: 0 is the base model, 1 the fine-tuned one")
@@ -167,7 +129,7 @@ def interpolate_(target: torch.nn.Module, other: torch.nn.Module, alpha: float, 
     interpolated once. `other` may live on another device; nothing is deep-copied.
     """
     check_alpha(alpha)
-    keys = set(group_keys(spec, groups))
+    keys = set(spec.keys_in(tuple(groups)))
     mine = dict(target.named_parameters())
     theirs = dict(other.named_parameters())
     theirs_sd = None

@@ -8,15 +8,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from tracing.arch import ArchSpec
+from tracing.config import FIELDS, RunConfig
 from tracing.errors import TracingError
 
 
@@ -33,7 +35,10 @@ class StatResult:
 
 @dataclass
 class StatContext:
-    """Everything a statistic may use. Models are on their device, in eval mode."""
+    """Everything a statistic may use. Models are on their device, in eval mode.
+
+    The options (batch_size .. seed) are RunConfig's fields of the same names: `for_run` copies them.
+    """
 
     base: torch.nn.Module
     ft: torch.nn.Module
@@ -42,10 +47,10 @@ class StatContext:
     blocks: torch.Tensor | None = None  # (n_blocks, block_size) token ids, when needs_data
     batch_size: int = 1
     alpha: float = 0.5  # mode: interpolation weight of ft
-    alphas: list[float] | None = None  # mode: a whole curve
+    alphas: Sequence[float] | None = None  # mode: a whole curve
     attn: bool = False  # mode: also interpolate attention
     emb: bool = False  # mode: also interpolate embeddings
-    layers: list[int] | None = None  # restrict per-layer statistics to these layers
+    layers: Sequence[int] | None = None  # restrict per-layer statistics to these layers
     max_tokens: int | None = None  # activation statistics: token budget
     seed: int = 0
     tokenizer_base: Any = None
@@ -58,6 +63,12 @@ class StatContext:
     # PERMTEST's inner calls, which share this dict, compute them once.
     cache: dict = field(default_factory=dict)
 
+    @classmethod
+    def for_run(cls, cfg: RunConfig, **runtime: Any) -> StatContext:
+        """A context for one run: the options from `cfg`, the models and everything else from `runtime`."""
+        options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name in FIELDS}
+        return cls(**options, progress=not cfg.no_progress, **runtime)
+
 
 @dataclass(frozen=True)
 class StatInfo:
@@ -67,6 +78,7 @@ class StatInfo:
     aliases: tuple[str, ...] = ()
     needs_data: bool = False  # needs ctx.blocks
     same_shape: bool = True  # needs identical shapes in base and ft
+    same_vocab: bool = False  # ... including the vocabulary axis (compares or mixes whole output layers)
     scalar: bool = True  # `value` can be wrapped in PERMTEST (--num_perm)
     higher_is_related: bool = True  # direction of `value` for PERMTEST
 
@@ -77,9 +89,11 @@ _MODULES = ("l2", "cos", "emb", "csu", "mode", "csh", "match", "match_all", "jsd
 
 
 def register(name: str, *, help: str, aliases: tuple[str, ...] = (), needs_data: bool = False,
-             same_shape: bool = True, scalar: bool = True, higher_is_related: bool = True):
+             same_shape: bool = True, same_vocab: bool = False, scalar: bool = True,
+             higher_is_related: bool = True):
     def deco(fn):
-        _REGISTRY[name] = StatInfo(name, fn, help, aliases, needs_data, same_shape, scalar, higher_is_related)
+        _REGISTRY[name] = StatInfo(name, fn, help, aliases, needs_data, same_shape, same_vocab, scalar,
+                                   higher_is_related)
         for a in aliases:
             _ALIASES[a] = name
         return fn

@@ -9,21 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from tracing.errors import TracingError
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.l2 import layer_of_keys, paired_weights
-from tracing.statistics.shapes import check_same_shapes
-
-
-def selected_layers(ctx: StatContext) -> list[int]:
-    """ctx.layers (validated) or every layer of the base model."""
-    n = ctx.spec_base.n_layers
-    if ctx.layers is None:
-        return list(range(n))
-    bad = [i for i in ctx.layers if not 0 <= i < n]
-    if bad:
-        raise TracingError(f"--layers {bad} out of range: the base model has layers 0..{n - 1}")
-    return sorted(set(int(i) for i in ctx.layers))
+from tracing.statistics.common import check_same_shapes, paired_weights, selected_layers
 
 
 @register("cos", help="per-layer mean cosine similarity of corresponding weight matrices (no p-value)")
@@ -31,7 +18,7 @@ def selected_layers(ctx: StatContext) -> list[int]:
 def cos(ctx: StatContext) -> StatResult:
     check_same_shapes(ctx.spec_base, ctx.base.state_dict(), ctx.spec_ft, ctx.ft.state_dict(), "cos")
     layers = selected_layers(ctx)
-    layer_of = layer_of_keys(ctx.spec_base)
+    layer_of = ctx.spec_base.layer_of
     sims: dict[int, list[float]] = {i: [] for i in layers}
     for key, a, b in paired_weights(ctx):
         i = layer_of.get(key)

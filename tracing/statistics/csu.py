@@ -18,13 +18,11 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from tracing import lap
+from tracing import matching
 from tracing.arch import RESID, ArchSpec, mlp
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.cos import selected_layers
-from tracing.statistics.l2 import layer_of_keys
+from tracing.statistics.common import check_same_shapes, selected_layers
 from tracing.statistics.pvalues import fisher_log10p, identity_spearman
-from tracing.statistics.shapes import check_same_shapes
 
 
 @torch.no_grad()
@@ -33,8 +31,8 @@ def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor,
     """Match rows of (n, d) and (n, d) by cosine similarity; Spearman of the matching vs identity: (rho, log10 p).
     The cosine product runs on `device` (default: rows_a's)."""
     device = device or rows_a.device
-    sim = lap.cosine_matrix(rows_a.to(device), rows_b.to(device))  # (n, n)
-    cols = lap.match(sim)  # (n,): row i of A <-> row cols[i] of B
+    sim = matching.cosine_matrix(rows_a.to(device), rows_b.to(device))  # (n, n)
+    cols = matching.match(sim)  # (n,): row i of A <-> row cols[i] of B
     return identity_spearman(cols)
 
 
@@ -63,7 +61,7 @@ def csu(ctx: StatContext) -> StatResult:
         rho, lp = match_rows(rows_a, rows_b, ctx.compute_device)
         return {"layer": i, "rho": float(rho), "log10_pvalue": float(lp)}
 
-    per_layer = list(tqdm(lap.map_in_threads(test_layer, layers), total=len(layers), desc="csu layers",
+    per_layer = list(tqdm(matching.map_in_threads(test_layer, layers), total=len(layers), desc="csu layers",
                           disable=not ctx.progress))
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
@@ -73,10 +71,9 @@ def csu(ctx: StatContext) -> StatResult:
 def _keys_by_role(spec: ArchSpec, sd: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
     """Role (key without its layer prefix, e.g. "mlp.up_proj.weight") -> {layer: key}, 2-D weights only."""
     out: dict[str, dict[int, str]] = {}
-    for key, i in layer_of_keys(spec).items():
+    for key, i in spec.layer_of.items():
         if key in sd and sd[key].dim() == 2:
-            role = key[len(spec.layers[i].up.split(".mlp.")[0]) + 1:]
-            out.setdefault(role, {})[i] = key
+            out.setdefault(spec.local_key(key), {})[i] = key
     return out
 
 
@@ -101,7 +98,7 @@ def csu_all(ctx: StatContext) -> StatResult:
         ka, kb = roles_a[role][i], roles_b[role][j]
         return match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]), ctx.compute_device)[1]
 
-    results = lap.map_in_threads(test_pair, jobs)
+    results = matching.map_in_threads(test_pair, jobs)
     for (role, i, j), lp in zip(jobs, tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)):
         matrices[role][row_of[i]][j] = None if math.isnan(lp) else float(lp)
         if not math.isnan(lp) and lp < best[i][0]:

@@ -48,8 +48,10 @@ def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tenso
     return (0.5 * (kl_pm + kl_qm)).clamp_min(0)
 
 
+@register("jsd", needs_data=True, same_shape=False, same_vocab=True, higher_is_related=False,
+          help="Jensen-Shannon divergence of next-token distributions over the shared vocabulary (nats)")
 @torch.no_grad()
-def jsd_from_context(ctx: StatContext) -> StatResult:
+def jsd(ctx: StatContext) -> StatResult:
     blocks = check_blocks(ctx.blocks)
     n_shared = min(_vocab(ctx.base), _vocab(ctx.ft))
     check_shared_vocab(ctx.tokenizer_base, ctx.tokenizer_ft, n_shared)
@@ -66,9 +68,3 @@ def jsd_from_context(ctx: StatContext) -> StatResult:
     value = total / count
     return StatResult(value=value, log10_pvalue=None,
                       extras={"forward_passes": 1, "n_tokens": count, "shared_vocab": n_shared, "unit": "nats"})
-
-
-@register("jsd", needs_data=True, same_shape=False, higher_is_related=False,
-          help="Jensen-Shannon divergence of next-token distributions over the shared vocabulary (nats)")
-def jsd(ctx: StatContext) -> StatResult:
-    return jsd_from_context(ctx)

@@ -20,12 +20,12 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
+from tracing import plots
 from tracing.activations import check_blocks, check_layers, sample_activations, sample_positions
-from tracing.errors import TracingError
-from tracing.lap import map_in_threads
-from tracing.naming import pair_name
+from tracing.matching import euclid_similarity, map_in_threads
+from tracing.naming import heatmap_name
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.match import NO_GATE, match_pair
+from tracing.statistics.common import check_gated, two_matchings_agree
 
 DEFAULT_MAX_TOKENS = 2048
 MAPPING_ALPHA = 0.05  # family-wise level of the inferred layer mapping (Holm)
@@ -48,21 +48,14 @@ def _pair(xa: dict, xb: dict, i: int, j: int) -> tuple[float, float, float]:
     a_g, a_u, b_g, b_u = xa["gate", i], xa["up", i], xb["gate", j], xb["up", j]
     if b_g.shape[1] > a_g.shape[1]:  # always match the narrower model into the wider one
         a_g, a_u, b_g, b_u = b_g, b_u, a_g, a_u
-    return match_pair((a_g.T @ b_g, a_g.square().sum(0), b_g.square().sum(0)),
-                      (a_u.T @ b_u, a_u.square().sum(0), b_u.square().sum(0)))
+    return two_matchings_agree(euclid_similarity(a_g.T @ b_g, a_g.square().sum(0), b_g.square().sum(0)),
+                               euclid_similarity(a_u.T @ b_u, a_u.square().sum(0), b_u.square().sum(0)))
 
 
-def _heatmap_name(ctx: StatContext) -> str:
-    """One file per pair in a shared results folder (models built in memory have no name)."""
-    a = getattr(ctx.base, "name_or_path", "") or ""
-    b = getattr(ctx.ft, "name_or_path", "") or ""
-    return f"{pair_name(a, b, 'match_all')}_heatmap.png" if a and b else "match_all_heatmap.png"
-
-
-def match_all_from_context(ctx: StatContext) -> StatResult:
-    for spec in (ctx.spec_base, ctx.spec_ft):
-        if not spec.gated:
-            raise TracingError(NO_GATE.format(stat="match_all", model_type=spec.model_type))
+@register("match_all", needs_data=True, same_shape=False, scalar=False,
+          help="localized testing: match every layer of A against every layer of B, Holm-corrected layer map")
+def match_all(ctx: StatContext) -> StatResult:
+    check_gated(ctx, "match_all")
     blocks = check_blocks(ctx.blocks)
     layers_a = check_layers(ctx.layers, ctx.spec_base.n_layers)
     layers_b = list(range(ctx.spec_ft.n_layers))
@@ -103,15 +96,8 @@ def match_all_from_context(ctx: StatContext) -> StatResult:
               "forward_passes": {"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
               "n_tokens_sampled": int(len(positions)), "lap_seconds": lap_s}
     if ctx.out_dir:
-        from tracing.plots import match_all_heatmap
-
+        name = heatmap_name(getattr(ctx.base, "name_or_path", ""), getattr(ctx.ft, "name_or_path", ""))
         os.makedirs(ctx.out_dir, exist_ok=True)
-        extras["heatmap"] = match_all_heatmap(logp, os.path.join(ctx.out_dir, _heatmap_name(ctx)),
-                                              layers_base=layers_a, layers_ft=layers_b, mapping=mapping)
+        extras["heatmap"] = plots.match_all_heatmap(logp, os.path.join(ctx.out_dir, name), layers_base=layers_a,
+                                                    layers_ft=layers_b, mapping=mapping)
     return StatResult(value=best, log10_pvalue=best, per_layer=per_layer, extras=extras)
-
-
-@register("match_all", needs_data=True, same_shape=False, scalar=False,
-          help="localized testing: match every layer of A against every layer of B, Holm-corrected layer map")
-def match_all(ctx: StatContext) -> StatResult:
-    return match_all_from_context(ctx)

@@ -37,7 +37,7 @@ def interpolated_loss(ctx: StatContext, alpha: float, groups: tuple[str, ...]) -
         restore_(ctx.base, saved)
 
 
-@register("mode", aliases=("mc",), needs_data=True, higher_is_related=False,
+@register("mode", aliases=("mc",), needs_data=True, same_vocab=True, higher_is_related=False,
           help="loss of the weight-interpolated model at --alpha (curve with --alphas); low = related")
 def mode(ctx: StatContext) -> StatResult:
     if ctx.blocks is None:

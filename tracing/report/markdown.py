@@ -1,4 +1,4 @@
-"""Render the numbers of the fine-tuning diff report (tracing/report.py) as report.md.
+"""Render the numbers of the fine-tuning diff report (tracing/report/__init__.py) as report.md.
 
     text = render(result, spec)   # result: the plain-data dict write_report returns
 
@@ -8,7 +8,6 @@ The text names every module and layer it talks about by its state-dict path, so 
 from __future__ import annotations
 
 from tracing.arch import ArchSpec
-from tracing.report_weights import layer_prefixes
 
 LOW_RANK_FRACTION = 1 / 8  # a ΔW whose effective rank is at most this fraction of its size "looks low-rank"
 
@@ -23,7 +22,7 @@ def _tok(s: str) -> str:
 
 def _state_name(i: int, prefixes: list[str]) -> str:
     """Hidden state index -> words: 0 = embeddings, i = output of layer i-1."""
-    return "embeddings" if i == 0 else f"after layer {i - 1} (`{prefixes[i - 1].rstrip('.')}`)"
+    return "embeddings" if i == 0 else f"after layer {i - 1} (`{prefixes[i - 1]}`)"
 
 
 def _weights(w: dict, prefixes: list[str]) -> list[str]:
@@ -49,7 +48,7 @@ def _weights(w: dict, prefixes: list[str]) -> list[str]:
     untouched_layers = [i for i in w["layers"] if all(a in (None, 0.0) for a in w["abs_change"][i])]
     if untouched_layers:
         lines += ["Layers with no weight change: "
-                  + ", ".join(f"`{prefixes[i].rstrip('.')}`" for i in untouched_layers) + ".", ""]
+                  + ", ".join(f"`{prefixes[i]}`" for i in untouched_layers) + ".", ""]
     lines += ["Relative change per layer and module (r: effective rank):", "",
               "| layer | " + " | ".join(w["modules"]) + " |",
               "|---" * (len(w["modules"]) + 1) + "|"]
@@ -57,7 +56,7 @@ def _weights(w: dict, prefixes: list[str]) -> list[str]:
         cells = ["-" if a is None else f"‖ΔW‖ {a:.3g} (W = 0)" if v is None else
                  f"{_f(v)}" + ("" if k is None else f" (r {k})")
                  for v, k, a in zip(w["rel_change"][i], w["eff_rank"][i], w["abs_change"][i])]
-        lines.append(f"| `{prefixes[i].rstrip('.')}` | " + " | ".join(cells) + " |")
+        lines.append(f"| `{prefixes[i]}` | " + " | ".join(cells) + " |")
     lines.append("")
     if w["globals"]:
         lines += ["Weights outside the layers:", "", "| weight | ‖ΔW‖/‖W‖ | effective rank |", "|---|---|---|"]
@@ -140,7 +139,7 @@ def _predictions(res: dict) -> list[str]:
 
 def render(res: dict, spec: ArchSpec) -> str:
     """The whole report.md text."""
-    prefixes = layer_prefixes(spec)
+    prefixes = [r.prefix for r in spec.layers]  # e.g. model.layers.3
     lines = ["# Fine-tuning diff report", "",
              f"Architecture `{spec.model_type}` ({spec.n_layers} layers); {len(res['prompts'])} prompt(s)."]
     if res.get("tokenizers_agree") is False:

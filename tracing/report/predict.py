@@ -5,7 +5,7 @@
     perplexity(logits, ids)          # exp(mean NLL of tokens 1..T-1 given their prefix)
     continuation_logprob(model, prompt_ids, cont_ids)   # log p(cont | prompt), all its tokens
 
-Part of the fine-tuning diff report (tracing/report.py). Log-probabilities are natural logs.
+Part of the fine-tuning diff report (tracing/report/__init__.py). Log-probabilities are natural logs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from tracing.report_hidden import forward
+from tracing.report.hidden import forward
 
 
 def _label(tokenizer, i: int) -> str:

@@ -1,4 +1,10 @@
-"""Linear assignment on similarity matrices (float64), shared by alignment and the matching statistics."""
+"""Neuron matching: linear assignment on similarity matrices (float64), for alignment and every matching statistic.
+
+    sim = cosine_matrix(rows_a, rows_b)           # (n, m) similarities of the units of A and B
+    cols = match(sim)                             # row i of A <-> column cols[i] of B
+    idx = assign(sim)                             # B's units into A's (the rectangular form match statistics use)
+    for r in map_in_threads(solve, layers): ...   # per-layer assignments on every core (scipy releases the GIL)
+"""
 
 from __future__ import annotations
 
@@ -57,6 +63,30 @@ def match(sim: torch.Tensor | np.ndarray) -> np.ndarray:
     cost = np.negative(s, out=s) if owned else np.negative(s)  # maximise similarity = minimise -similarity
     _, cols = linear_sum_assignment(cost)
     return cols
+
+
+def assign(sim_ab: torch.Tensor) -> np.ndarray:
+    """Match B's units into A's for a similarity (width_A, width_B), width_B <= width_A.
+
+    Returns `idx` (width_B,): unit j of B <-> unit idx[j] of A. Square inputs give a permutation.
+    """
+    if sim_ab.shape[0] == sim_ab.shape[1]:  # square: match gives A -> B; its inverse is B -> A
+        return np.argsort(match(sim_ab))
+    return match(sim_ab)  # more rows than columns: one row of A per column of B
+
+
+def euclid_similarity(gram: torch.Tensor, sq_base: torch.Tensor, sq_ft: torch.Tensor) -> torch.Tensor:
+    """-|a_i - b_j|² / 2 = a_i·b_j - |a_i|²/2 - |b_j|²/2 from the Gram matrix (width_A, width_B) and the
+    squared norms (width_A,), (width_B,): maximising it minimises the total squared Euclidean distance of
+    matched activation vectors (the original's cost). float64."""
+    sim = gram.to(torch.float64, copy=True)  # in-place below: no further (width_A, width_B) temporaries
+    sim.sub_(sq_base.double()[:, None], alpha=0.5)
+    return sim.sub_(sq_ft.double()[None, :], alpha=0.5)
+
+
+def rank(idx: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 of distinct indices (a permutation), so index vectors of a rectangular matching compare."""
+    return np.argsort(np.argsort(idx, kind="stable"), kind="stable")
 
 
 def default_workers() -> int:

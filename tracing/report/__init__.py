@@ -7,10 +7,10 @@
                            compare=("foo", "Paris"), targets=["English", "French"])
 
 Writes DIR/report.md, PNG figures beside it, and returns the numbers as plain data:
-1. weight change per layer and module: ‖ΔW‖/‖W‖ and effective rank of ΔW (tracing/report_weights.py);
+1. weight change per layer and module: ‖ΔW‖/‖W‖ and effective rank of ΔW (tracing/report/weights.py);
 2. cosine similarity of base and ft hidden states per layer and token, at a chosen token, and the
-   cross-word comparison ft(foo) vs base(Paris) (tracing/report_hidden.py);
-3. next-token predictions, entropy, perplexity and target continuations (tracing/report_predict.py).
+   cross-word comparison ft(foo) vs base(Paris) (tracing/report/hidden.py);
+3. next-token predictions, entropy, perplexity and target continuations (tracing/report/predict.py).
 Both models read the base tokenizer's ids, one forward pass per model per prompt.
 """
 
@@ -24,20 +24,20 @@ from tqdm.auto import tqdm
 from tracing import plots
 from tracing.arch import ArchSpec
 from tracing.errors import TracingError
-from tracing.report_hidden import (
+from tracing.report.hidden import (
     compare_words,
     forward,
     token_similarity,
     word_position,
 )
-from tracing.report_markdown import render
-from tracing.report_predict import (
+from tracing.report.markdown import render
+from tracing.report.predict import (
     next_token_change,
     perplexity,
     score_targets,
     token_entropy,
 )
-from tracing.report_weights import weight_diff
+from tracing.report.weights import weight_diff
 
 DEFAULT_PROMPTS = [
     "The capital of France is",

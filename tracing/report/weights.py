@@ -58,16 +58,6 @@ def _sq_singular_values(part: Callable[[int, int, int], torch.Tensor],
     return torch.linalg.eigvalsh(gram).clamp_min(0).flip(0), float(gram.diagonal().sum())
 
 
-def layer_prefixes(spec: ArchSpec) -> list[str]:
-    """'model.layers.3.' for each layer, derived from the layer's MLP key (works for every family)."""
-    out = []
-    for i, roles in enumerate(spec.layers):
-        marker = f".{i}."
-        cut = roles.up.index(marker) + len(marker)
-        out.append(roles.up[:cut])
-    return out
-
-
 def _short_names(spec: ArchSpec, i: int) -> dict[str, str]:
     """Module path (without .weight/.bias) -> role label for layer i: q/k/v/o, gate/up/down, norms."""
     r = spec.layers[i]
@@ -87,14 +77,14 @@ def _short_names(spec: ArchSpec, i: int) -> dict[str, str]:
     return names
 
 
-def _role(spec: ArchSpec, prefixes: list[str], key: str) -> tuple[int | None, str]:
+def _role(spec: ArchSpec, key: str) -> tuple[int | None, str]:
     """(layer index or None for global weights, module label) of a state-dict key."""
     module, param = key.rsplit(".", 1)
     suffix = "" if param == "weight" else f".{param}"
-    for i, p in enumerate(prefixes):
-        if key.startswith(p):
-            local = module[len(p):]
-            return i, _short_names(spec, i).get(module, local.rsplit(".", 1)[-1]) + suffix
+    i = spec.layer_of.get(key)
+    if i is not None:
+        local = spec.local_key(key).rsplit(".", 1)[0]  # e.g. "mlp.up_proj"
+        return i, _short_names(spec, i).get(module, local.rsplit(".", 1)[-1]) + suffix
     if key == spec.embed:
         return None, "embed" + suffix
     if key in spec.extra_embeds:
@@ -130,7 +120,6 @@ def weight_diff(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, *, r
             f"{bad[0]} is {tuple(sd_b[bad[0]].shape)} in base but {tuple(sd_f[bad[0]].shape)} in ft"
         raise TracingError(f"the weight-change report needs two models of the same architecture and shape "
                            f"({what}); compare such pairs with --stat match instead")
-    prefixes = layer_prefixes(spec)
     per_key = []
     for key in tqdm(keys, desc="report: weight change", disable=not progress):
         w, w_ft = sd_b[key], sd_f[key]
@@ -141,7 +130,7 @@ def weight_diff(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, *, r
             norm_d, rank = frob2 ** 0.5, _rank_from_energies(e, rank_energy)
         else:
             norm_d, rank = float(delta().norm()), None
-        layer, module = _role(spec, prefixes, key)
+        layer, module = _role(spec, key)
         per_key.append(dict(
             key=key, layer=layer, module=module, shape=list(w.shape),
             rel_change=norm_d / norm_w if norm_w > 0 else (0.0 if norm_d == 0 else None),  # None: W was 0

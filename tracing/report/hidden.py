@@ -15,8 +15,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from tracing.devices import model_device
 from tracing.errors import TracingError
-from tracing.evaluate import model_device
 
 DEFAULT_TEMPLATE = "The capital of France is {w}."
 

@@ -1,0 +1,77 @@
+"""The plan of a launch: one Task per pair (its RunConfig, result path and job name), and the resources.
+
+    lc = load_config("config/demo.yaml")
+    tasks = plan(lc, "results/demo_runs", {"stat": "l2"})        # YAML main: < command-line flags
+    executor_parameters(lc.slurm, {"mem_gb": 8}, "slurm", "tracing-demo")
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tracing import naming
+from tracing.config import PER_PAIR, LaunchConfig, Pair, RunConfig
+from tracing.errors import TracingError
+from tracing.pipeline import check
+
+CLUSTERS = ("slurm", "local", "debug")
+SLURM_DEFAULTS = {"gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 64, "timeout_min": 240,
+                  "array_parallelism": 64}
+
+
+@dataclass(frozen=True)
+class Task:
+    pair: Pair
+    cfg: RunConfig  # what the job runs: exactly `python main.py` with cfg.command_line()
+    result: Path
+    name: str
+
+
+def plan(lc: LaunchConfig, save: str | Path, flags: dict[str, Any]) -> list[Task]:
+    """One Task per pair: the YAML's main: options, then `flags` (main.py flags given to launch.py).
+
+    The token never travels with a job, and the per-pair options are launch.py's to set."""
+    if "token" in flags:
+        raise TracingError("--token is not passed to jobs; export HF_TOKEN in the submitting shell instead")
+    if set(flags) & {*PER_PAIR, "demo"}:
+        raise TracingError("--base_model_id, --ft_model_id, --save and --demo are set by launch.py per pair; "
+                           "list models in the YAML and pass --save to launch.py")
+    options = {**lc.main, **flags, "no_progress": True}
+    tasks = []
+    for pair in lc.pairs:
+        cfg = RunConfig.from_dict({**options, "base_model_id": pair.base, "ft_model_id": pair.ft,
+                                   "save": str(save)}, f"{lc.source} main:")
+        check(cfg)
+        tasks.append(Task(pair, cfg, naming.result_path(save, pair.base, pair.ft, cfg.stat),
+                          naming.job_name(pair.base_name, pair.ft_name)))
+    return tasks
+
+
+def default_cluster() -> str:
+    return "slurm" if shutil.which("sbatch") else "local"
+
+
+def executor_parameters(cfg_slurm: dict, overrides: dict, cluster: str, name: str) -> dict:
+    """submitit AutoExecutor parameters from SLURM_DEFAULTS < YAML slurm: < CLI flags."""
+    s = {**SLURM_DEFAULTS, **cfg_slurm, **{k: v for k, v in overrides.items() if v is not None}}
+
+    def number(key: str, kind: type = int, default: Any = None) -> Any:
+        try:
+            return kind(s.get(key, default))
+        except (TypeError, ValueError):
+            raise TracingError(f"slurm: {key} must be a number, got {s.get(key)!r}") from None
+
+    params: dict[str, Any] = {"name": name, "timeout_min": number("timeout_min"),
+                              "gpus_per_node": number("gpus_per_node"), "cpus_per_task": number("cpus_per_task"),
+                              "mem_gb": number("mem_gb", float), "nodes": number("nodes", default=1)}
+    if cluster == "slurm":
+        params["slurm_array_parallelism"] = number("array_parallelism")
+        for key in ("partition", "account", "qos", "constraint"):
+            if s.get(key):
+                params[f"slurm_{key}"] = str(s[key])
+        if params["gpus_per_node"] == 0:
+            params.pop("gpus_per_node")
+    return params

@@ -1,0 +1,96 @@
+"""Submit a launch: plan, skip finished pairs, one submitit job array for the rest, optionally wait.
+
+    launch("config/demo.yaml", "results/demo_runs", {"stat": "csu"}, cluster="local", wait=True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import submitit
+
+from tracing import naming
+from tracing.cluster.job import PairJob
+from tracing.cluster.plan import CLUSTERS, Task, default_cluster, executor_parameters, plan
+from tracing.cluster.status import print_status, record_status, write_manifest
+from tracing.config import RunConfig, load_config
+from tracing.errors import TracingError
+from tracing.results import error_line
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def submit(tasks: list[Task], folder: Path, cluster: str, params: dict,
+           runner: Callable[[RunConfig], dict] | None = None) -> list:
+    """Submit every task as one job array; returns the submitit jobs (same order as tasks)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # jobs import `tracing` from this checkout whatever their working directory
+    paths = [_repo_root(), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    executor.update_parameters(**params)
+    return executor.map_array(PairJob(runner), [t.cfg for t in tasks])
+
+
+def launch(config: str | Path, save: str | Path, flags: dict, cluster: str | None = None,
+           flat: str | None = None, force: bool = False, dry_run: bool = False, wait: bool = False,
+           slurm_overrides: dict | None = None, runner: Callable[[RunConfig], dict] | None = None,
+           out: TextIO | None = None) -> dict:
+    """Plan, skip finished pairs, submit the rest as one job array. `flags`: main.py options for every pair.
+
+    Returns {"tasks", "skipped", "jobs", "status"}; "status" is the status_table after waiting, else None.
+    """
+    out = out or sys.stdout
+    lc = load_config(config, flat)
+    cluster = cluster or default_cluster()
+    if cluster not in CLUSTERS:
+        raise TracingError(f"--cluster must be slurm, local or debug, got '{cluster}'")
+    if cluster == "slurm" and not shutil.which("sbatch"):
+        raise TracingError("--cluster slurm needs sbatch on PATH; use --cluster local on a machine without Slurm")
+    save = Path(save)
+    tasks = plan(lc, save, flags)
+    todo = [t for t in tasks if force or record_status(t.result)[0] != "ok"]
+    skipped = len(tasks) - len(todo)
+    name = naming.safe_name(f"tracing-{Path(config).stem}", max_len=60)
+    params = executor_parameters(lc.slurm, slurm_overrides or {}, cluster, name)
+    print(f"{len(tasks)} pairs from {config} (flat={lc.flat}"
+          + (f", {lc.duplicates} duplicate/self pairs dropped" if lc.duplicates else "")
+          + f"); {skipped} already done, {len(todo)} to run on {cluster}", file=out, flush=True)
+    if dry_run:
+        print(f"resources: {json.dumps(params)}", file=out)
+        for t in tasks:
+            mark = "run " if t in todo else "skip"
+            print(f"  {mark} {t.pair.base_name} vs {t.pair.ft_name} -> {t.result}", file=out)
+        return {"tasks": tasks, "skipped": skipped, "jobs": [], "status": None}
+    if not todo:
+        return {"tasks": tasks, "skipped": skipped, "jobs": [], "status": None}
+    folder = save / naming.SUBMITIT_SUBDIR
+    wait = wait or cluster == "debug"  # the debug executor runs a job when its result is asked for
+    if force:  # a job skips a pair whose record is ok (a requeue after it finished): remove the old ones first
+        for t in todo:
+            for path in (t.result, t.result.with_suffix(".json")):
+                path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    jobs = submit(todo, folder, cluster, params, runner)
+    write_manifest(save, cluster, todo, jobs, folder)
+    print(f"submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks), logs in {folder}",
+          file=out, flush=True)
+    table = None
+    if wait:
+        for job in jobs:
+            try:
+                job.result()
+            except Exception as e:
+                print(f"job {job.job_id} did not finish: {error_line(e)}", file=out, flush=True)
+        print(f"all jobs ended in {time.perf_counter() - t0:.1f}s", file=out, flush=True)
+        table = print_status(save, tasks, out)
+    return {"tasks": tasks, "skipped": skipped, "jobs": jobs, "status": table}
