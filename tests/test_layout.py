@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 
 # Lower layers never import higher ones (a layer may import itself: the cycle test keeps that acyclic).
 LAYERS = [
-    ["errors", "naming", "matching", "plots", "zoo"],  # foundation: no model code
+    ["errors", "naming", "matching", "plots", "zoo", "docs"],  # foundation: no model code
     ["config", "results", "devices", "arch", "checkpoints", "lineage"],  # options, records, specs, where things live
     ["perm", "data", "models", "evaluate", "activations", "transforms", "align"],  # tensors and models
     ["statistics", "report"],  # what is computed on a pair
