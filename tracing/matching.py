@@ -89,8 +89,19 @@ def rank(idx: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(idx, kind="stable"), kind="stable")
 
 
+_WORKERS: int | None = None  # set_workers(n): the run's --threads; None: default_workers()
+
+
+def set_workers(n: int | None) -> None:
+    """Threads for per-layer assignments from now on (None: back to default_workers())."""
+    global _WORKERS
+    _WORKERS = n
+
+
 def default_workers() -> int:
     """Threads for per-layer assignments: the usable cores, at most 4 (each holds an n x n float64 matrix)."""
+    if _WORKERS is not None:
+        return _WORKERS
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, cores))
 
