@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 LAYERS = [
     ["errors", "naming", "matching", "plots", "zoo", "docs"],  # foundation: no model code
     ["config", "results", "devices", "arch", "checkpoints", "lineage"],  # options, records, specs, where things live
-    ["perm", "data", "models", "evaluate", "activations", "transforms", "align"],  # tensors and models
+    ["perm", "data", "models", "sources", "evaluate", "activations", "transforms", "align"],  # tensors and models
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs
@@ -22,7 +22,7 @@ LAYERS = [
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # optional heavy libraries a function may import when it needs them (each costs a second or more to import,
 # or is needed by one rare path only)
-LAZY_OK = {"matplotlib", "matplotlib.pyplot", "datasets", "pandas", "peft", "torch",
+LAZY_OK = {"matplotlib", "matplotlib.pyplot", "datasets", "pandas", "peft", "peft.utils.other", "torch", "gguf",
            "transformers.modeling_gguf_pytorch_utils"}
 MAX_LINES = 320
 

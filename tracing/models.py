@@ -30,7 +30,7 @@ from tracing.errors import TracingError
 log = logging.getLogger(__name__)
 
 
-def _read_config(src: Location, name: str, *, token, trust_remote_code: bool):
+def read_config(src: Location, name: str, *, token, trust_remote_code: bool):
     kw = dict(revision=src.revision, token=token, trust_remote_code=trust_remote_code)
     if src.gguf_file:
         kw["gguf_file"] = src.gguf_file
@@ -47,7 +47,7 @@ def _read_config(src: Location, name: str, *, token, trust_remote_code: bool):
         raise
 
 
-def _read_adapter_config(src: Location, name: str, token) -> dict:
+def read_adapter_config(src: Location, name: str, token) -> dict:
     if src.kind == "adapter":
         return json.loads((Path(src.path) / "adapter_config.json").read_text())
     try:
@@ -62,7 +62,7 @@ def _read_adapter_config(src: Location, name: str, token) -> dict:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def _load_tokenizer(where: str, *, revision=None, token=None, trust_remote_code=False, gguf_file=None,
+def load_tokenizer(where: str, *, revision=None, token=None, trust_remote_code=False, gguf_file=None,
                     quiet: bool = False):
     kw = dict(revision=revision, token=token, trust_remote_code=trust_remote_code)
     if gguf_file:
@@ -114,26 +114,23 @@ def load_model(name: str, *, dtype: str | torch.dtype | None = None, device: str
     with guard(token, progress):
         src = locate(name, revision)
         common = dict(token=token, trust_remote_code=trust_remote_code)
-        adapter = _read_adapter_config(src, name, token) if src.kind in ("adapter", "hub") else {}
+        adapter = read_adapter_config(src, name, token) if src.kind in ("adapter", "hub") else {}
         if adapter:
             return _load_adapter(name, src, adapter, adapter_base, dtype=torch_dtype, device=dev,
                                  device_map=device_map, progress=progress, **common)
-        config = _read_config(src, name, **common)
+        config = read_config(src, name, **common)
         get_spec(config)  # unsupported architecture: fail before any weights are fetched
         try:
             model = _from_pretrained(src, config, dtype=torch_dtype, device=dev, device_map=device_map, **common)
         except (OSError, ValueError) as e:
             raise (hub_error(e, src, name, token) or e) from None
-        tok = _load_tokenizer(src.path, revision=src.revision, gguf_file=src.gguf_file, **common)
+        tok = load_tokenizer(src.path, revision=src.revision, gguf_file=src.gguf_file, **common)
     log.info("loaded %s (%s, %s, %s)", name, config.model_type, torch_dtype, dev)
     return model.eval(), tok
 
 
-def _load_adapter(name: str, src: Location, adapter: dict, adapter_base: str | None, *, dtype, device,
-                  device_map, token, trust_remote_code, progress):
-    """Load the adapter's base (recorded path, else `adapter_base`), apply the adapter, merge it."""
-    import peft
-
+def adapter_base_name(name: str, adapter: dict, adapter_base: str | None, *, token, trust_remote_code) -> str:
+    """The base an adapter applies to: its recorded base if reachable, else `adapter_base` (--adapter_base)."""
     recorded = adapter.get("base_model_name_or_path")
     base_src, base_name = None, None
     for candidate in (recorded, adapter_base):
@@ -142,7 +139,7 @@ def _load_adapter(name: str, src: Location, adapter: dict, adapter_base: str | N
         try:
             s = locate(candidate)
             if s.kind == "hub":  # reachable means: its config can be read (no weights fetched yet)
-                _read_config(s, candidate, token=token, trust_remote_code=trust_remote_code)
+                read_config(s, candidate, token=token, trust_remote_code=trust_remote_code)
             base_src, base_name = s, candidate
             break
         except TracingError as e:
@@ -157,6 +154,15 @@ def _load_adapter(name: str, src: Location, adapter: dict, adapter_base: str | N
                            f"full base model with --adapter_base PATH")
     if recorded and base_name != recorded:
         log.warning("adapter %s: recorded base %s is not reachable; using %s", name, recorded, base_name)
+    return base_name
+
+
+def _load_adapter(name: str, src: Location, adapter: dict, adapter_base: str | None, *, dtype, device,
+                  device_map, token, trust_remote_code, progress):
+    """Load the adapter's base (recorded path, else `adapter_base`), apply the adapter, merge it."""
+    import peft
+
+    base_name = adapter_base_name(name, adapter, adapter_base, token=token, trust_remote_code=trust_remote_code)
     base, base_tok = load_model(base_name, dtype=dtype, device=device, device_map=device_map,
                                 trust_remote_code=trust_remote_code, token=token, progress=progress)
     try:
@@ -169,7 +175,7 @@ def _load_adapter(name: str, src: Location, adapter: dict, adapter_base: str | N
         raise TracingError(f"adapter {name} does not fit base {base_name} ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}): pass the matching base with --adapter_base PATH") \
             from None
-    tok = _load_tokenizer(src.path, revision=src.revision, token=token, trust_remote_code=trust_remote_code,
+    tok = load_tokenizer(src.path, revision=src.revision, token=token, trust_remote_code=trust_remote_code,
                           quiet=True)
     if tok is None:
         tok = base_tok

@@ -1,0 +1,99 @@
+"""GGUF files, memory-mapped with the `gguf` package's reader and dequantized one tensor at a time.
+
+    src = GGUFSource("/ckpt/model.Q8_0.gguf", config)   # config: AutoConfig.from_pretrained(dir, gguf_file=...)
+    w = src.get("model.layers.0.mlp.up_proj.weight")    # float32, named and laid out as transformers loads it
+
+Names and layouts are transformers' own (`transformers.modeling_gguf_pytorch_utils`): the GGUF -> HF name map
+of the architecture and its tensor processor (e.g. Llama's q/k rows un-interleaved, GPT-2's Conv1D weights
+transposed), so ArchSpec keys and values are those of `from_pretrained(..., gguf_file=...)`. Every tensor type
+is checked when the file opens: one gguf-py cannot dequantize is an error naming the tensor.
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tracing.errors import TracingError
+from tracing.sources.base import Source, check_keys
+from tracing.sources.renaming import skeleton
+
+_REFETCH = "re-download or re-convert the GGUF file"
+
+
+class GGUFSource(Source):
+    """Lazy, dequantized tensors of one .gguf file."""
+
+    def __init__(self, path: str | Path, config: Any, name: str | None = None, dtype: torch.dtype | None = None):
+        import gguf
+        import transformers.modeling_gguf_pytorch_utils as tf_gguf
+
+        super().__init__(name or str(path), config, dtype=dtype)
+        self.path = Path(path)
+        try:
+            self._reader = gguf.GGUFReader(str(self.path))
+            parsed = tf_gguf.load_gguf_checkpoint(str(self.path), return_tensors=False)
+        except (ValueError, OSError, IndexError) as e:
+            raise TracingError(f"{self.path} is not a readable GGUF file ({str(e).splitlines()[0][:120]}): "
+                               f"{_REFETCH}") from None
+        arch = tf_gguf.read_field(self._reader, "general.architecture")[0]
+        self._processor = tf_gguf.TENSOR_PROCESSORS.get(arch, tf_gguf.TensorProcessor)(config=parsed["config"])
+        to_hf = tf_gguf.get_gguf_hf_weights_map(skeleton(config), self._processor)
+        to_hf.setdefault("output.weight", "lm_head.weight")  # GPT-2's processor renames it itself
+        self._to_hf = to_hf
+        self._tensors: dict[str, Any] = {}  # HF key -> gguf ReaderTensor
+        for t in self._reader.tensors:
+            key = to_hf.get(t.name)
+            if key is None:
+                continue
+            if not _dequantizable(t.tensor_type):
+                raise TracingError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot "
+                                   f"dequantize: convert the file to F16, BF16, Q8_0 or a K-quant with llama.cpp, "
+                                   f"or pass the original checkpoint")
+            self._tensors[key] = t
+        ranks = {k: len(t.shape) for k, t in self._tensors.items()}
+        check_keys(self.name, self.spec, set(self._tensors), ranks, _REFETCH)
+        self._present = [k for k in self.spec.axes if k in self._tensors or k in self.alias]
+
+    def _keys(self) -> list[str]:
+        return self._present
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        t = self._tensors[self.alias.get(key, key)]
+        return tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions fastest first
+
+    def dtype(self, key: str) -> torch.dtype:
+        return torch.float32  # dequantized
+
+    def _read(self, key: str, rows: slice | None) -> torch.Tensor:
+        import gguf
+
+        t = self._tensors[key]
+        weights = gguf.dequantize(t.data, t.tensor_type)  # (rows, cols) float32
+        scratch: dict = {"tensors": {}}  # where a processor may put a tensor it renames (GPT-2's output)
+        out = self._processor.process(weights=weights, name=t.name, tensor_key_mapping=self._to_hf,
+                                      parsed_parameters=scratch)
+        weights = out.weights if out.name is not None else next(iter(scratch["tensors"].values())).numpy()
+        tensor = torch.from_numpy(np.array(weights, dtype=np.float32, copy=True))  # off the file mapping
+        self._release()
+        return tensor if rows is None else tensor[rows]
+
+    def _release(self) -> None:
+        """Drop the file pages just read from this process's resident set (the page cache keeps them)."""
+        m = getattr(self._reader.data, "_mmap", None)
+        if m is not None and hasattr(m, "madvise"):
+            m.madvise(mmap.MADV_DONTNEED)
+
+
+def _dequantizable(qtype) -> bool:
+    """Whether gguf-py's `dequantize` handles `qtype` (F32, F16 and every type with quantization traits)."""
+    from gguf import GGMLQuantizationType, quants
+
+    traits = getattr(quants, "_type_traits", None)
+    if traits is None:  # another gguf version: let dequantize decide when the tensor is read
+        return True
+    return qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) or qtype in traits

@@ -1,0 +1,129 @@
+"""Safetensors checkpoints, single file or sharded (`model.safetensors.index.json`), read one tensor at a time.
+
+    src = SafetensorsSource("/ckpt/llama", config)     # a save_pretrained directory
+    w = src.get("model.layers.0.mlp.up_proj.weight")   # (11008, 4096) bf16, only these bytes are read
+
+Headers are read once when the source opens (keys, shapes, dtypes; every shard checked to exist and to be
+complete). Each `get` opens the shard with `safe_open`, which memory-maps it, and closes it again: the
+mapped pages of a tensor stay resident only while the tensor is alive, so a process that reads a 13 GB
+model one matrix at a time holds one matrix, not the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tracing.errors import TracingError
+from tracing.sources.base import Source, check_keys
+from tracing.sources.renaming import key_map
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_SHARD = re.compile(r"(.*)-(\d+)-of-(\d+)\.safetensors$")
+REFETCH = "re-download or re-save the checkpoint"
+
+
+def has_safetensors(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / INDEX).is_file() or (d / SINGLE).is_file() or any(d.glob("*.safetensors"))
+
+
+def weight_files(directory: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+    """(the safetensors files of a checkpoint directory, the index's key -> file map or None).
+
+    Raises TracingError for an index naming a file that is absent, or an incomplete set of shards.
+    """
+    d = Path(directory)
+    if (d / INDEX).is_file():
+        try:
+            weight_map = json.loads((d / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise TracingError(f"{d / INDEX} is not a safetensors index ({type(e).__name__}): {REFETCH}") from None
+        names = sorted(set(weight_map.values()))
+        absent = [n for n in names if not (d / n).is_file()]
+        if absent:
+            raise TracingError(f"{d / INDEX} names {absent[0]}, which is not in {d}"
+                               f"{f' ({len(absent)} files missing)' if len(absent) > 1 else ''}: "
+                               f"download the missing shard(s) or {REFETCH}")
+        return [d / n for n in names], weight_map
+    if (d / SINGLE).is_file():
+        return [d / SINGLE], None
+    files = sorted(d.glob("*.safetensors"))
+    shards = [m for f in files if (m := _SHARD.match(f.name))]
+    if shards:  # shards without their index: at least check that none is missing
+        stem, total = shards[0].group(1), int(shards[0].group(3))
+        have = {int(m.group(2)) for m in shards if m.group(1) == stem}
+        missing = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1) if i not in have]
+        if missing:
+            raise TracingError(f"{d / missing[0]} is missing (shard {len(have)} of {total} present): "
+                               f"download it or {REFETCH}")
+    if not files:
+        raise TracingError(f"{d} has no .safetensors file: save the model with save_pretrained "
+                           f"(safe_serialization) or pass another checkpoint")
+    return files, None
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise TracingError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}; truncated "
+                           f"or corrupt?): {REFETCH}") from None
+
+
+class SafetensorsSource(Source):
+    """Lazy tensors of a safetensors checkpoint directory (`files` overrides which files are read).
+
+    Keys are the model's (checkpoint names renamed as `from_pretrained` does, see `renaming`)."""
+
+    def __init__(self, directory: str | Path, config: Any, name: str | None = None,
+                 dtype: torch.dtype | None = None, files: list[Path] | None = None):
+        super().__init__(name or str(directory), config, dtype=dtype)
+        weight_map = None
+        if files is None:
+            files, weight_map = weight_files(directory)
+        stored: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}  # checkpoint key -> file, shape, dtype
+        for path in files:
+            with _open(path) as f:
+                for key in f.keys():
+                    s = f.get_slice(key)
+                    dt = _DTYPES.get(s.get_dtype())
+                    if dt is None:
+                        raise TracingError(f"{path}: tensor {key} has dtype {s.get_dtype()}, which torch cannot "
+                                           f"read here: convert the checkpoint to bf16/fp16/fp32")
+                    stored[key] = (path, tuple(s.get_shape()), dt)
+        if weight_map is not None:
+            stray = [k for k, fname in weight_map.items() if k not in stored or stored[k][0].name != fname]
+            if stray:
+                raise TracingError(f"{Path(directory) / INDEX} puts {stray[0]} in {weight_map[stray[0]]}, "
+                                   f"which does not hold it: {REFETCH}")
+        self._stored = {model_key: (key, *stored[key]) for model_key, key in key_map(config, list(stored)).items()}
+        check_keys(self.name, self.spec, set(self._stored), {k: len(v[2]) for k, v in self._stored.items()},
+                   REFETCH)
+        self._present = [k for k in self.spec.axes if k in self._stored or k in self.alias]
+
+    def _keys(self) -> list[str]:
+        return self._present
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._stored[self.alias.get(key, key)][2]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._stored[self.alias.get(key, key)][3]
+
+    def file_of(self, key: str) -> Path:
+        return self._stored[self.alias.get(key, key)][1]
+
+    def _read(self, key: str, rows: slice | None) -> torch.Tensor:
+        stored_as, path = self._stored[key][:2]
+        with _open(path) as f:  # reopened per tensor: see the module docstring
+            return f.get_tensor(stored_as) if rows is None else f.get_slice(stored_as)[rows]
