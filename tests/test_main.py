@@ -186,27 +186,22 @@ def test_entry_point_exit_code_and_single_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "unknown statistic" in proc.stderr
 
 
-def test_weight_only_runs_on_a_gpu_keep_the_models_in_cpu_memory(monkeypatch):
-    """On a GPU, weight statistics load both models into CPU memory and send one matrix at a time to
-    the GPU; anything that runs the models (data statistics, --eval, --report) or --rotate loads them there."""
-    import torch
-
+def test_weight_statistics_stream_from_the_files_and_never_load_a_model(models, tmp_path, monkeypatch):
+    """csu, --permute and --align (and --rotate) read tensors from the checkpoint files one at a time; a model
+    is loaded only for what runs it (data statistics, --eval, --report). The record says which, and how long."""
     import tracing.pipeline
-    from tracing.cli import parse_run_flags
-    from tracing.config import RunConfig
-    from tracing.pipeline import placement
-    from tracing.statistics import get_stat
 
-    monkeypatch.setattr(tracing.pipeline, "resolve_device", lambda device="auto": torch.device("cuda"))
+    def no_loading(*args, **kw):
+        raise AssertionError("a weight-only run loaded a model")
 
-    def where(*argv):
-        cfg = RunConfig.from_dict(parse_run_flags(["--base_model_id", "a", "--ft_model_id", "b", *argv]))
-        return placement(cfg, get_stat(cfg.stat))
-
-    assert where("--stat", "csu", "--align") == ("cpu", torch.device("cuda"))
-    assert where("--stat", "l2", "--device", "cuda:0") == ("cpu", torch.device("cuda"))
-    assert where("--stat", "match") == ("auto", None)
-    for extra in (["--eval"], ["--rotate"], ["--device_map", "auto"], ["--report", "r"]):
-        assert where("--stat", "csu", *extra) == ("auto", None), extra
-    monkeypatch.setattr(tracing.pipeline, "resolve_device", lambda device="auto": torch.device("cpu"))
-    assert where("--stat", "csu") == ("auto", None)
+    with monkeypatch.context() as m:
+        m.setattr(tracing.pipeline, "load_model", no_loading)
+        code, rec = run(models, tmp_path, "base", "derived", "--stat", "csu", "--permute", "--align")
+        assert run(models, tmp_path, "base", "derived", "--stat", "l2", "--rotate", "--num_perm", "3")[0] == 0
+    assert code == 0 and rec["streamed"] and rec["compute_device"] == "cpu"
+    assert rec["aligned_log10_pvalue"] < -6 < rec["log10_pvalue"]
+    assert rec["load_s"] > 0 and rec["stat_s"] > 0 and rec["read_s"] > 0 and rec["read_gib"] > 0
+    assert rec["load_s"] + rec["stat_s"] <= rec["wall_time_s"] and rec["peak_rss_mib"] > 100
+    code, rec = run(models, tmp_path, "base", "derived", "--stat", "l2", "--eval", "--dataset", models["text"],
+                    "--block_size", "32", "--max_blocks", "2")
+    assert code == 0 and rec["streamed"] is False and rec["load_s"] > 0 and "read_s" not in rec

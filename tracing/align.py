@@ -1,7 +1,8 @@
 """Hungarian alignment of a fine-tuned model's hidden units to its base, from the weights alone.
 
-    perm = align_weights(base, ft, spec)
-    apply_perm(ft, spec, perm)        # ft's hidden units now line up with base's
+    perm = align_weights(base, ft, spec)    # base, ft: tensor sources (or loaded models)
+    apply_perm(ft, spec, perm)              # a loaded ft's hidden units now line up with base's
+    ft_view = permuted(ft_source, perm)     # ... or the same as a view over a source
 
 1. Residual stream: each hidden unit is a column of the embedding (vocab, hidden); match base and ft
    columns over the shared vocabulary by cosine similarity (linear assignment, float64).
@@ -11,6 +12,7 @@
    the up rows agree would make csu call independent models related after --align. Matching on one
    weight and testing on another keeps csu --align a test (φ_CSU: gate matching vs up matching).
 The result is a `Perm` in the same currency as `random_perm`: applying it to ft aligns it to base.
+Weights are read one at a time (the embeddings in chunks of rows), so memory does not grow with the model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tracing.arch import RESID, ArchSpec, mlp
 from tracing.errors import TracingError
 from tracing.matching import cosine_matrix, map_in_threads, match
 from tracing.perm import Perm
+from tracing.sources.base import Source, as_source
 
 
 def _match_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -29,39 +32,59 @@ def _match_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(match(cosine_matrix(a, b)), dtype=torch.long)
 
 
-def _neuron_rows(spec: ArchSpec, sd: dict[str, torch.Tensor], key: str, name: str,
+def _neuron_rows(spec: ArchSpec, src: Source, key: str, name: str,
                  resid: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Rows (n_neurons, hidden) of `key`, optionally re-indexed along the residual axis by `resid`."""
-    t = sd[key].to(device)
+    t = src.get(key).to(device)
     a = spec.axis(key, RESID)
     if resid is not None and a is not None:
         t = t.index_select(a, resid.to(device))
     return spec.neuron_rows(t, key, name).reshape(t.shape[spec.axis(key, name)], -1)
 
 
+EMB_CHUNK = 8192  # embedding rows per step of the residual similarity
+
+
+def embedding_similarity(base: Source, ft: Source, spec: ArchSpec, vocab: int, device: torch.device) -> torch.Tensor:
+    """Cosine similarity (hidden, hidden) of the embedding columns (one per hidden unit) of base and ft over the
+    first `vocab` rows, float64, accumulated over chunks of rows (the float32 products of `cosine_matrix`)."""
+    hidden_b, hidden_f = base.shape(spec.embed)[1], ft.shape(spec.embed)[1]
+    gram = torch.zeros(hidden_b, hidden_f, dtype=torch.float64, device=device)
+    sq_b = torch.zeros(hidden_b, dtype=torch.float64, device=device)
+    sq_f = torch.zeros(hidden_f, dtype=torch.float64, device=device)
+    for s in range(0, vocab, EMB_CHUNK):
+        rows = slice(s, min(s + EMB_CHUNK, vocab))
+        a = base.get(spec.embed, rows).to(device, torch.float64)  # (chunk, hidden)
+        b = ft.get(spec.embed, rows).to(device, torch.float64)  # (chunk, hidden)
+        sq_b += a.square().sum(0)
+        sq_f += b.square().sum(0)
+        gram += (a.float().T @ b.float()).double()  # (hidden, hidden)
+    return gram / (sq_b.sqrt().clamp_min(1e-30)[:, None] * sq_f.sqrt().clamp_min(1e-30)[None, :])
+
+
 @torch.no_grad()
-def align_weights(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, progress: bool = True,
-                  device: torch.device | None = None) -> Perm:
+def align_weights(base: Source | torch.nn.Module, ft: Source | torch.nn.Module, spec: ArchSpec,
+                  progress: bool = True, device: torch.device | None = None) -> Perm:
     """The permutation of ft's residual stream and MLP neurons that best matches base's weights.
-    `device`: where the cosine products run (default: base's device; weights move there one at a time)."""
-    sd_b, sd_f = base.state_dict(), ft.state_dict()
-    emb_b, emb_f = sd_b[spec.embed], sd_f[spec.embed]  # (vocab, hidden)
-    if emb_b.shape[1] != emb_f.shape[1]:
-        raise TracingError(f"cannot align: hidden sizes differ ({emb_b.shape[1]} vs {emb_f.shape[1]}); "
+    `device`: where the cosine products run (default: where base's tensors are; weights go there one at a time)."""
+    base, ft = as_source(base, spec), as_source(ft)
+    hidden_b, hidden_f = base.shape(spec.embed)[1], ft.shape(spec.embed)[1]  # (vocab, hidden)
+    if hidden_b != hidden_f:
+        raise TracingError(f"cannot align: hidden sizes differ ({hidden_b} vs {hidden_f}); "
                            "use --stat match_all, which handles different depth and width")
-    device = device or emb_b.device
-    vocab = min(emb_b.shape[0], emb_f.shape[0])  # the shared vocabulary
-    resid = _match_rows(emb_b[:vocab].to(device).T, emb_f[:vocab].to(device).T)  # columns = hidden units
     keys = [roles.gate or roles.down for roles in spec.layers]  # never up: csu tests it (module docstring)
     for i, key in enumerate(keys):
-        if sd_b[key].shape != sd_f[key].shape:
+        if base.shape(key) != ft.shape(key):
             raise TracingError(f"cannot align layer {i}: MLP shapes differ "
-                               f"({tuple(sd_b[key].shape)} vs {tuple(sd_f[key].shape)}); "
+                               f"({tuple(base.shape(key))} vs {tuple(ft.shape(key))}); "
                                "use --stat match_all, which handles different depth and width")
+    device = device or base.get(spec.embed, slice(0, 1)).device
+    vocab = min(base.shape(spec.embed)[0], ft.shape(spec.embed)[0])  # the shared vocabulary
+    resid = torch.as_tensor(match(embedding_similarity(base, ft, spec, vocab, device)), dtype=torch.long)
 
     def align_layer(i: int) -> torch.Tensor:  # runs in a worker thread
-        rows_b = _neuron_rows(spec, sd_b, keys[i], mlp(i), None, device)  # (n_neurons, hidden)
-        rows_f = _neuron_rows(spec, sd_f, keys[i], mlp(i), resid, device)  # (n_neurons, hidden)
+        rows_b = _neuron_rows(spec, base, keys[i], mlp(i), None, device)  # (n_neurons, hidden)
+        rows_f = _neuron_rows(spec, ft, keys[i], mlp(i), resid, device)  # (n_neurons, hidden)
         return _match_rows(rows_b, rows_f)  # (n_neurons,)
 
     mlps = map_in_threads(align_layer, range(len(keys)))

@@ -1,8 +1,10 @@
-"""Where a run computes and in which precision: `--device` and `--dtype` resolved once, checked to exist.
+"""Where a run computes and in which precision: `--device` and `--dtype` resolved once, checked to exist;
+and how much memory it took.
 
     dev = resolve_device("auto")          # cuda if available, else cpu
     dtype = resolve_dtype(None, dev)      # bf16 on GPU (fp16 before Ampere), fp32 on CPU
     model_device(model)                   # where a loaded model's inputs go
+    reset_peak_memory(); ...; rss_mib, gpu_mib = peak_memory_mib()
 """
 
 from __future__ import annotations
@@ -62,3 +64,29 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model's inputs go (the first shard's device under device_map)."""
     dev = getattr(model, "device", None)
     return torch.device(dev) if dev is not None else next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------- peak memory of a run
+def reset_peak_memory() -> None:
+    """Start measuring peak memory from now: the kernel's peak RSS (VmHWM) and torch's peak CUDA memory."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux)
+    except OSError:
+        pass  # not Linux, or not permitted: the peak then counts from the process start
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mib() -> tuple[float | None, float | None]:
+    """(peak RSS of this process in MiB since `reset_peak_memory`, peak CUDA memory allocated by torch in MiB,
+    None without CUDA); RSS is the kernel's VmHWM (None where /proc is absent)."""
+    rss = None
+    try:
+        with open("/proc/self/status") as f:
+            rss = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        pass
+    gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+    return rss, gpu

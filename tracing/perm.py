@@ -1,33 +1,41 @@
 """Permutations of hidden units: `Perm = dict[name -> LongTensor]`, one currency for permute and align.
 
+    perm = random_perm(spec, src.shapes(), seed=0)   # shapes: a source's, or a state dict
+    apply_perm(model, spec, perm)                    # in place, on a loaded model
+    view = permuted(src, perm)                       # the same weights as a view: each tensor permuted when read
+
 A permutation `p` of a hidden dimension maps new index j to old index p[j]: permuting a weight along an
 axis is `w.index_select(axis, p)`. Names are those of `ArchSpec.axes` ("resid", "mlp.{i}").
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 from tracing.arch import ArchSpec
+from tracing.sources.base import Source
 
 Perm = dict[str, torch.Tensor]
 
 
-def perm_sizes(spec: ArchSpec, state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Size of the dimension each permutation acts on."""
+def perm_sizes(spec: ArchSpec, shapes: Mapping[str, Sequence[int] | torch.Tensor]) -> dict[str, int]:
+    """Size of the dimension each permutation acts on; `shapes`: key -> shape (or tensor, e.g. a state dict)."""
     sizes: dict[str, int] = {}
     for key, ax in spec.axes.items():
         for a, name in enumerate(ax):
             if name is not None and name not in sizes:
-                sizes[name] = state_dict[key].shape[a]
+                shape = shapes[key]
+                sizes[name] = int((shape.shape if isinstance(shape, torch.Tensor) else shape)[a])
     return sizes
 
 
-def random_perm(spec: ArchSpec, state_dict: dict[str, torch.Tensor], seed: int,
+def random_perm(spec: ArchSpec, shapes: Mapping[str, Sequence[int] | torch.Tensor], seed: int,
                 names: list[str] | None = None) -> Perm:
     """A uniformly random permutation for every (or the named) hidden dimension."""
     g = torch.Generator().manual_seed(seed)
-    sizes = perm_sizes(spec, state_dict)
+    sizes = perm_sizes(spec, shapes)
     return {n: torch.randperm(sizes[n], generator=g) for n in (names or spec.perm_names())}
 
 
@@ -70,3 +78,40 @@ def permute_state_dict(state_dict: dict[str, torch.Tensor], spec: ArchSpec, perm
                 tensor = tensor.index_select(a, perm[name].to(tensor.device))
         out[key] = tensor
     return out
+
+
+class PermutedSource(Source):
+    """`inner` with hidden units permuted by `perm` as each tensor is read (`permuted` builds it).
+
+    Values equal `apply_perm` on the loaded model's; nothing is permuted ahead of a read."""
+
+    def __init__(self, inner: Source, perm: Perm):
+        super().__init__(inner.name, inner.config, inner.spec)
+        self.inner, self.perm = inner, perm
+        self.alias = {}  # the inner source resolves a tied head
+        self.tokenizer_from(lambda: inner.tokenizer)
+
+    def _keys(self) -> list[str]:
+        return self.inner.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.inner.dtype(key)
+
+    def _read(self, key: str, rows: slice | None) -> torch.Tensor:
+        axes = self.spec.axes[key]
+        whole = rows is not None and axes[0] in self.perm  # permuted rows are scattered: read them all
+        t = self.inner.get(key, None if whole else rows)
+        for a, name in enumerate(axes):
+            if name in self.perm:
+                t = t.index_select(a, self.perm[name].to(t.device))
+        return t[rows] if whole else t
+
+
+def permuted(source: Source, perm: Perm) -> Source:
+    """A view of `source` permuted by `perm` (after any permutation it already applies: one gather per read)."""
+    if isinstance(source, PermutedSource):
+        return PermutedSource(source.inner, compose(source.perm, perm))
+    return PermutedSource(source, perm)

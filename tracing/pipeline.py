@@ -1,13 +1,17 @@
-"""One pair, start to finish: load -> (permute/rotate ft) -> statistic -> (align -> statistic) -> (eval)
+"""One pair, start to finish: open/load -> (permute/rotate ft) -> statistic -> (align -> statistic) -> (eval)
 -> (report) -> record.
 
     record = run_pair(RunConfig(base_model_id="A", ft_model_id="B", stat="csu", align=True))
     record["status"], record["log10_pvalue"], record["aligned_log10_pvalue"]
 
-Every run writes one result record (tracing/results.py) and returns it, also when it fails: status
-"failed" with the one-line error, and `error_kind` "input" (bad input, a TracingError) or "internal"
-(a bug or a crash, with the traceback in the record). Data is loaded only when the statistic or --eval
-needs it.
+A weight statistic without --eval or --report *streams*: both checkpoints are opened as tensor sources
+(tracing/sources), --permute, --rotate and --align are views over them, and tensors are read one (or one
+layer's) at a time and sent to the compute device (`--device`: the GPU when there is one); no model is
+loaded. Everything else loads both models (`load_model`), transforms them in place and reads their weights
+through the same sources. Every run writes one result record (tracing/results.py) and returns it, also when
+it fails: status "failed" with the one-line error, and `error_kind` "input" (bad input, a TracingError) or
+"internal" (a bug or a crash, with the traceback in the record). Data is loaded only when the statistic or
+--eval needs it.
 """
 
 from __future__ import annotations
@@ -17,24 +21,23 @@ import time
 import traceback
 from datetime import datetime, timezone
 
-import torch
-
 from tracing import naming
 from tracing.align import align_weights
 from tracing.arch import get_spec
 from tracing.config import RunConfig
 from tracing.data import load_blocks
-from tracing.devices import resolve_device, resolve_dtype
+from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss, perplexity
 from tracing.models import load_model
-from tracing.perm import apply_perm, random_perm
+from tracing.perm import apply_perm, permuted, random_perm
 from tracing.report import read_prompts, write_report
 from tracing.results import new_record, save_record, to_plain
+from tracing.sources import ModuleSource, Source, leaves, open_source
 from tracing.statistics import StatContext, StatInfo, StatResult, get_stat
 from tracing.statistics.common import check_same_shapes
 from tracing.statistics.permtest import permtest
-from tracing.transforms import rotate_residual
+from tracing.transforms import RotatedSource, rotate_residual
 
 
 def check(cfg: RunConfig) -> StatInfo:
@@ -53,22 +56,21 @@ def compute(info: StatInfo, ctx: StatContext, num_perm: int) -> StatResult:
     return info.fn(ctx)
 
 
-def placement(cfg: RunConfig, info: StatInfo) -> tuple[str | torch.device, torch.device | None]:
-    """(device the models load on, device for the statistic's matrix products or None).
-
-    A weight-only run on a GPU (no data, --eval, --report or --rotate) keeps both models in CPU memory in
-    the GPU dtype and sends one weight matrix at a time to the GPU: a pair of 70B models needs no GPU
-    that holds them. Everything else runs where the models are.
-    """
-    if cfg.device_map or info.needs_data or cfg.eval or cfg.report or cfg.rotate:
-        return cfg.device, None
-    dev = resolve_device(cfg.device)
-    return ("cpu", dev) if dev.type == "cuda" else (cfg.device, None)
+def streams(cfg: RunConfig, info: StatInfo) -> bool:
+    """Whether the run reads weights straight from the checkpoints (no model loaded): a weight statistic,
+    without --eval or --report (those run the models)."""
+    return not (info.needs_data or cfg.eval or cfg.report)
 
 
-def _load_pair(cfg: RunConfig, device: str | torch.device, token: str | None):
-    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # the GPU's dtype also when kept on the CPU
-    kw = dict(dtype=dtype, device=device, device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code,
+def _open_pair(cfg: RunConfig, token: str | None) -> tuple[Source, Source]:
+    kw = dict(dtype=cfg.dtype, token=token, adapter_base=cfg.adapter_base, trust_remote_code=cfg.trust_remote_code,
+              progress=not cfg.no_progress)
+    return open_source(cfg.base_model_id, **kw), open_source(cfg.ft_model_id, **kw)
+
+
+def _load_pair(cfg: RunConfig, token: str | None):
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    kw = dict(dtype=dtype, device=cfg.device, device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code,
               token=token, adapter_base=cfg.adapter_base, progress=not cfg.no_progress)
     base, tok_base = load_model(cfg.base_model_id, **kw)
     ft, tok_ft = load_model(cfg.ft_model_id, **kw)
@@ -85,19 +87,32 @@ def _fill(record: dict, prefix: str, res: StatResult) -> None:
 def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
     """Fill `record` in place; raises on failure (the caller records the error)."""
     info = check(cfg)
-    load_on, compute_device = placement(cfg, info)
-    if compute_device is not None:
+    streamed = record["streamed"] = streams(cfg, info)
+    t0 = time.perf_counter()
+    base = ft = tok_base = tok_ft = compute_device = None
+    if streamed:
+        src_base, src_ft = _open_pair(cfg, token)
+        compute_device = resolve_device(cfg.device)
         record["compute_device"] = str(compute_device)
-    base, tok_base, ft, tok_ft = _load_pair(cfg, load_on, token)
-    spec_base, spec_ft = get_spec(base.config), get_spec(ft.config)
+    else:
+        base, tok_base, ft, tok_ft = _load_pair(cfg, token)
+        src_base, src_ft = ModuleSource(base, tokenizer=tok_base), ModuleSource(ft, tokenizer=tok_ft)
+    record["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if info.same_shape or cfg.align:
-        check_same_shapes(spec_base, base.state_dict(), spec_ft, ft.state_dict(), info.name,
-                          vocab_ok=not info.same_vocab)
+        check_same_shapes(src_base, src_ft, info.name, vocab_ok=not info.same_vocab)
     if cfg.permute:
-        apply_perm(ft, spec_ft, random_perm(spec_ft, ft.state_dict(), seed=cfg.seed))
+        perm = random_perm(src_ft.spec, src_ft.shapes(), seed=cfg.seed)
+        if streamed:
+            src_ft = permuted(src_ft, perm)
+        else:
+            apply_perm(ft, src_ft.spec, perm)  # in place: the model's source reads the permuted weights
     if cfg.rotate:
-        rotate_residual(ft, spec_ft, seed=cfg.seed + 1)
-        spec_ft = get_spec(ft.config)  # rotation unties embeddings
+        if streamed:
+            src_ft = RotatedSource(src_ft, seed=cfg.seed + 1)
+        else:
+            rotate_residual(ft, src_ft.spec, seed=cfg.seed + 1)
+            src_ft = ModuleSource(ft, get_spec(ft.config), tokenizer=tok_ft)  # rotation unties embeddings
 
     blocks = None
     if info.needs_data or cfg.eval:
@@ -108,18 +123,27 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
         record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
 
     out_dir = cfg.report or str(naming.result_path(cfg.save, cfg.base_model_id, cfg.ft_model_id, cfg.stat).parent)
-    ctx = StatContext.for_run(cfg, base=base, ft=ft, spec_base=spec_base, spec_ft=spec_ft, blocks=blocks,
-                              tokenizer_base=tok_base, tokenizer_ft=tok_ft, out_dir=out_dir,
-                              compute_device=compute_device)
+    ctx = StatContext.for_run(cfg, base=base, ft=ft, spec_base=src_base.spec, spec_ft=src_ft.spec,
+                              source_base=src_base, source_ft=src_ft, blocks=blocks, tokenizer_base=tok_base,
+                              tokenizer_ft=tok_ft, out_dir=out_dir, compute_device=compute_device)
     _fill(record, "", compute(info, ctx, cfg.num_perm))
     if cfg.align:
-        apply_perm(ft, spec_ft, align_weights(base, ft, spec_base, progress=ctx.progress, device=compute_device))
+        perm = align_weights(src_base, src_ft, src_base.spec, progress=ctx.progress, device=compute_device)
+        if streamed:
+            ctx.source_ft = permuted(src_ft, perm)
+        else:
+            apply_perm(ft, src_ft.spec, perm)
         aligned = info.fn(ctx)
         if cfg.num_perm:  # alignment chose the ft permutation most like base: ft is no longer exchangeable
             aligned.extras["permtest"] = "not run: PERMTEST is not valid after --align"
             record["notes"].append("--num_perm applies to the non-aligned statistic only; PERMTEST is not valid "
                                    "after --align (alignment picks the permutation of ft that looks most like base)")
         _fill(record, "aligned_", aligned)
+    record["stat_s"] = time.perf_counter() - t0
+    if streamed:
+        files = [*leaves(src_base), *leaves(src_ft)]
+        record["read_s"] = sum(s.read_s for s in files)  # summed over the threads that read
+        record["read_gib"] = sum(s.read_bytes for s in files) / 2 ** 30
 
     if cfg.eval:
         for name, model in (("base", base), ("ft", ft)):
@@ -128,7 +152,7 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
 
     if cfg.report:
         record["report"] = write_report(
-            base, ft, tok_base, tok_ft, spec_base, cfg.report,
+            base, ft, tok_base, tok_ft, src_base.spec, cfg.report,
             prompts=read_prompts(cfg.prompts) if cfg.prompts else None, focus_token=cfg.report_token,
             compare=tuple(cfg.compare.split("=", 1)) if cfg.compare else None,
             targets=[t for t in cfg.targets.split(",") if t] if cfg.targets else None,
@@ -143,7 +167,8 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
     record.update(stat=get_stat(cfg.stat).name, base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id,
                   command=cfg.command_line(), error=None, error_kind=None, value=None, log10_pvalue=None,
                   aligned_value=None, aligned_log10_pvalue=None, base_loss=None, ft_loss=None, base_ppl=None,
-                  ft_ppl=None, notes=[])
+                  ft_ppl=None, notes=[], streamed=None, load_s=None, stat_s=None)
+    reset_peak_memory()
     try:
         execute(cfg, record, token or os.environ.get("HF_TOKEN") or None)
         record["status"] = "ok"
@@ -153,6 +178,7 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {e}", error_kind="internal",
                       traceback=traceback.format_exc())
     record["wall_time_s"] = time.perf_counter() - t0
+    record["peak_rss_mib"], record["peak_gpu_mib"] = peak_memory_mib()
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     save_record(record, path)
     return record

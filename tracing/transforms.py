@@ -1,6 +1,7 @@
-"""Weight-space transforms, in place and generic over the ArchSpec: residual rotation and interpolation.
+"""Weight-space transforms, generic over the ArchSpec: residual rotation (in place or as a view), interpolation.
 
     Q = rotate_residual(model, spec, seed=1)        # same function, residual basis rotated by Q
+    view = RotatedSource(src, seed=1)               # the same rotation applied to each tensor as it is read
     saved = interpolate_(base, ft, 0.5, spec, groups=("mlp",))
     ...                                              # evaluate the interpolated base
     restore_(base, saved)                            # base is bit-for-bit what it was
@@ -15,12 +16,14 @@ block outputs do not commute with Q: those families carry `spec.rotate_refusal`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
 
-from tracing.arch import RESID, ArchSpec
+from tracing.arch import RESID, ArchSpec, get_spec
 from tracing.errors import TracingError
+from tracing.sources.base import ModuleSource, Source
 
 _CHUNK = 8192  # rows per float64 matmul, bounds memory on big embeddings
 
@@ -68,6 +71,70 @@ def _check_rotatable(spec: ArchSpec) -> None:
                            "use --permute instead")
 
 
+class RotatedSource(Source):
+    """`inner` with its residual stream rotated by Q = random_orthogonal(hidden, seed), as each tensor is read.
+
+    The function-preserving rotation of `rotate_residual`, as a view: norm gains folded into their readers
+    (and read as identity), every residual vector v read as Q v, the LM head untied (`spec.tied` False).
+    Computed in float64 per chunk of rows; tensors come back in float32 (or `dtype`, or float64 if stored so).
+    """
+
+    def __init__(self, inner: Source, seed: int, dtype: torch.dtype | None = None):
+        spec = inner.spec
+        _check_rotatable(spec)
+        super().__init__(inner.name, inner.config, dataclasses.replace(spec, tied=False))
+        self.inner, self.out_dtype, self.alias = inner, dtype, {}
+        self.tokenizer_from(lambda: inner.tokenizer)
+        readers = _norm_readers(spec)
+        missing = [k for k in readers if k not in inner.shapes()]
+        if missing:
+            raise TracingError(f"cannot rotate {spec.model_type}: norm weights {missing[:3]} not found in the model; "
+                               "use --permute instead")
+        self.norms = {k: (0.0 if spec.norm == "rms_1p" else 1.0) for k in readers}  # value of a folded gain
+        self.gains: dict[str, torch.Tensor] = {}  # reader key -> gain (hidden,), float64
+        for norm_key, keys in readers.items():
+            g = inner.get(norm_key).to("cpu", torch.float64, copy=True)  # a copy: rotate_residual overwrites it
+            g = g + 1.0 if spec.norm == "rms_1p" else g
+            self.gains.update({k: g for k in keys})
+        hidden = inner.shape(spec.embed)[spec.axis(spec.embed, RESID)]
+        self.q = random_orthogonal(hidden, seed)  # (hidden, hidden) float64: new residual = Q @ old
+
+    def _keys(self) -> list[str]:
+        return self.inner.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._out(self.inner.dtype(key)) if key in self.norms or self.spec.axis(key, RESID) is not None \
+            else self.inner.dtype(key)
+
+    def _out(self, stored: torch.dtype) -> torch.dtype:
+        return self.out_dtype or (torch.float64 if stored == torch.float64 else torch.float32)
+
+    def _read(self, key: str, rows: slice | None) -> torch.Tensor:
+        a = self.spec.axis(key, RESID)
+        if key in self.norms:
+            t = self.inner.get(key, rows)
+            return torch.full(t.shape, self.norms[key], dtype=self._out(t.dtype), device=t.device)
+        if a is None:
+            return self.inner.get(key, rows)
+        whole = rows is not None and a == 0  # rotating axis 0 mixes every row: read them all
+        t = self.inner.get(key, None if whole else rows)
+        out = torch.empty(t.shape, dtype=self._out(t.dtype), device=t.device)
+        src, dst = t.movedim(a, -1), out.movedim(a, -1)  # (..., hidden): each row a vector of the residual space
+        src2, dst2 = (src, dst) if src.dim() == 2 else (src.reshape(-1, src.shape[-1]), dst.view(-1, dst.shape[-1]))
+        qt = self.q.T.contiguous().to(t.device)
+        g = self.gains.get(key)
+        g = None if g is None else g.to(t.device)
+        for s in range(0, src2.shape[0], _CHUNK):
+            block = src2[s:s + _CHUNK].double()  # (chunk, hidden)
+            if g is not None:
+                block = block * g
+            dst2[s:s + _CHUNK].copy_(block @ qt)  # v -> Q v, row form v^T Q^T
+        return out[rows] if whole else out
+
+
 @torch.no_grad()
 def rotate_residual(model: torch.nn.Module, spec: ArchSpec, seed: int) -> torch.Tensor:
     """Rotate `model`'s residual stream by a random orthogonal Q, in place, keeping its function.
@@ -75,43 +142,21 @@ def rotate_residual(model: torch.nn.Module, spec: ArchSpec, seed: int) -> torch.
     Norm gains are folded into the weights that read the normed stream, then set to identity (1 for
     RMSNorm, 0 for Gemma's (1 + w) norms). A tied lm_head is untied first (folding the final-norm gain
     breaks the tie): call `get_spec(model.config)` again afterwards. Returns Q (hidden, hidden), float64 CPU,
-    with new residual = Q @ old residual.
+    with new residual = Q @ old residual. The values are those `RotatedSource` reads.
     """
     _check_rotatable(spec)
-    untie_embeddings(model)
     params = dict(model.named_parameters())
-    readers = _norm_readers(spec)
-    missing = [k for k in readers if k not in params]
+    missing = [k for k in _norm_readers(spec) if k not in params]
     if missing:
         raise TracingError(f"cannot rotate {spec.model_type}: norm weights {missing[:3]} not found in the model; "
                            "use --permute instead")
-    gains = {}  # reader key -> gain vector (hidden,), float64
-    for norm_key, keys in readers.items():
-        g = params[norm_key].detach().double()
-        g = g + 1.0 if spec.norm == "rms_1p" else g
-        for k in keys:
-            gains[k] = g
-    hidden = params[spec.embed].shape[spec.axis(spec.embed, RESID)]
-    q = random_orthogonal(hidden, seed)
-    qt_dev: dict[torch.device, torch.Tensor] = {}
-    for key, t in params.items():
-        if key in readers:  # the norm weight itself: identity after folding
-            t.fill_(0.0 if spec.norm == "rms_1p" else 1.0)
-            continue
-        a = spec.axis(key, RESID) if key in spec.axes else None
-        if a is None:
-            continue
-        qt = qt_dev.setdefault(t.device, q.T.contiguous().to(t.device))
-        g = gains.get(key)
-        g = None if g is None else g.to(t.device)
-        rows = t.movedim(a, -1)  # (..., hidden) view: each row is one vector in the residual space
-        flat = rows if rows.dim() == 2 else rows.unsqueeze(0)
-        for s in range(0, flat.shape[0], _CHUNK):
-            block = flat[s:s + _CHUNK].double()  # (chunk, hidden)
-            if g is not None:
-                block = block * g
-            flat[s:s + _CHUNK].copy_(block @ qt)  # v -> Q v, row form v^T Q^T
-    return q
+    untie_embeddings(model)
+    dtype = next(model.parameters()).dtype  # rounded once, from float64 straight to the parameters' dtype
+    view = RotatedSource(ModuleSource(model, get_spec(model.config)), seed, dtype=dtype)
+    for key, t in model.named_parameters():  # each tensor's rotation reads only itself (gains were copied)
+        if key in view.norms or spec.axis(key, RESID) is not None:
+            t.copy_(view.get(key))
+    return view.q
 
 
 # --------------------------------------------------------------------------- interpolation

@@ -1,6 +1,6 @@
 """Weight change between a base model and its fine-tuned copy, per parameter group and layer.
 
-    diff = weight_diff(base, ft, spec)
+    diff = weight_diff(base, ft, spec)  # base, ft: tensor sources or loaded models
     diff["rel_change"][i][j]   # ‖ΔW‖/‖W‖ of module diff["modules"][j] in layer i (None if absent)
     diff["eff_rank"][i][j]     # smallest k whose top-k singular values of ΔW hold `rank_energy` of Σσ²
 
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from tracing.arch import ArchSpec
 from tracing.errors import TracingError
+from tracing.sources.base import Source, as_source
 
 
 def effective_rank(delta: torch.Tensor, energy: float = 0.9) -> int:
@@ -96,45 +97,60 @@ def _role(spec: ArchSpec, key: str) -> tuple[int | None, str]:
     return None, module + suffix
 
 
-def _delta_part(w: torch.Tensor, w_ft: torch.Tensor, start: int = 0, stop: int | None = None,
+def _delta_part(base: Source, ft: Source, key: str, start: int = 0, stop: int | None = None,
                 axis: int = 0) -> torch.Tensor:
-    """A slice of ΔW = W_ft - W_base along `axis`, float64, on the base weight's device."""
-    n = (w.shape[axis] if stop is None else min(stop, w.shape[axis])) - start
-    return w_ft.narrow(axis, start, n).to(w.device, torch.float64) - w.narrow(axis, start, n).to(torch.float64)
+    """A slice of ΔW = W_ft - W_base along `axis`, float64, on the base weight's device (rows read as slices)."""
+    n = base.shape(key)[axis]
+    stop = n if stop is None else min(stop, n)
+    if axis == 0:
+        w, w_ft = base.get(key, slice(start, stop)), ft.get(key, slice(start, stop))
+    else:  # columns: read whole (the stored dtype), cut, then widen
+        w, w_ft = base.get(key).narrow(axis, start, stop - start), ft.get(key).narrow(axis, start, stop - start)
+    return w_ft.to(w.device, torch.float64) - w.to(torch.float64)
+
+
+def _norm(src: Source, key: str) -> float:
+    """‖W‖ in float64, read in pieces of rows."""
+    n = src.shape(key)[0]
+    sq = sum(float(torch.linalg.vector_norm(src.get(key, slice(s, s + CHUNK)), dtype=torch.float64) ** 2)
+             for s in range(0, n, CHUNK))
+    return sq ** 0.5
 
 
 @torch.no_grad()
-def weight_diff(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, *, rank_energy: float = 0.9,
-                progress: bool = True) -> dict:
-    """Relative change and effective rank of ΔW = W_ft - W_base for every weight in `spec.axes` (plain data)."""
+def weight_diff(base: Source | torch.nn.Module, ft: Source | torch.nn.Module, spec: ArchSpec, *,
+                rank_energy: float = 0.9, progress: bool = True) -> dict:
+    """Relative change and effective rank of ΔW = W_ft - W_base for every weight in `spec.axes` (plain data).
+    `base`, `ft`: tensor sources (or loaded models), read one weight (or one slice of rows) at a time."""
     if not 0 < rank_energy <= 1:
         raise TracingError(f"rank_energy must be in (0, 1], got {rank_energy}; e.g. use 0.9")
-    sd_b, sd_f = base.state_dict(), ft.state_dict()
+    base, ft = as_source(base, spec), as_source(ft)
+    sd_b, sd_f = base.shapes(), ft.shapes()
     keys = [k for k in spec.axes if k in sd_b]
     if spec.tied and spec.lm_head in keys and spec.embed in keys:
         keys.remove(spec.lm_head)  # the same tensor as the embedding
     missing = [k for k in keys if k not in sd_f]
-    bad = [k for k in keys if k in sd_f and sd_f[k].shape != sd_b[k].shape]
+    bad = [k for k in keys if k in sd_f and sd_f[k] != sd_b[k]]
     if missing or bad:
         what = f"missing {missing[:3]}" if missing else \
-            f"{bad[0]} is {tuple(sd_b[bad[0]].shape)} in base but {tuple(sd_f[bad[0]].shape)} in ft"
+            f"{bad[0]} is {tuple(sd_b[bad[0]])} in base but {tuple(sd_f[bad[0]])} in ft"
         raise TracingError(f"the weight-change report needs two models of the same architecture and shape "
                            f"({what}); compare such pairs with --stat match instead")
     per_key = []
     for key in tqdm(keys, desc="report: weight change", disable=not progress):
-        w, w_ft = sd_b[key], sd_f[key]
-        delta = functools.partial(_delta_part, w, w_ft)
-        norm_w = float(torch.linalg.vector_norm(w, dtype=torch.float64))
-        if w.dim() == 2:
-            e, frob2 = _sq_singular_values(delta, tuple(w.shape))  # σ² of ΔW, descending; ‖ΔW‖²
+        shape = tuple(sd_b[key])
+        delta = functools.partial(_delta_part, base, ft, key)
+        norm_w = _norm(base, key)
+        if len(shape) == 2:
+            e, frob2 = _sq_singular_values(delta, shape)  # σ² of ΔW, descending; ‖ΔW‖²
             norm_d, rank = frob2 ** 0.5, _rank_from_energies(e, rank_energy)
         else:
             norm_d, rank = float(delta().norm()), None
         layer, module = _role(spec, key)
         per_key.append(dict(
-            key=key, layer=layer, module=module, shape=list(w.shape),
+            key=key, layer=layer, module=module, shape=list(shape),
             rel_change=norm_d / norm_w if norm_w > 0 else (0.0 if norm_d == 0 else None),  # None: W was 0
-            abs_change=norm_d, eff_rank=rank, max_rank=min(w.shape) if w.dim() == 2 else None))
+            abs_change=norm_d, eff_rank=rank, max_rank=min(shape) if len(shape) == 2 else None))
     return _grid(per_key, spec.n_layers, rank_energy)
 
 

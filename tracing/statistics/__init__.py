@@ -20,6 +20,7 @@ import torch
 from tracing.arch import ArchSpec
 from tracing.config import FIELDS, RunConfig
 from tracing.errors import TracingError
+from tracing.sources.base import ModuleSource, Source
 
 
 @dataclass
@@ -35,15 +36,19 @@ class StatResult:
 
 @dataclass
 class StatContext:
-    """Everything a statistic may use. Models are on their device, in eval mode.
+    """Everything a statistic may use. Weight statistics read tensors from `source_base` / `source_ft` one at a
+    time; data statistics run the loaded models `base` / `ft` (on their device, in eval mode), which are None
+    when a run streams its weights. Given only models, the sources are the models' own (`ModuleSource`).
 
     The options (batch_size .. seed) are RunConfig's fields of the same names: `for_run` copies them.
     """
 
-    base: torch.nn.Module
-    ft: torch.nn.Module
-    spec_base: ArchSpec
-    spec_ft: ArchSpec
+    base: torch.nn.Module | None = None
+    ft: torch.nn.Module | None = None
+    spec_base: ArchSpec | None = None  # default: the source's
+    spec_ft: ArchSpec | None = None
+    source_base: Source | None = None  # default: ModuleSource(base)
+    source_ft: Source | None = None
     blocks: torch.Tensor | None = None  # (n_blocks, block_size) token ids, when needs_data
     batch_size: int = 1
     alpha: float = 0.5  # mode: interpolation weight of ft
@@ -57,11 +62,21 @@ class StatContext:
     tokenizer_ft: Any = None
     out_dir: str | None = None  # where a statistic may write figures
     progress: bool = True
-    # weight statistics: where matrix products run when the models stay in CPU memory (None: the models' device)
+    # weight statistics: where tensors go, one at a time, for their products (None: where the source returns them)
     compute_device: torch.device | None = None
     # Values that permuting ft's hidden units cannot change (e.g. the endpoint losses of mode), so that
     # PERMTEST's inner calls, which share this dict, compute them once.
     cache: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source_base is None and self.base is not None:
+            self.source_base = ModuleSource(self.base, self.spec_base)
+        if self.source_ft is None and self.ft is not None:
+            self.source_ft = ModuleSource(self.ft, self.spec_ft)
+        if self.source_base is None or self.source_ft is None:
+            raise ValueError("a StatContext needs the two models or the two sources")
+        self.spec_base = self.spec_base or self.source_base.spec
+        self.spec_ft = self.spec_ft or self.source_ft.spec
 
     @classmethod
     def for_run(cls, cfg: RunConfig, **runtime: Any) -> StatContext:

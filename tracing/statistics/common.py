@@ -1,8 +1,9 @@
 """Helpers every statistic may use, so that no statistic imports another.
 
-    check_same_shapes(spec_base, base.state_dict(), spec_ft, ft.state_dict(), "csu")
+    check_same_shapes(ctx.source_base, ctx.source_ft, "csu")   # keys and shapes, from headers
     layers = selected_layers(ctx)                        # --layers, validated against the base model
-    for key, w_base, w_ft in paired_weights(ctx): ...    # every corresponding weight once
+    for key, pieces in paired_weights(ctx):              # every corresponding weight once, read from the sources
+        for w_base, w_ft in pieces: ...                  # in pieces of rows (big embeddings), on ctx.compute_device
     rho, log10p, seconds = two_matchings_agree(sim_gate, sim_up)   # the core of match / match_all
 
 Derived models often add tokens to the vocabulary, so by default the vocabulary axis of the embedding and
@@ -12,6 +13,7 @@ the LM head may differ (weight statistics compare the shared rows); statistics r
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 
@@ -20,6 +22,7 @@ import torch
 from tracing import matching
 from tracing.arch import ArchSpec
 from tracing.errors import TracingError
+from tracing.sources.base import Source
 from tracing.statistics import StatContext
 from tracing.statistics.pvalues import perm_pair_spearman
 
@@ -32,10 +35,10 @@ def vocab_keys(spec: ArchSpec) -> tuple[str, ...]:
     return tuple(k for k in (spec.embed, spec.lm_head) if k)
 
 
-def check_same_shapes(spec_a: ArchSpec, sd_a: dict[str, torch.Tensor], spec_b: ArchSpec,
-                      sd_b: dict[str, torch.Tensor], stat_name: str = "this statistic",
-                      vocab_ok: bool = True) -> None:
-    """Raise TracingError unless both models have the same keys and shapes (vocab size may differ if vocab_ok)."""
+def check_same_shapes(a: Source, b: Source, stat_name: str = "this statistic", vocab_ok: bool = True) -> None:
+    """Raise TracingError unless both sources have the same keys and shapes (vocab size may differ if vocab_ok)."""
+    spec_a, spec_b = a.spec, b.spec
+    sd_a, sd_b = a.shapes(), b.shapes()
     diffs: list[str] = []
     if spec_a.n_layers != spec_b.n_layers:
         diffs.append(f"{spec_a.n_layers} vs {spec_b.n_layers} layers")
@@ -47,7 +50,7 @@ def check_same_shapes(spec_a: ArchSpec, sd_a: dict[str, torch.Tensor], spec_b: A
         diffs.append(f"{len(only_b)} weights only in fine-tuned, e.g. {only_b[0]}")
     skip_vocab = set(vocab_keys(spec_a)) if vocab_ok else set()
     for key in sorted(set(sd_a) & set(sd_b)):
-        sa, sb = tuple(sd_a[key].shape), tuple(sd_b[key].shape)
+        sa, sb = tuple(sd_a[key]), tuple(sd_b[key])
         if sa == sb or (key in skip_vocab and sa[1:] == sb[1:]):
             continue
         diffs.append(f"{key} {sa} vs {sb}")
@@ -76,22 +79,38 @@ def selected_layers(ctx: StatContext) -> list[int]:
     return sorted(set(int(i) for i in ctx.layers))
 
 
-def paired_weights(ctx: StatContext) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Yield (key, w_base, w_ft) for every weight once (tied LM head skipped), vocab keys cut to shared rows.
+CHUNK_ELEMS = 1 << 24  # elements per piece of a weight read in pieces (128 MiB in float64)
 
-    Tensors are views of the models' own storage (no copies); w_ft is on w_base's device.
-    """
-    sd_a, sd_b = ctx.base.state_dict(), ctx.ft.state_dict()
+
+def row_pieces(shape: tuple[int, ...], n_rows: int | None = None) -> list[slice | None]:
+    """Slices of rows (axis 0) of at most CHUNK_ELEMS elements covering the first `n_rows` rows (default all;
+    [None]: all rows fit in one piece, read the whole tensor)."""
+    per_row = max(1, math.prod(shape[1:]))
+    if n_rows is None and shape[0] * per_row <= CHUNK_ELEMS:
+        return [None]
+    n_rows = shape[0] if n_rows is None else n_rows
+    step = max(1, CHUNK_ELEMS // per_row)
+    return [slice(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
+
+
+def paired_weights(ctx: StatContext) -> Iterator[tuple[str, Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Yield (key, pieces) for every weight once, in spec order (a tied LM head skipped); `pieces` yields
+    (w_base, w_ft) pairs of row slices of at most CHUNK_ELEMS elements, on ctx.compute_device. Vocab keys are
+    cut to the shared rows. One piece of each model is in memory at a time."""
+    a, b = ctx.source_base, ctx.source_ft
+    shapes_a, shapes_b = a.shapes(), b.shapes()
     vocab = set(vocab_keys(ctx.spec_base))
     tied = ctx.spec_base.tied and ctx.spec_ft.tied
-    for key, a in sd_a.items():
-        if key not in sd_b or (tied and key == ctx.spec_base.lm_head):
-            continue
-        b = sd_b[key].to(a.device)
-        if key in vocab:
-            v = min(a.shape[0], b.shape[0])
-            a, b = a[:v], b[:v]  # (shared_vocab, hidden)
-        yield key, a, b
+
+    def pieces(key: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = min(shapes_a[key][0], shapes_b[key][0]) if key in vocab else None  # shared vocabulary rows
+        for rows in row_pieces(shapes_a[key], n):
+            wa = a.get(key, rows)
+            yield wa.to(ctx.compute_device or wa.device), b.get(key, rows).to(ctx.compute_device or wa.device)
+
+    for key in ctx.spec_base.axes:
+        if key in shapes_a and key in shapes_b and not (tied and key == ctx.spec_base.lm_head):
+            yield key, pieces(key)
 
 
 def two_matchings_agree(sim_gate: torch.Tensor, sim_up: torch.Tensor) -> tuple[float, float, float]:

@@ -7,6 +7,8 @@ and `value` is the mean over layers (ctx.layers when set). Not robust to permute
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tracing.statistics import StatContext, StatResult, register
@@ -16,16 +18,19 @@ from tracing.statistics.common import check_same_shapes, paired_weights, selecte
 @register("cos", help="per-layer mean cosine similarity of corresponding weight matrices (no p-value)")
 @torch.no_grad()
 def cos(ctx: StatContext) -> StatResult:
-    check_same_shapes(ctx.spec_base, ctx.base.state_dict(), ctx.spec_ft, ctx.ft.state_dict(), "cos")
+    check_same_shapes(ctx.source_base, ctx.source_ft, "cos")
     layers = selected_layers(ctx)
     layer_of = ctx.spec_base.layer_of
     sims: dict[int, list[float]] = {i: [] for i in layers}
-    for key, a, b in paired_weights(ctx):
+    for key, pieces in paired_weights(ctx):
         i = layer_of.get(key)
-        if i in sims and a.dim() == 2:
-            a64, b64 = a.double().flatten(), b.double().flatten()  # (out*in,)
-            denom = (a64.norm() * b64.norm()).clamp_min(1e-300)
-            sims[i].append(float(a64 @ b64 / denom))
+        if i not in sims or len(ctx.spec_base.axes[key]) != 2:
+            continue
+        dot = sq_a = sq_b = 0.0
+        for a, b in pieces:
+            a64, b64 = a.double().flatten(), b.double().flatten()  # (rows*in,)
+            dot, sq_a, sq_b = dot + float(a64 @ b64), sq_a + float(a64 @ a64), sq_b + float(b64 @ b64)
+        sims[i].append(dot / max(math.sqrt(sq_a) * math.sqrt(sq_b), 1e-300))
     per_layer = [{"layer": i, "cos": sum(s) / len(s)} for i, s in sims.items() if s]
     value = sum(r["cos"] for r in per_layer) / len(per_layer)
     return StatResult(value=value, log10_pvalue=None, per_layer=per_layer, extras={})

@@ -13,6 +13,7 @@ holds, for each role, the (layers_base, layers_ft) matrix of log10 p (None where
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -50,14 +51,14 @@ def _rows(spec: ArchSpec, key: str, w: torch.Tensor, perm: str | None = None) ->
                "Fisher over layers (log10 p; exact under H0)")
 @torch.no_grad()
 def csu(ctx: StatContext) -> StatResult:
-    sd_a, sd_b = ctx.base.state_dict(), ctx.ft.state_dict()  # views, no copies
-    check_same_shapes(ctx.spec_base, sd_a, ctx.spec_ft, sd_b, "csu")
+    src_a, src_b = ctx.source_base, ctx.source_ft
+    check_same_shapes(src_a, src_b, "csu")
     layers = selected_layers(ctx)
 
     def test_layer(i: int) -> dict:  # runs in a worker thread (match_rows is no_grad itself)
         key_a, key_b = ctx.spec_base.layers[i].up, ctx.spec_ft.layers[i].up
-        rows_a = ctx.spec_base.neuron_rows(sd_a[key_a], key_a, mlp(i))  # (n_neurons, hidden)
-        rows_b = ctx.spec_ft.neuron_rows(sd_b[key_b], key_b, mlp(i))  # (n_neurons, hidden)
+        rows_a = ctx.spec_base.neuron_rows(src_a.get(key_a), key_a, mlp(i))  # (n_neurons, hidden), read now
+        rows_b = ctx.spec_ft.neuron_rows(src_b.get(key_b), key_b, mlp(i))  # (n_neurons, hidden)
         rho, lp = match_rows(rows_a, rows_b, ctx.compute_device)
         return {"layer": i, "rho": float(rho), "log10_pvalue": float(lp)}
 
@@ -68,11 +69,11 @@ def csu(ctx: StatContext) -> StatResult:
                       extras={"layers_skipped_nan": n_nan})
 
 
-def _keys_by_role(spec: ArchSpec, sd: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
+def _keys_by_role(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[int, str]]:
     """Role (key without its layer prefix, e.g. "mlp.up_proj.weight") -> {layer: key}, 2-D weights only."""
     out: dict[str, dict[int, str]] = {}
     for key, i in spec.layer_of.items():
-        if key in sd and sd[key].dim() == 2:
+        if key in shapes and len(shapes[key]) == 2:
             out.setdefault(spec.local_key(key), {})[i] = key
     return out
 
@@ -82,21 +83,24 @@ def _keys_by_role(spec: ArchSpec, sd: dict[str, torch.Tensor]) -> dict[str, dict
                "(different depths allowed); Fisher over all pairs")
 @torch.no_grad()
 def csu_all(ctx: StatContext) -> StatResult:
-    sd_a, sd_b = ctx.base.state_dict(), ctx.ft.state_dict()
+    sd_a, sd_b = ctx.source_base.shapes(), ctx.source_ft.shapes()
     roles_a, roles_b = _keys_by_role(ctx.spec_base, sd_a), _keys_by_role(ctx.spec_ft, sd_b)
     layers_a = selected_layers(ctx)
     n_b = ctx.spec_ft.n_layers
     jobs = [(role, i, j) for role in roles_a if role in roles_b for i in layers_a if i in roles_a[role]
             for j in range(n_b) if j in roles_b[role]
-            and sd_a[roles_a[role][i]].shape == sd_b[roles_b[role][j]].shape]
+            and sd_a[roles_a[role][i]] == sd_b[roles_b[role][j]]]
     matrices = {role: [[None] * n_b for _ in layers_a] for role in {r for r, _, _ in jobs}}
     row_of = {i: r for r, i in enumerate(layers_a)}
     best = {i: (0.0, None, None) for i in layers_a}  # layer -> (min log10 p, ft layer, role)
+    # jobs run base matrix by base matrix: keep the last few base matrices read (each is compared n_b times)
+    read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(ctx.source_base.get)
 
     def test_pair(job: tuple[str, int, int]) -> float:  # runs in a worker thread
         role, i, j = job
         ka, kb = roles_a[role][i], roles_b[role][j]
-        return match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]), ctx.compute_device)[1]
+        return match_rows(_rows(ctx.spec_base, ka, read_a(ka)), _rows(ctx.spec_ft, kb, ctx.source_ft.get(kb)),
+                          ctx.compute_device)[1]
 
     results = matching.map_in_threads(test_pair, jobs)
     for (role, i, j), lp in zip(jobs, tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)):

@@ -14,7 +14,8 @@ from tracing.statistics import StatContext, StatResult, register
 
 def shared_rows(ctx: StatContext, n_a: int, n_b: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Row indices (k,) into each embedding for the shared vocabulary, and how they were paired."""
-    ta, tb = ctx.tokenizer_base, ctx.tokenizer_ft
+    ta = ctx.tokenizer_base if ctx.tokenizer_base is not None else ctx.source_base.tokenizer
+    tb = ctx.tokenizer_ft if ctx.tokenizer_ft is not None else ctx.source_ft.tokenizer
     if ta is not None and tb is not None and hasattr(ta, "get_vocab") and hasattr(tb, "get_vocab"):
         va, vb = ta.get_vocab(), tb.get_vocab()
         common = sorted((i, vb[t]) for t, i in va.items() if t in vb and i < n_a and vb[t] < n_b)
@@ -25,22 +26,32 @@ def shared_rows(ctx: StatContext, n_a: int, n_b: int) -> tuple[torch.Tensor, tor
     return torch.arange(v), torch.arange(v), "token id"
 
 
+ROWS = 8192  # embedding rows compared per step (float64)
+
+
 @register("emb", help="mean cosine similarity of corresponding token embeddings over the shared vocabulary")
 @torch.no_grad()
 def emb(ctx: StatContext) -> StatResult:
-    ea = ctx.base.state_dict()[ctx.spec_base.embed]  # (vocab_a, hidden)
-    eb = ctx.ft.state_dict()[ctx.spec_ft.embed]  # (vocab_b, hidden)
-    if ea.shape[1] != eb.shape[1]:
-        raise TracingError(f"embedding widths differ ({ea.shape[1]} vs {eb.shape[1]}): use match_all, which "
+    src_a, src_b = ctx.source_base, ctx.source_ft
+    (n_a, h_a), (n_b, h_b) = src_a.shape(ctx.spec_base.embed), src_b.shape(ctx.spec_ft.embed)  # (vocab, hidden)
+    if h_a != h_b:
+        raise TracingError(f"embedding widths differ ({h_a} vs {h_b}): use match_all, which "
                            "handles different depth and width")
-    ia, ib, paired_by = shared_rows(ctx, ea.shape[0], eb.shape[0])
-    a = ea.index_select(0, ia.to(ea.device)).double()  # (k, hidden)
-    b = eb.index_select(0, ib.to(eb.device)).to(ea.device).double()  # (k, hidden)
-    norms = a.norm(dim=1) * b.norm(dim=1)  # (k,)
-    keep = norms > 0  # all-zero rows (e.g. a padding embedding) have no direction
-    if not keep.any():
+    ia, ib, paired_by = shared_rows(ctx, n_a, n_b)
+    dev = ctx.compute_device
+    ea = src_a.get(ctx.spec_base.embed)  # (vocab_a, hidden), stored dtype
+    eb = src_b.get(ctx.spec_ft.embed)  # (vocab_b, hidden)
+    dev = dev or ea.device
+    parts = []
+    for s in range(0, len(ia), ROWS):
+        a = ea.index_select(0, ia[s:s + ROWS].to(ea.device)).to(dev, torch.float64)  # (k, hidden)
+        b = eb.index_select(0, ib[s:s + ROWS].to(eb.device)).to(dev, torch.float64)  # (k, hidden)
+        norms = a.norm(dim=1) * b.norm(dim=1)  # (k,)
+        keep = norms > 0  # all-zero rows (e.g. a padding embedding) have no direction
+        parts.append(((a * b).sum(1)[keep] / norms[keep]).cpu())
+    row_cos = torch.cat(parts)  # (k_nonzero,)
+    if not len(row_cos):
         raise TracingError("every shared embedding row is zero in one of the models: use another statistic")
-    row_cos = (a * b).sum(1)[keep] / norms[keep]  # (k_nonzero,)
     return StatResult(value=float(row_cos.mean()), log10_pvalue=None, per_layer=[],
                       extras={"median": float(row_cos.median()), "shared_vocab": int(len(ia)),
-                              "zero_rows_skipped": int((~keep).sum()), "paired_by": paired_by})
+                              "zero_rows_skipped": int(len(ia) - len(row_cos)), "paired_by": paired_by})

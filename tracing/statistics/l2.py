@@ -19,12 +19,12 @@ from tracing.statistics.common import check_same_shapes, paired_weights
           help="Euclidean distance between all corresponding weights (lower = more related; no p-value)")
 @torch.no_grad()
 def l2(ctx: StatContext) -> StatResult:
-    check_same_shapes(ctx.spec_base, ctx.base.state_dict(), ctx.spec_ft, ctx.ft.state_dict(), "l2")
+    check_same_shapes(ctx.source_base, ctx.source_ft, "l2")
     layer_of = ctx.spec_base.layer_of
     per_layer_sq = [0.0] * ctx.spec_base.n_layers
     total_sq, dists = 0.0, []
-    for key, a, b in paired_weights(ctx):
-        sq = float((a.double() - b.double()).pow(2).sum())
+    for key, pieces in paired_weights(ctx):
+        sq = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in pieces)
         total_sq += sq
         dists.append(math.sqrt(sq))
         if key in layer_of:

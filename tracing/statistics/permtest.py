@@ -2,7 +2,9 @@
 
 Under H0 (independent initialisations) and permutation-equivariant training, permuting the hidden units of
 the fine-tuned model gives an exchangeable copy, so p = (1 + #{t : phi(A, pi_t B) at least as extreme as
-phi(A, B)}) / (T + 1) is exact for any statistic phi. ft is permuted in place and restored exactly.
+phi(A, B)}) / (T + 1) is exact for any statistic phi. For a weight statistic each permuted ft is a view over
+ft's source (`permuted`: tensors permuted as they are read, nothing materialized); for a data statistic the
+loaded ft is permuted in place and restored exactly.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 from tqdm.auto import tqdm
 
 from tracing.errors import TracingError
-from tracing.perm import apply_perm, invert, random_perm
+from tracing.perm import apply_perm, invert, permuted, random_perm
 from tracing.statistics import StatContext, StatInfo, StatResult
 from tracing.statistics.pvalues import permtest_log10p
 
@@ -32,8 +34,12 @@ def permtest(info: StatInfo, ctx: StatContext, num_perm: int, seed: int = 0, pro
     observed = info.fn(ctx)
     inner = dataclasses.replace(ctx, progress=False)
     null: list[float] = []
+    shapes = ctx.source_ft.shapes()
     for t in tqdm(range(num_perm), desc=f"PERMTEST {info.name}", disable=not progress):
-        perm = random_perm(ctx.spec_ft, ctx.ft.state_dict(), seed=perm_seed(seed, t))
+        perm = random_perm(ctx.spec_ft, shapes, seed=perm_seed(seed, t))
+        if not info.needs_data:
+            null.append(float(info.fn(dataclasses.replace(inner, source_ft=permuted(ctx.source_ft, perm))).value))
+            continue
         apply_perm(ctx.ft, ctx.spec_ft, perm)
         try:
             null.append(float(info.fn(inner).value))
