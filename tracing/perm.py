@@ -87,6 +87,11 @@ class PermutedSource(Source):
 
     def __init__(self, inner: Source, perm: Perm):
         super().__init__(inner.name, inner.config, inner.spec)
+        sizes = perm_sizes(inner.spec, inner.shapes())
+        wrong = [n for n, p in perm.items() if len(p) != sizes.get(n)]
+        if wrong:
+            raise ValueError(f"permutation {wrong[0]} has {len(perm[wrong[0]])} entries, the dimension "
+                             f"{sizes.get(wrong[0])}")
         self.inner, self.perm = inner, perm
         self.alias = {}  # the inner source resolves a tied head
         self.tokenizer_from(lambda: inner.tokenizer)

@@ -11,6 +11,7 @@ is checked when the file opens: one gguf-py cannot dequantize is an error naming
 
 from __future__ import annotations
 
+import math
 import mmap
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ class GGUFSource(Source):
                                f"{_REFETCH}") from None
         arch = tf_gguf.read_field(self._reader, "general.architecture")[0]
         self._processor = tf_gguf.TENSOR_PROCESSORS.get(arch, tf_gguf.TensorProcessor)(config=parsed["config"])
-        to_hf = tf_gguf.get_gguf_hf_weights_map(skeleton(config), self._processor)
+        model = skeleton(config)
+        to_hf = tf_gguf.get_gguf_hf_weights_map(model, self._processor)
         to_hf.setdefault("output.weight", "lm_head.weight")  # GPT-2's processor renames it itself
         self._to_hf = to_hf
         self._tensors: dict[str, Any] = {}  # HF key -> gguf ReaderTensor
@@ -55,7 +57,15 @@ class GGUFSource(Source):
                                    f"dequantize: convert the file to F16, BF16, Q8_0 or a K-quant with llama.cpp, "
                                    f"or pass the original checkpoint")
             self._tensors[key] = t
-        ranks = {k: len(t.shape) for k, t in self._tensors.items()}
+        # shapes as the model has them (a processor may transpose or reshape what the file stores)
+        self._model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in self._tensors}
+        wrong = [k for k, t in self._tensors.items()
+                 if math.prod(self._model_shapes[k]) != math.prod(map(int, t.shape))]
+        if wrong:
+            raise TracingError(f"{self.path}: tensor {self._tensors[wrong[0]].name} holds "
+                               f"{math.prod(map(int, self._tensors[wrong[0]].shape))} values where the model's "
+                               f"{wrong[0]} has {math.prod(self._model_shapes[wrong[0]])}: {_REFETCH}")
+        ranks = {k: len(v) for k, v in self._model_shapes.items()}
         check_keys(self.name, self.spec, set(self._tensors), ranks, _REFETCH)
         self._present = [k for k in self.spec.axes if k in self._tensors or k in self.alias]
 
@@ -63,8 +73,7 @@ class GGUFSource(Source):
         return self._present
 
     def shape(self, key: str) -> tuple[int, ...]:
-        t = self._tensors[self.alias.get(key, key)]
-        return tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions fastest first
+        return self._model_shapes[self.alias.get(key, key)]
 
     def dtype(self, key: str) -> torch.dtype:
         return torch.float32  # dequantized
@@ -79,6 +88,7 @@ class GGUFSource(Source):
                                       parsed_parameters=scratch)
         weights = out.weights if out.name is not None else next(iter(scratch["tensors"].values())).numpy()
         tensor = torch.from_numpy(np.array(weights, dtype=np.float32, copy=True))  # off the file mapping
+        tensor = tensor.reshape(self._model_shapes[key])
         self._release()
         return tensor if rows is None else tensor[rows]
 

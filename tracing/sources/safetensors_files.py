@@ -53,7 +53,7 @@ def weight_files(directory: str | Path) -> tuple[list[Path], dict[str, str] | No
         if absent:
             raise TracingError(f"{d / INDEX} names {absent[0]}, which is not in {d}"
                                f"{f' ({len(absent)} files missing)' if len(absent) > 1 else ''}: "
-                               f"download the missing shard(s) or {REFETCH}")
+                               "download the missing shard(s), or the whole checkpoint again")
         return [d / n for n in names], weight_map
     if (d / SINGLE).is_file():
         return [d / SINGLE], None
@@ -65,7 +65,7 @@ def weight_files(directory: str | Path) -> tuple[list[Path], dict[str, str] | No
         missing = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1) if i not in have]
         if missing:
             raise TracingError(f"{d / missing[0]} is missing (shard {len(have)} of {total} present): "
-                               f"download it or {REFETCH}")
+                               "download it, or the whole checkpoint again")
     if not files:
         raise TracingError(f"{d} has no .safetensors file: save the model with save_pretrained "
                            f"(safe_serialization) or pass another checkpoint")
