@@ -23,7 +23,8 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # optional heavy libraries a function may import when it needs them (each costs a second or more to import,
 # or is needed by one rare path only)
 LAZY_OK = {"matplotlib", "matplotlib.pyplot", "datasets", "pandas", "peft", "peft.utils.other", "torch", "gguf",
-           "transformers.modeling_gguf_pytorch_utils"}
+           "transformers.modeling_gguf_pytorch_utils", "transformers.conversion_mapping",
+           "transformers.core_model_loading"}
 MAX_LINES = 320
 
 

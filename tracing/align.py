@@ -42,7 +42,7 @@ def _neuron_rows(spec: ArchSpec, src: Source, key: str, name: str,
     return spec.neuron_rows(t, key, name).reshape(t.shape[spec.axis(key, name)], -1)
 
 
-EMB_CHUNK = 8192  # embedding rows per step of the residual similarity
+EMB_CHUNK = 2048  # embedding rows per step of the residual similarity (float64 copies of 2048 x hidden)
 
 
 def embedding_similarity(base: Source, ft: Source, spec: ArchSpec, vocab: int, device: torch.device) -> torch.Tensor:

@@ -16,16 +16,19 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
 from tracing.arch import get_spec
 from tracing.checkpoints import Location, guard, hub_error, locate, not_found
 from tracing.devices import resolve_device, resolve_dtype
 from tracing.errors import TracingError
+
+if TYPE_CHECKING:  # for annotations only: importing them loads transformers' modeling code (~130 MiB)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from tracing.align import align_weights
 from tracing.arch import get_spec
 from tracing.config import RunConfig
 from tracing.data import load_blocks
-from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype
+from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype, return_freed_memory
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss, perplexity
 from tracing.models import load_model
@@ -168,6 +168,7 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
                   command=cfg.command_line(), error=None, error_kind=None, value=None, log10_pvalue=None,
                   aligned_value=None, aligned_log10_pvalue=None, base_loss=None, ft_loss=None, base_ppl=None,
                   ft_ppl=None, notes=[], streamed=None, load_s=None, stat_s=None)
+    return_freed_memory()
     reset_peak_memory()
     try:
         execute(cfg, record, token or os.environ.get("HF_TOKEN") or None)

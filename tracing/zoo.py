@@ -18,13 +18,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2", "gemma3",
             "gpt_neox", "gpt2")
 
-_CONFIGS = {
-    "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-    "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-    "olmo": transformers.OlmoConfig, "olmo2": transformers.Olmo2Config,
-    "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
-    "gemma3": transformers.Gemma3TextConfig, "gpt_neox": transformers.GPTNeoXConfig,
-    "gpt2": transformers.GPT2Config,
+_CONFIGS = {  # class names, looked up when a model is built (importing them all costs ~70 MiB up front)
+    "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+    "olmo": "OlmoConfig", "olmo2": "Olmo2Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+    "gemma3": "Gemma3TextConfig", "gpt_neox": "GPTNeoXConfig", "gpt2": "GPT2Config",
 }
 
 _NAMES = ["Ada", "Bram", "Chloe", "Dmitri", "Elif", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena"]
@@ -87,7 +84,7 @@ def tiny_config(family: str, vocab_size: int = 512, hidden: int = 64, layers: in
         kw["head_dim"] = hidden // heads
     if family == "olmo":
         kw.pop("num_key_value_heads")
-    return _CONFIGS[family](**kw)
+    return getattr(transformers, _CONFIGS[family])(**kw)
 
 
 def tiny_model(family: str, seed: int = 0, **shape) -> transformers.PreTrainedModel:

@@ -1,12 +1,14 @@
 """Checkpoint key -> model key, as `from_pretrained` renames them (transformers' own conversion mapping).
 
-    model_keys = key_map(config, file_keys)   # {"lm_head.weight": "embed_out.weight", ...} for a Pythia file
+    model_keys = key_map(config, spec, file_keys)   # {"lm_head.weight": "embed_out.weight", ...} for a Pythia file
 
 Checkpoints do not always store a model's state-dict names: Pythia stores `embed_out.weight` for `lm_head`,
 the original GPT-2 files lack the `transformer.` prefix, old files say `LayerNorm.gamma`. transformers renames
 them on load from a weightless model's key list; sources do the same, so that an ArchSpec key reads the tensor
-`from_pretrained` would have put there. Keys that need more than a rename (merged or split tensors, e.g.
-stacked MoE experts) are reported as `Unconvertible`; the caller then loads the model whole.
+`from_pretrained` would have put there. A checkpoint that already holds every key of the spec is read as it
+is, without importing that machinery (and transformers' modeling code, ~190 MiB of memory). Keys that need
+more than a rename (merged or split tensors, e.g. stacked MoE experts) are reported as `Unconvertible`; the
+caller then loads the model whole.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 
 import torch
 import transformers
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, rename_source_key
+
+from tracing.arch import ArchSpec
 
 
 class Unconvertible(Exception):
@@ -29,9 +31,16 @@ def skeleton(config: Any) -> torch.nn.Module:
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def key_map(config: Any, file_keys: list[str], model: torch.nn.Module | None = None) -> dict[str, str]:
+def key_map(config: Any, spec: ArchSpec, file_keys: list[str]) -> dict[str, str]:
     """model key -> checkpoint key for every checkpoint key that names a model tensor (others are left out)."""
-    model = model if model is not None else skeleton(config)
+    keys = set(file_keys)
+    optional = {spec.lm_head} if spec.tied else set()
+    if all(k in keys or k in optional for k in spec.axes):  # stored under the model's names: nothing to rename
+        return {k: k for k in spec.axes if k in keys}
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    model = skeleton(config)
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]

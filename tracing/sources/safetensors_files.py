@@ -106,7 +106,8 @@ class SafetensorsSource(Source):
             if stray:
                 raise TracingError(f"{Path(directory) / INDEX} puts {stray[0]} in {weight_map[stray[0]]}, "
                                    f"which does not hold it: {REFETCH}")
-        self._stored = {model_key: (key, *stored[key]) for model_key, key in key_map(config, list(stored)).items()}
+        names = key_map(config, self.spec, list(stored))  # model key -> checkpoint key
+        self._stored = {model_key: (key, *stored[key]) for model_key, key in names.items()}
         check_keys(self.name, self.spec, set(self._stored), {k: len(v[2]) for k, v in self._stored.items()},
                    REFETCH)
         self._present = [k for k in self.spec.axes if k in self._stored or k in self.alias]
