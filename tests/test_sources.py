@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from tracing import zoo
+from tracing.align import align_weights
 from tracing.arch import get_spec
 from tracing.config import RunConfig
 from tracing.models import load_model
@@ -101,6 +102,18 @@ def test_csu_reads_only_the_up_projections(saved):
     ups = [roles.up for roles in base.spec.layers]
     expected = sum(np.prod(base.shape(k)) * 4 for k in ups)  # float32 on disk
     assert res.log10_pvalue < -6 and base.read_bytes == ft.read_bytes == expected
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_weight_statistics_and_alignment_never_write_to_what_they_read(family):
+    """Sources hand out the models' own tensors (and read-only file mappings): reading must not modify them."""
+    base, ft = zoo.tiny_model(family, seed=0), _derived(zoo.tiny_model(family, seed=0))
+    before = [copy.deepcopy(m.state_dict()) for m in (base, ft)]
+    for stat in ("l2", "cos", "emb", "csu", "csu_all"):
+        get_stat(stat).fn(StatContext(base=base, ft=ft, progress=False))
+    align_weights(base, ft, get_spec(base.config), progress=False)
+    for model, saved in zip((base, ft), before):
+        assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------------- views

@@ -113,6 +113,36 @@ def paired_weights(ctx: StatContext) -> Iterator[tuple[str, Iterator[tuple[torch
             yield key, pieces(key)
 
 
+CACHE_BLOCK = 1 << 16  # elements per step of an elementwise sum on the CPU: temporaries stay in the cache
+
+
+def _blocks(a: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Flat float32 blocks of a and b (cache-sized on a CPU, whole on a GPU); views where already float32."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    step = CACHE_BLOCK if a.device.type == "cpu" else max(1, fa.numel())
+    for s in range(0, fa.numel(), step):
+        yield fa[s:s + step].float(), fb[s:s + step].float()
+
+
+def squared_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Σ (a - b)², differences in float32 (exact for close values), sums in float64."""
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for x, y in _blocks(a, b):
+        total += (x - y).square().sum(dtype=torch.float64)  # never in place: x may be the model's own tensor
+    return float(total)
+
+
+def dot_and_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(Σ ab, Σ a², Σ b²), products in float32, sums in float64."""
+    sums = torch.zeros(3, dtype=torch.float64, device=a.device)
+    for x, y in _blocks(a, b):
+        sums[0] += (x * y).sum(dtype=torch.float64)
+        sums[1] += x.square().sum(dtype=torch.float64)
+        sums[2] += y.square().sum(dtype=torch.float64)
+    dot, sq_a, sq_b = sums.tolist()
+    return dot, sq_a, sq_b
+
+
 def two_matchings_agree(sim_gate: torch.Tensor, sim_up: torch.Tensor) -> tuple[float, float, float]:
     """φ_MATCH for one layer pair: (rho, log10 p, seconds in assignment) from the gate and up similarity
     matrices, each (width_A, width_B) with width_B <= width_A. B's units are matched into A's once per

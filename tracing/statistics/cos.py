@@ -12,7 +12,7 @@ import math
 import torch
 
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import check_same_shapes, paired_weights, selected_layers
+from tracing.statistics.common import check_same_shapes, dot_and_norms, paired_weights, selected_layers
 
 
 @register("cos", help="per-layer mean cosine similarity of corresponding weight matrices (no p-value)")
@@ -28,8 +28,8 @@ def cos(ctx: StatContext) -> StatResult:
             continue
         dot = sq_a = sq_b = 0.0
         for a, b in pieces:
-            a64, b64 = a.double().flatten(), b.double().flatten()  # (rows*in,)
-            dot, sq_a, sq_b = dot + float(a64 @ b64), sq_a + float(a64 @ a64), sq_b + float(b64 @ b64)
+            d, na, nb = dot_and_norms(a, b)
+            dot, sq_a, sq_b = dot + d, sq_a + na, sq_b + nb
         sims[i].append(dot / max(math.sqrt(sq_a) * math.sqrt(sq_b), 1e-300))
     per_layer = [{"layer": i, "cos": sum(s) / len(s)} for i, s in sims.items() if s]
     value = sum(r["cos"] for r in per_layer) / len(per_layer)

@@ -1,8 +1,9 @@
 """l2: Euclidean distance between all corresponding weights of the two models (a baseline; lower = related).
 
-value = sqrt(sum over every parameter of sum (w_base - w_ft)^2). The token embedding and LM head are
-compared over the shared vocabulary rows. per_layer: the same distance restricted to each transformer
-block. The original code reported the mean of per-parameter distances; it is kept in extras.
+value = sqrt(sum over every parameter of sum (w_base - w_ft)^2) (differences in float32, sums in float64).
+The token embedding and LM head are compared over the shared vocabulary rows. per_layer: the same distance
+restricted to each transformer block. The original code reported the mean of per-parameter distances; it is
+kept in extras.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import torch
 
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import check_same_shapes, paired_weights
+from tracing.statistics.common import check_same_shapes, paired_weights, squared_distance
 
 
 @register("l2", higher_is_related=False,
@@ -24,7 +25,7 @@ def l2(ctx: StatContext) -> StatResult:
     per_layer_sq = [0.0] * ctx.spec_base.n_layers
     total_sq, dists = 0.0, []
     for key, pieces in paired_weights(ctx):
-        sq = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in pieces)
+        sq = sum(squared_distance(a, b) for a, b in pieces)
         total_sq += sq
         dists.append(math.sqrt(sq))
         if key in layer_of:

@@ -1,0 +1,233 @@
+"""A Llama-2-7B-shaped bf16 pair streamed from sharded safetensors on a small machine: time, read floor, peak RSS.
+
+    python benchmarks/stream_7b.py --dir /data/tmp                    # builds ~27 GB there, deletes it after
+    python benchmarks/stream_7b.py --dir /data/tmp --layers 4 --runs csu l2     # a quick check
+    python benchmarks/stream_7b.py --dir /data/tmp --markdown docs/generated/streaming_7b.md
+
+Builds base (random init, std 0.02, norms 1) and derived (base + noise of 1% of each weight's std) with the
+Llama-2-7B shape (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000, untied head), bf16, written shard by
+shard (1 GiB shards + index), never holding a whole model. Then, for each run (default: `csu`, `l2`,
+`csu --permute --align`), with the page cache of both checkpoints dropped first (posix_fadvise DONTNEED, so
+reads are cold):
+- the read floor: every tensor the run reads, read once through safe_open into memory, cold;
+- the run itself: `python main.py ... --stat ...` in a fresh process (its record: wall, load_s, stat_s, read_s,
+  peak RSS);
+and for csu the compute floor: one layer's cosine product and matching on tensors already in memory, x layers.
+Takes about 45 minutes on 2 busy cores (5 to build, most of the rest in `csu --permute --align`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+             vocab_size=32000, tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=4096)
+RUNS = {"csu": ["--stat", "csu"], "l2": ["--stat", "l2"], "csu --permute --align": ["--stat", "csu", "--permute",
+                                                                                    "--align"]}
+SHARD_BYTES = 1 << 30
+
+
+# ---------------------------------------------------------------------- the pair, shard by shard
+def _tensors(config):
+    """(key, shape) of a Llama checkpoint in save order."""
+    h, m, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    yield "model.embed_tokens.weight", (v, h)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        for proj in "qkvo":
+            yield f"{p}.self_attn.{proj}_proj.weight", (h, h)
+        yield f"{p}.mlp.gate_proj.weight", (m, h)
+        yield f"{p}.mlp.up_proj.weight", (m, h)
+        yield f"{p}.mlp.down_proj.weight", (h, m)
+        yield f"{p}.input_layernorm.weight", (h,)
+        yield f"{p}.post_attention_layernorm.weight", (h,)
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (v, h)
+
+
+def build(folder: Path, layers: int) -> tuple[Path, Path]:
+    """Write base and derived as sharded bf16 safetensors; one shard of each in memory at a time."""
+    import transformers
+
+    config = transformers.LlamaConfig(num_hidden_layers=layers, **SHAPE)
+    dirs = (folder / "base", folder / "derived")
+    for d in dirs:
+        d.mkdir(parents=True)
+        config.save_pretrained(d)
+    g = torch.Generator().manual_seed(0)
+    shards: list[tuple[dict, dict]] = [({}, {})]
+    size = 0
+    for key, shape in _tensors(config):
+        if len(shape) == 1:
+            base = torch.ones(shape)
+        else:
+            base = torch.randn(shape, generator=g).mul_(0.02)
+        derived = base + torch.randn(shape, generator=g).mul_(0.01 * float(base.std()) if len(shape) > 1 else 0.01)
+        shards[-1][0][key], shards[-1][1][key] = base.bfloat16(), derived.bfloat16()
+        size += 2 * math.prod(shape)
+        if size >= SHARD_BYTES:
+            _flush(shards, dirs, final=False)
+            shards.append(({}, {}))
+            size = 0
+    _flush(shards, dirs, final=True)
+    return dirs
+
+
+def _flush(shards: list, dirs: tuple[Path, Path], final: bool) -> None:
+    n = len(shards)
+    for d, part in zip(dirs, shards[-1]):
+        name = f"model-{n:05d}.safetensors"
+        save_file(part, str(d / name), metadata={"format": "pt"})
+        part.clear()  # the shard's tensors are on disk: free them
+        if final:  # name the shards as save_pretrained does, and write the index
+            weight_map = {}
+            for i in range(1, n + 1):
+                old, new = d / f"model-{i:05d}.safetensors", d / f"model-{i:05d}-of-{n:05d}.safetensors"
+                old.rename(new)
+                with safe_open(str(new), "pt") as f:
+                    weight_map.update({k: new.name for k in f.keys()})
+            (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def drop_cache(*dirs: Path) -> None:
+    """Evict the checkpoint files from the page cache (written data synced first): later reads come from disk."""
+    for d in dirs:
+        for f in d.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+# ---------------------------------------------------------------------- floors
+def needed(run: str, layers: int) -> list[str]:
+    """The keys a run reads (each once)."""
+    ups = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(layers)]
+    if run == "l2":
+        import transformers
+
+        return [k for k, _ in _tensors(transformers.LlamaConfig(num_hidden_layers=layers, **SHAPE))]
+    if run == "csu":
+        return ups
+    return ["model.embed_tokens.weight", *ups, *[f"model.layers.{i}.mlp.gate_proj.weight" for i in range(layers)]]
+
+
+def read_floor(dirs: tuple[Path, Path], keys: list[str]) -> tuple[float, float]:
+    """(seconds, GiB) to read `keys` of both checkpoints once through safe_open, cold."""
+    drop_cache(*dirs)
+    t0, total = time.perf_counter(), 0
+    for d in dirs:
+        where = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+        for key in keys:
+            with safe_open(str(d / where[key]), "pt") as f:
+                t = f.get_tensor(key)  # a view of the file mapping: copying it reads the bytes
+                total += t.clone().numel() * t.element_size()
+    return time.perf_counter() - t0, total / 2 ** 30
+
+
+def csu_compute_floor(dirs: tuple[Path, Path], layers: int) -> float:
+    """csu's products and matching for one layer on tensors already in memory, x layers (seconds)."""
+    from tracing.statistics.csu import match_rows
+
+    key = "model.layers.0.mlp.up_proj.weight"
+    rows = []
+    for d in dirs:
+        where = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+        with safe_open(str(d / where[key]), "pt") as f:
+            rows.append(f.get_tensor(key).clone())
+    t0 = time.perf_counter()
+    match_rows(rows[0], rows[1])
+    return (time.perf_counter() - t0) * layers
+
+
+def run_main(dirs: tuple[Path, Path], flags: list[str], save: Path) -> dict:
+    drop_cache(*dirs)
+    cmd = [sys.executable, str(ROOT / "main.py"), "--base_model_id", str(dirs[0]), "--ft_model_id", str(dirs[1]),
+           *flags, "--save", str(save / "record.pkl"), "--no_progress"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    rec = json.loads((save / "record.json").read_text())
+    rec["process_s"] = time.perf_counter() - t0  # with Python's start and imports
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default=None, help="where to build the pair (~27 GB free needed; default: $TMPDIR)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    ap.add_argument("--keep", action="store_true", help="keep the built pair (and reuse one in --dir/stream7b)")
+    ap.add_argument("--markdown", default=None, help="also write the table here")
+    args = ap.parse_args()
+    started = datetime.now(timezone.utc)
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+    head = (f"`{shlex.join(['python', 'benchmarks/stream_7b.py', *sys.argv[1:]])}` on {started:%Y-%m-%d %H:%M} "
+            f"UTC, {platform.machine()}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, "
+            f"load average {os.getloadavg()[0]:.1f}")
+    print(head, flush=True)
+    folder = Path(args.dir or tempfile.gettempdir()) / "stream7b"
+    try:
+        if not (args.keep and (folder / "derived" / "model.safetensors.index.json").is_file()):
+            shutil.rmtree(folder, ignore_errors=True)
+            t0 = time.perf_counter()
+            build(folder, args.layers)
+            print(f"built the pair in {time.perf_counter() - t0:.0f} s", flush=True)
+        dirs = (folder / "base", folder / "derived")
+        rows = []
+        for run in args.runs:
+            floor_s, gib = read_floor(dirs, needed(run, args.layers))
+            rec = run_main(dirs, RUNS[run], folder)
+            compute = csu_compute_floor(dirs, args.layers) if run == "csu" else None
+            p = rec["aligned_log10_pvalue"] if "--align" in run else rec["log10_pvalue"]
+            rows.append(dict(run=run, floor_s=floor_s, gib=gib, compute=compute, p=p, value=rec["value"],
+                             **{k: rec[k] for k in ("wall_time_s", "process_s", "load_s", "stat_s", "read_s",
+                                                    "read_gib", "peak_rss_mib")}))
+            r = rows[-1]
+            print(f"{run:22s} wall {r['wall_time_s']:7.1f} s (process {r['process_s']:.1f} s, "
+                  f"load {r['load_s']:.1f} s) | read floor {floor_s:6.1f} s for {gib:.1f} GiB "
+                  f"(ratio {r['wall_time_s'] / floor_s:.1f})"
+                  f" | read in run {r['read_gib']:.1f} GiB | peak RSS {r['peak_rss_mib']:.0f} MiB"
+                  + (f" | csu compute floor {compute:.0f} s" if compute else ""), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    lines = ["| run | wall (process) | load | read floor, cold | wall / floor | read in the run | peak RSS | "
+             "result |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        result = f"log10 p {r['p']:.1f}" if r["p"] is not None else f"l2 {r['value']:.1f}"
+        extra = f"; compute floor {r['compute']:.0f} s" if r["compute"] else ""
+        lines.append(f"| `{r['run']}` | {r['wall_time_s']:.1f} s ({r['process_s']:.1f} s) | {r['load_s']:.2f} s | "
+                     f"{r['floor_s']:.1f} s for {r['gib']:.1f} GiB{extra} | {r['wall_time_s'] / r['floor_s']:.1f} | "
+                     f"{r['read_gib']:.1f} GiB | {r['peak_rss_mib']:.0f} MiB | {result} |")
+    took = (datetime.now(timezone.utc) - started).seconds
+    table = "\n".join(lines) + f"\n\n{head}; {args.layers} layers; took {took} s.\n"
+    print(table)
+    if args.markdown:
+        from tracing.docs import write_markdown
+
+        print(f"wrote {write_markdown(args.markdown, table)}")
+
+
+if __name__ == "__main__":
+    main()
