@@ -4,9 +4,9 @@
     w = src.get("model.layers.0.mlp.up_proj.weight")   # (11008, 4096) bf16, only these bytes are read
 
 Headers are read once when the source opens (keys, shapes, dtypes; every shard checked to exist and to be
-complete). Each `get` opens the shard with `safe_open`, which memory-maps it, and closes it again: the
-mapped pages of a tensor stay resident only while the tensor is alive, so a process that reads a 13 GB
-model one matrix at a time holds one matrix, not the file.
+complete). Each `get` opens the shard with `safe_open`, which memory-maps it, copies the tensor's bytes out
+and closes it again: a process that reads a 13 GB model one matrix at a time holds one matrix, not the
+file's pages (a mapping kept open would keep every page it touched resident).
 """
 
 from __future__ import annotations
@@ -127,4 +127,7 @@ class SafetensorsSource(Source):
     def _read(self, key: str, rows: slice | None) -> torch.Tensor:
         stored_as, path = self._stored[key][:2]
         with _open(path) as f:  # reopened per tensor: see the module docstring
-            return f.get_tensor(stored_as) if rows is None else f.get_slice(stored_as)[rows]
+            t = f.get_tensor(stored_as) if rows is None else f.get_slice(stored_as)[rows]
+            # a view of the file mapping would be read page by page wherever it is first touched: read it here,
+            # in the caller's thread, into memory of its own (so read_s is the reading and mapped pages go at once)
+            return t.clone()
