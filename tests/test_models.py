@@ -7,10 +7,10 @@ import io
 import json
 import logging
 
-import numpy as np
 import pytest
 import torch
 import transformers
+from gguf_files import write_gguf
 
 from tracing import zoo
 from tracing.checkpoints import locate, split_revision
@@ -191,65 +191,9 @@ def test_adapter_with_missing_base_needs_adapter_base(adapter, llama_dir, tmp_pa
 
 
 # ---------------------------------------------------------------------- GGUF
-def _rope_interleave(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp stores q/k rows with the rotary halves interleaved; transformers undoes it on load."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_llama_gguf(model, tokenizer, path) -> None:
-    """A float32 GGUF file of a llama model with its byte-level BPE tokenizer in the metadata."""
-    import gguf
-
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_vocab_size(cfg.vocab_size)
-    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
-    w.add_token_types([3 if t in tokenizer.all_special_tokens else 1 for t in tokens])  # 3: control
-    w.add_bos_token_id(tokenizer.bos_token_id)
-    w.add_eos_token_id(tokenizer.eos_token_id)
-    w.add_unk_token_id(tokenizer.unk_token_id)
-    w.add_pad_token_id(tokenizer.pad_token_id)
-    top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    for key, tensor in model.state_dict().items():
-        module = key.removesuffix(".weight")
-        if module in top:
-            name = top[module]
-        else:
-            _, _, i, role = module.split(".", 3)
-            name = f"blk.{i}.{block[role]}"
-        a = tensor.float().numpy()
-        if name.endswith("attn_q"):
-            a = _rope_interleave(a, cfg.num_attention_heads)
-        elif name.endswith("attn_k"):
-            a = _rope_interleave(a, cfg.num_key_value_heads)
-        w.add_tensor(f"{name}.weight", np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_gguf_file_loads_with_the_same_logits_and_tokenizer(llama, tokenizer, ids, tmp_path):
     path = tmp_path / "tiny.f32.gguf"
-    write_llama_gguf(llama, tokenizer, path)
+    write_gguf(llama, tokenizer, path)
     model, tok = load_model(str(path), progress=False)
     assert model.config.model_type == "llama"
     torch.testing.assert_close(_logits(model, ids), _logits(llama, ids), rtol=0, atol=1e-5)

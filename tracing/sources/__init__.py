@@ -61,12 +61,14 @@ def open_source(name: str, *, dtype: str | torch.dtype | None = None, token: str
             return _adapter(name, src, cast, adapter_base, progress=progress, **common)
         config = read_config(src, name, **common)
         if src.kind == "gguf":
-            source: Source = GGUFSource(Path(src.path) / src.gguf_file, config, name=name, dtype=cast)
+            local = Path(src.path) / src.gguf_file
+            path = local if local.is_file() else hub.fetch_file(src, name, src.gguf_file, token)  # org/repo/x.gguf
+            source: Source = GGUFSource(path, config, name=name, dtype=cast)
             source.tokenizer_from(functools.partial(load_tokenizer, src.path, gguf_file=src.gguf_file, quiet=True,
-                                                    **common))
+                                                    revision=src.revision, **common))
             return source
         if not has_safetensors(src.path):
-            log.warning("%s has no safetensors weights: loading it whole (save it with safe_serialization "
+            log.warning("%s has no safetensors weights: loading it whole (re-save it with save_pretrained "
                         "to stream it)", name)
             return _loaded(name, cast, progress=progress, **common)
         try:

@@ -70,3 +70,14 @@ def fetch(src: Location, name: str, token: str | None) -> Path | None:
         if err is not None:
             raise err from None
         raise
+
+
+def fetch_file(src: Location, name: str, filename: str, token: str | None) -> Path:
+    """One file of a hub repository (e.g. a .gguf), from the cache or downloaded."""
+    try:
+        return Path(huggingface_hub.hf_hub_download(src.path, filename, revision=src.revision, token=token))
+    except (OSError, ValueError, he.HfHubHTTPError) as e:
+        err = hub_error(e, src, name, token)
+        if err is not None:
+            raise err from None
+        raise
