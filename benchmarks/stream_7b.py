@@ -178,8 +178,19 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS))
     ap.add_argument("--keep", action="store_true", help="keep the built pair (and reuse one in --dir/stream7b)")
-    ap.add_argument("--markdown", default=None, help="also write the table here")
+    ap.add_argument("--markdown", default=None, help="also write the table here (and the numbers as .json beside)")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite --markdown from a saved .json")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        table = render(saved["rows"], f"{saved['head']}; {saved['layers']} layers; took {saved['took']} s.",
+                       saved["layers"])
+        print(table)
+        if args.markdown:
+            from tracing.docs import write_markdown
+
+            print(f"wrote {write_markdown(args.markdown, table)}")
+        return
     started = datetime.now(timezone.utc)
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
     head = (f"`{shlex.join(['python', 'benchmarks/stream_7b.py', *sys.argv[1:]])}` on {started:%Y-%m-%d %H:%M} "
@@ -201,6 +212,7 @@ def main() -> None:
             compute = csu_compute_floor(dirs, args.layers) if run == "csu" else None
             p = rec["aligned_log10_pvalue"] if "--align" in run else rec["log10_pvalue"]
             rows.append(dict(run=run, floor_s=floor_s, gib=gib, compute=compute, p=p, value=rec["value"],
+                             p_before_align=rec["log10_pvalue"] if "--align" in run else None,
                              **{k: rec[k] for k in ("wall_time_s", "process_s", "load_s", "stat_s", "read_s",
                                                     "read_gib", "peak_rss_mib")}))
             r = rows[-1]
@@ -212,21 +224,68 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    lines = ["| run | wall (process) | load | read floor, cold | wall / floor | read in the run | peak RSS | "
-             "result |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        result = f"log10 p {r['p']:.1f}" if r["p"] is not None else f"l2 {r['value']:.1f}"
-        extra = f"; compute floor {r['compute']:.0f} s" if r["compute"] else ""
-        lines.append(f"| `{r['run']}` | {r['wall_time_s']:.1f} s ({r['process_s']:.1f} s) | {r['load_s']:.2f} s | "
-                     f"{r['floor_s']:.1f} s for {r['gib']:.1f} GiB{extra} | {r['wall_time_s'] / r['floor_s']:.1f} | "
-                     f"{r['read_gib']:.1f} GiB | {r['peak_rss_mib']:.0f} MiB | {result} |")
     took = (datetime.now(timezone.utc) - started).seconds
-    table = "\n".join(lines) + f"\n\n{head}; {args.layers} layers; took {took} s.\n"
+    table = render(rows, f"{head}; {args.layers} layers; took {took} s.", args.layers)
     print(table)
     if args.markdown:
         from tracing.docs import write_markdown
 
         print(f"wrote {write_markdown(args.markdown, table)}")
+        Path(args.markdown).with_suffix(".json").write_text(json.dumps({"head": head, "layers": args.layers,
+                                                                        "took": took, "rows": rows}, indent=1))
+
+
+def render(rows: list[dict], footer: str, layers: int) -> str:
+    """The measured table, then the 70B projection scaled from it."""
+    lines = ["| run | wall (process) | load | read floor, cold | wall / floor | read in the run | peak RSS | "
+             "result |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        result = f"log10 p {r['p']:.1f}" if r["p"] is not None else f"l2 {r['value']:.1f}"
+        if r.get("p_before_align") is not None:
+            result = f"log10 p {r['p_before_align']:.1f} permuted, {r['p']:.1f} aligned"
+        extra = f"; compute floor {r['compute']:.0f} s" if r["compute"] else ""
+        lines.append(f"| `{r['run']}` | {r['wall_time_s']:.1f} s ({r['process_s']:.1f} s) | {r['load_s']:.2f} s | "
+                     f"{r['floor_s']:.1f} s for {r['gib']:.1f} GiB{extra} | {r['wall_time_s'] / r['floor_s']:.1f} | "
+                     f"{r['read_gib']:.1f} GiB | {r['peak_rss_mib']:.0f} MiB | {result} |")
+    return "\n".join(lines) + f"\n\n{footer}\n" + project_70b(rows, layers)
+
+
+# Llama-2-70B: 80 layers, hidden 8192, MLP 28672, vocab 32000, 8 key/value heads
+B70 = dict(layers=80, hidden=8192, mlp=28672, vocab=32000, kv=1024)
+
+
+def _params(layers: int, hidden: int, mlp: int, vocab: int, kv: int) -> int:
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden  # q o, k v, MLP, norms
+    return 2 * vocab * hidden + hidden + layers * per_layer
+
+
+def project_70b(rows: list[dict], layers: int) -> str:
+    """Per-layer costs of this run scaled to a Llama-2-70B pair: bytes read (csu: the up projections; l2: every
+    weight) at this run's cold read rate, csu's products by n²·d (28672² x 8192 over 11008² x 4096), l2's
+    arithmetic by the parameter count, and the peak by the per-worker n x n similarity (float32) and its float64
+    copy. Markdown, after the measured table."""
+    by = {r["run"]: r for r in rows}
+    h, m = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    p7 = _params(layers, h, m, SHAPE["vocab_size"], h)
+    p70 = _params(**B70)
+    out = [f"\nProjected for a Llama-2-70B pair ({p70 / 1e9:.0f}B parameters, 80 layers, MLP 28672 x 8192) "
+           f"from the per-layer costs above (same machine, same 2 assignment workers):\n",
+           "| run | reads | read floor at this disk's cold rate | statistic's arithmetic | peak RSS |",
+           "|---|---|---|---|---|"]
+    per_worker = (B70["mlp"] ** 2 - m ** 2) * 12 / 2 ** 20  # MiB more per worker: float32 sim + float64 copy
+    if "csu" in by:
+        r = by["csu"]
+        gib = 2 * B70["layers"] * B70["mlp"] * B70["hidden"] * 2 / 2 ** 30
+        flops = (B70["mlp"] ** 2 * B70["hidden"]) / (m ** 2 * h) * B70["layers"] / layers
+        out.append(f"| `csu` | {gib:.0f} GiB | {gib * r['floor_s'] / r['gib'] / 60:.1f} min | "
+                   f"{(r['compute'] or r['stat_s']) * flops / 3600:.1f} h on these 2 cores | "
+                   f"{(r['peak_rss_mib'] + 2 * per_worker) / 1024:.0f} GiB |")
+    if "l2" in by:
+        r = by["l2"]
+        gib = 2 * p70 * 2 / 2 ** 30
+        out.append(f"| `l2` | {gib:.0f} GiB | {gib * r['floor_s'] / r['gib'] / 60:.1f} min | "
+                   f"{r['stat_s'] * p70 / p7 / 60:.0f} min (reads overlapped) | {r['peak_rss_mib'] / 1024:.1f} GiB |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

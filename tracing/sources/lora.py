@@ -20,7 +20,7 @@ import torch
 
 from tracing.errors import TracingError
 from tracing.sources.base import Source
-from tracing.sources.safetensors_files import _open
+from tracing.sources.safetensors_files import open_safetensors
 
 ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -53,7 +53,7 @@ class LoraSource(Source):
             raise Unsupported(f"no {ADAPTER_FILE}")
         self.lora: dict[str, tuple[str, str, bool]] = {}  # weight key -> (A key, B key, embedding?)
         self.whole: dict[str, str] = {}  # weight key -> adapter-file key of a saved whole module
-        with _open(self.file) as f:
+        with open_safetensors(self.file) as f:
             names = list(f.keys())
         for n in names:
             self._classify(n)
@@ -63,7 +63,7 @@ class LoraSource(Source):
             raise TracingError(f"adapter {self.name} ({self.file.name}) adapts {module}, which base {base.name} "
                                f"does not have ({len(absent)} such modules): pass the base it was trained on "
                                f"with --adapter_base PATH")
-        with _open(self.file) as f:
+        with open_safetensors(self.file) as f:
             for key, (a_key, b_key, _) in self.lora.items():
                 (_, n_in), (n_out, _) = f.get_slice(a_key).get_shape(), f.get_slice(b_key).get_shape()
                 want = (n_in, n_out) if self._transposed(key) else (n_out, n_in)
@@ -102,7 +102,7 @@ class LoraSource(Source):
     def shape(self, key: str) -> tuple[int, ...]:
         key = self.alias.get(key, key)
         if key in self.whole:
-            with _open(self.file) as f:
+            with open_safetensors(self.file) as f:
                 return tuple(f.get_slice(self.whole[key]).get_shape())
         return self.base.shape(key)
 
@@ -123,13 +123,13 @@ class LoraSource(Source):
 
     def _read(self, key: str, rows: slice | None) -> torch.Tensor:
         if key in self.whole:
-            with _open(self.file) as f:
+            with open_safetensors(self.file) as f:
                 t = f.get_tensor(self.whole[key])
             return t if rows is None else t[rows]
         if key not in self.lora:
             return self.base.get(key, rows)
         a_key, b_key, _ = self.lora[key]
-        with _open(self.file) as f:
+        with open_safetensors(self.file) as f:
             lora_a, lora_b = f.get_tensor(a_key).float(), f.get_tensor(b_key).float()  # (r, in), (out, r)
         delta = lora_b @ lora_a  # (out, in); an embedding's is (dim, vocab)
         if self._transposed(key):

@@ -72,7 +72,8 @@ def weight_files(directory: str | Path) -> tuple[list[Path], dict[str, str] | No
     return files, None
 
 
-def _open(path: Path):
+def open_safetensors(path: Path):
+    """safe_open(path), or a TracingError naming the file (truncated or corrupt) and the fix."""
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
@@ -93,7 +94,7 @@ class SafetensorsSource(Source):
             files, weight_map = weight_files(directory)
         stored: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}  # checkpoint key -> file, shape, dtype
         for path in files:
-            with _open(path) as f:
+            with open_safetensors(path) as f:
                 for key in f.keys():
                     s = f.get_slice(key)
                     dt = _DTYPES.get(s.get_dtype())
@@ -126,7 +127,7 @@ class SafetensorsSource(Source):
 
     def _read(self, key: str, rows: slice | None) -> torch.Tensor:
         stored_as, path = self._stored[key][:2]
-        with _open(path) as f:  # reopened per tensor: see the module docstring
+        with open_safetensors(path) as f:  # reopened per tensor: see the module docstring
             t = f.get_tensor(stored_as) if rows is None else f.get_slice(stored_as)[rows]
             # a view of the file mapping would be read page by page wherever it is first touched: read it here,
             # in the caller's thread, into memory of its own (so read_s is the reading and mapped pages go at once)
