@@ -41,7 +41,8 @@ def test_plan_merges_yaml_defaults_and_cli_flags(tmp_path):
     cfg = load_config(write_yaml(tmp_path / "c.yaml", "models: [a, b]\nmain: {stat: csu, align: true}\n"))
     (task,) = cluster.plan(cfg, tmp_path / "out", {"stat": "l2"})
     assert (task.cfg.base_model_id, task.cfg.ft_model_id, task.cfg.save) == ("a", "b", str(tmp_path / "out"))
-    assert task.cfg.align and task.cfg.stat == "l2" and task.result == tmp_path / "out" / "a__vs__b__l2.pkl"
+    assert task.cfg.align and task.cfg.stat == "l2" and task.result.parent == tmp_path / "out"
+    assert task.result.name == f"a__vs__b__l2__{task.cfg.result_key()}.pkl" and task.cfg.key_flags() == {"align": True}
     assert task.cfg.command_line().startswith("python main.py --base_model_id a --ft_model_id b --stat l2 --align")
     with pytest.raises(TracingError, match="unknown statistic|valid"):
         cluster.plan(cfg, tmp_path, {"stat": "nope"})
@@ -67,7 +68,8 @@ def test_debug_launch_runs_every_pair_then_skips_finished_ones(tmp_path, models,
     forced = cluster.launch(cfg, tmp_path / "out", {}, cluster="debug", force=True, runner=runner)
     assert len(forced["jobs"]) == 3 and len(ran) == 3  # --force reruns the pairs, not just resubmits them
     assert all(load_record(t.result)["status"] == "ok" for t in forced["tasks"])
-    assert cluster.status_table(tmp_path / "out")["counts"] == {"done": 3, "failed": 0, "running": 0, "missing": 0}
+    assert cluster.status_table(tmp_path / "out")["counts"] == {"done": 3, "running": 0, "pending": 0, "failed": 0,
+                                                                 "missing": 0}
 
 
 def test_requeued_job_keeps_a_finished_result_and_preemption_writes_no_failure(tmp_path, models):
@@ -118,7 +120,7 @@ def test_local_launch_runs_jobs_as_processes_and_reports_status(tmp_path, models
     cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nslurm: {gpus_per_node: 0, timeout_min: 5}\n"
                      % ", ".join(models[:2]))
     out = cluster.launch(cfg, tmp_path / "out", {"stat": "l2", "device": "cpu"}, cluster="local", wait=True)
-    assert "done 1  running 0  failed 0  missing 0" in capsys.readouterr().out
+    assert "done 1  running 0  pending 0  failed 0  missing 0" in capsys.readouterr().out
     (task,) = out["tasks"]
     assert load_record(task.result)["status"] == "ok"
     assert list((tmp_path / "out" / "submitit").glob("*_log.out"))  # it ran as a submitit job
@@ -168,9 +170,8 @@ def test_a_job_that_crashes_leaves_a_failed_record_naming_its_pair(tmp_path):
 def test_status_reads_the_log_of_its_own_array_task(tmp_path):
     for task in ("4", "40"):
         (tmp_path / f"77_{task}_0_log.err").write_text(f"error of task {task}\n\n")
-    entry = {"folder": str(tmp_path), "cluster": "local"}
-    assert _last_log_line(entry, "77_4") == "error of task 4"
-    assert _last_log_line(entry, "77_5") is None
+    assert _last_log_line(tmp_path, "77_4") == "error of task 4"
+    assert _last_log_line(tmp_path, "77_5") is None
 
 
 def test_non_numeric_resources_are_a_tracing_error():

@@ -14,11 +14,12 @@ import dataclasses
 import os
 import sys
 
-from tracing import naming
 from tracing.config import FIELDS, RunConfig, parse_alphas, parse_layers
 from tracing.demo import run_demo
+from tracing.devices import threads
 from tracing.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TracingError, exit_on_error
 from tracing.pipeline import check, run_pair, summary
+from tracing.results import outcome_path
 
 
 def _type(parse):
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add(g, "save", "directory for the result (or a .p/.pkl file path)")
     p.add(g, "seed", "seeds permutations, rotations, random data", type=int)
     p.add(g, "no_progress", "no progress bars", action="store_true")
+    p.add(g, "threads", "torch threads and assignment workers (default: the CPUs this process may use: "
+          "its affinity, at most $SLURM_CPUS_PER_TASK in a Slurm job)", type=int)
     g.add_argument("--demo", action="store_true", help="build small models offline and print verdicts")
     return p
 
@@ -119,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         cfg = RunConfig.from_dict(flags, "main.py")
         check(cfg)  # nothing is written for an error found here
-        record = run_pair(cfg, token)
-        path = naming.result_path(cfg.save, cfg.base_model_id, cfg.ft_model_id, cfg.stat)
+        with threads(cfg.threads):
+            record = run_pair(cfg, token)
+        path = outcome_path(cfg.result_path(), record["status"])
         for note in record["notes"]:
             print(f"note: {note}", file=sys.stderr)
         if record["status"] == "ok":

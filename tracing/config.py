@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from tracing import naming
 from tracing.errors import TracingError
 from tracing.naming import GENERATED_DIR, RESULTS_DIR
 
@@ -89,6 +90,7 @@ class RunConfig:
     save: str = str(RESULTS_DIR)  # folder, or an explicit .p/.pkl path
     seed: int = 0
     no_progress: bool = False
+    threads: int | None = None  # torch threads and assignment workers; None: the CPUs this process may use
 
     def __post_init__(self) -> None:
         for name in FIELDS:
@@ -105,6 +107,8 @@ class RunConfig:
             raise TracingError(f"--num_perm must be >= 0, got {self.num_perm}")
         if self.block_size < 1 or self.batch_size < 1:
             raise TracingError("--block_size and --batch_size must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise TracingError(f"--threads must be >= 1, got {self.threads}")
         if self.compare and "=" not in self.compare:
             raise TracingError(f"--compare takes 'word=other', got '{self.compare}'")
 
@@ -123,6 +127,18 @@ class RunConfig:
         """Flag name -> value, plain data (tuples as lists): what a record stores under "args"."""
         return {name: list(v) if isinstance(v, tuple) else v for name, v in vars(self).items()}
 
+    def key_flags(self) -> dict[str, Any]:
+        """The options that define this run's numbers beyond pair and statistic: fields off their default,
+        except NOT_IN_KEY. Their hash, result_key(), names the record file; the record stores both."""
+        skip = {*NOT_IN_KEY, "base_model_id", "ft_model_id", "stat"}
+        return {k: v for k, v in self.to_dict().items() if k not in skip and v != FIELDS[k].default}
+
+    def result_key(self) -> str:
+        return naming.result_key(self.key_flags())
+
+    def result_path(self) -> Path:
+        return naming.result_path(self.save, self.base_model_id, self.ft_model_id, self.stat, self.result_key())
+
     def command_line(self) -> str:
         """The main.py command that repeats this run (flags at their default are left out)."""
         argv = ["python", "main.py"]
@@ -138,6 +154,9 @@ class RunConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
+# Fields that never change a result's numbers (runs differing only in them share one record file): where it
+# is written, progress bars, CPU threads, permission to run shipped code, GPU sharding.
+NOT_IN_KEY = ("save", "no_progress", "threads", "trust_remote_code", "device_map")
 _KIND = {name: f.type.split(" |")[0] for name, f in FIELDS.items()}  # "bool", "int", "float", "str", "tuple[..]"
 _PARSERS = {"alphas": parse_alphas, "layers": parse_layers}
 

@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracing import naming
 from tracing.align import align_weights
 from tracing.arch import get_spec
 from tracing.config import RunConfig
@@ -30,7 +29,7 @@ from tracing.evaluate import mean_loss, perplexity
 from tracing.models import load_model
 from tracing.perm import apply_perm, random_perm
 from tracing.report import read_prompts, write_report
-from tracing.results import new_record, save_record, to_plain
+from tracing.results import check_writable, new_record, save_outcome, to_plain
 from tracing.statistics import StatContext, StatInfo, StatResult, get_stat
 from tracing.statistics.common import check_same_shapes
 from tracing.statistics.permtest import permtest
@@ -107,7 +106,7 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
                              generated_dir=cfg.generated_dir, progress=not cfg.no_progress)
         record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
 
-    out_dir = cfg.report or str(naming.result_path(cfg.save, cfg.base_model_id, cfg.ft_model_id, cfg.stat).parent)
+    out_dir = cfg.report or str(cfg.result_path().parent)
     ctx = StatContext.for_run(cfg, base=base, ft=ft, spec_base=spec_base, spec_ft=spec_ft, blocks=blocks,
                               tokenizer_base=tok_base, tokenizer_ft=tok_ft, out_dir=out_dir,
                               compute_device=compute_device)
@@ -136,11 +135,16 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
 
 
 def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
-    """Run one pair, write its record (ok or failed) and return it. `token`: default $HF_TOKEN, never stored."""
+    """Run one pair, write its record (ok or failed) and return it. `token`: default $HF_TOKEN, never stored.
+
+    The record goes to cfg.result_path() (a failed run beside an ok record there, never over it); a --save
+    that cannot take a file is a TracingError before any model is loaded."""
     t0 = time.perf_counter()
-    path = naming.result_path(cfg.save, cfg.base_model_id, cfg.ft_model_id, cfg.stat)
+    path = cfg.result_path()
+    check_writable(path.parent)
     record = new_record(cfg.to_dict())
     record.update(stat=get_stat(cfg.stat).name, base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id,
+                  key=cfg.result_key(), key_flags=cfg.key_flags(),
                   command=cfg.command_line(), error=None, error_kind=None, value=None, log10_pvalue=None,
                   aligned_value=None, aligned_log10_pvalue=None, base_loss=None, ft_loss=None, base_ppl=None,
                   ft_ppl=None, notes=[])
@@ -154,7 +158,7 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
                       traceback=traceback.format_exc())
     record["wall_time_s"] = time.perf_counter() - t0
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    save_record(record, path)
+    save_outcome(record, path)
     return record
 
 

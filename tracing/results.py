@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tracing.errors import TracingError
+from tracing.naming import failed_path
 
 SCHEMA = 1
 PLAIN_SCALARS = (str, int, float, bool, type(None))
@@ -165,6 +166,41 @@ def save_record(record: dict, path: str | Path) -> Path:
     atomic_write(path.with_suffix(".json"), text.encode())
     atomic_write(path, pickle.dumps(record, protocol=4))
     return path
+
+
+def check_writable(folder: str | Path, flag: str = "--save") -> Path:
+    """Make `folder` (parents too) and prove a file can be written there, before any work is done.
+
+    A folder that cannot take a file is a TracingError naming `flag`, so no result is computed and then lost."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise TracingError(f"cannot write to {folder} ({e.strerror or type(e).__name__}): pass {flag} a "
+                           "writable folder") from None
+    return folder
+
+
+def _holds_ok(path: Path) -> bool:
+    try:
+        return path.is_file() and load_record(path).get("status") == "ok"
+    except TracingError:
+        return False
+
+
+def outcome_path(path: str | Path, status: str) -> Path:
+    """Where a run's record belongs: `path`, except that a failed run never replaces an ok record of the
+    same configuration: it goes beside it (naming.failed_path), and the ok record stays."""
+    path = Path(path)
+    return failed_path(path) if status != "ok" and _holds_ok(path) else path
+
+
+def save_outcome(record: dict, path: str | Path) -> Path:
+    """save_record at outcome_path(path, record["status"]); returns the path written."""
+    return save_record(record, outcome_path(path, str(record.get("status"))))
 
 
 class _PlainUnpickler(pickle.Unpickler):
