@@ -92,7 +92,8 @@ def test_revision_is_split_off_hub_ids_only(tmp_path):
 
 def test_offline_hub_id_is_a_clear_error():
     with pytest.raises(TracingError, match=r"org-that-is-not/cached-model@v2 is neither a local directory.*"
-                                           r"HF_HUB_OFFLINE=0"):
+                                           r"nor in the Hugging Face cache; HF_HUB_OFFLINE=1 is set: pass a local "
+                                           r"path, or unset HF_HUB_OFFLINE to download"):
         load_model("org-that-is-not/cached-model@v2", progress=False)
 
 

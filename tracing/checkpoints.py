@@ -23,6 +23,7 @@ import transformers
 from huggingface_hub import errors as he
 
 from tracing.errors import TracingError
+from tracing.hub import fix, offline_reason
 
 
 # ---------------------------------------------------------------------- where the checkpoint lives
@@ -51,8 +52,10 @@ def split_revision(name: str) -> tuple[str, str | None]:
 
 
 def not_found(name: str) -> TracingError:
-    return TracingError(f"{name} is neither a local directory, a .gguf file nor a reachable hub id "
-                        f"(offline? set HF_HUB_OFFLINE=0 or pass a local path)")
+    """`name` is no local checkpoint and cannot be had from the hub; the fix depends on why (hub.fix)."""
+    reason = offline_reason()
+    where = "a hub repository" if reason is None else "in the Hugging Face cache"
+    return TracingError(f"{name} is neither a local directory, a .gguf file nor {where}; {fix(reason)}")
 
 
 def _looks_local(name: str) -> bool:
@@ -86,9 +89,12 @@ def locate(name: str, revision: str | None = None) -> Location:
         raise TracingError(f"{path} is a file but not a .gguf file: pass its directory (with config.json)")
     if base.endswith(".gguf") and base.count("/") >= 2 and not base.startswith(("/", ".", "~")):
         org, repo, file = base.split("/", 2)  # org/repo/file.gguf: a GGUF file inside a hub repo
+        offline_reason()  # without a network the hub client goes offline now: cached files only, no retries
         return Location("gguf", f"{org}/{repo}", rev, gguf_file=file)
     if _looks_local(base) or base.endswith(".gguf"):
-        raise not_found(name)
+        raise TracingError(f"{name} is neither a local directory nor a .gguf file (no such path): pass an "
+                           f"existing path, or a hub id as org/name")
+    offline_reason()
     return Location("hub", base, rev)
 
 
