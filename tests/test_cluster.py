@@ -2,6 +2,7 @@
 the real-Slurm run is tests/test_slurm_e2e.py)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,54 @@ def test_launch_cli_exits_1_when_a_waited_pair_failed(tmp_path, models):
                            str(tmp_path / "out"), "--cluster", "debug"], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the debug executor waits: its failures count
     assert "failed 1" in proc.stdout
+
+
+def test_status_counts_each_pair_once_in_a_moved_or_copied_folder_from_any_directory(tmp_path, models):
+    """Records are found by what they are the result of, not by the path a launch wrote them to."""
+    cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nmain: {stat: l2, device: cpu}\n" % ", ".join(models))
+    cluster.launch(cfg, tmp_path / "out", {}, cluster="debug")
+    shutil.copytree(tmp_path / "out", tmp_path / "out" / "backup")  # a copy inside the folder
+    moved = shutil.move(tmp_path / "out", tmp_path / "moved")  # then the folder moves
+    counts = {"done": 3, "running": 0, "pending": 0, "failed": 0, "missing": 0}
+    assert cluster.status_table(moved)["counts"] == counts
+    for cwd in (tmp_path, ROOT):  # --status from another directory, with a relative and an absolute --save
+        save = "moved" if cwd == tmp_path else str(moved)
+        proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(cfg), "--save", save,
+                               "--status"], capture_output=True, text=True, cwd=cwd)
+        assert proc.returncode == 0 and "done 3  running 0  pending 0  failed 0  missing 0" in proc.stdout, proc.stdout
+    again = cluster.launch(cfg, moved, {}, cluster="debug")
+    assert again["skipped"] == 3 and again["jobs"] == []  # nothing reruns in the moved folder
+
+
+GATED = """
+import os, time
+from tracing.cluster import run_main
+
+def run(cfg):
+    while not os.path.exists(os.environ["GATE"]):
+        time.sleep(0.1)
+    return run_main(cfg)
+"""
+
+
+def test_max_wait_ends_a_wait_and_names_the_open_pairs(tmp_path, models, capsys, monkeypatch):
+    """A local job that cannot finish (it waits for a gate file): --max_wait returns with the pair open."""
+    gate = tmp_path / "gate"
+    (tmp_path / "gated_job.py").write_text(GATED)
+    monkeypatch.setenv("GATE", str(gate))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the job process imports the gate module too
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import gated_job
+
+    cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\nslurm: {gpus_per_node: 0, timeout_min: 5}\n"
+                     "main: {stat: l2, device: cpu}\n" % ", ".join(models[:2]))
+    out = cluster.launch(cfg, tmp_path / "out", {}, cluster="local", wait=True, max_wait=1, runner=gated_job.run)
+    try:
+        assert [t.pair.ft for t in out["open"]] == [models[1]]
+        text = capsys.readouterr().out
+        assert "waiting: 0/1 ended" in text and "stopped waiting after" in text and "1 pair(s) still open" in text
+    finally:
+        gate.touch()
+        out["jobs"][0].result()
+    assert cluster.status_table(tmp_path / "out")["counts"]["done"] == 1
+

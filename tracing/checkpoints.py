@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from pathlib import Path
 import huggingface_hub.utils as hub_utils
 import transformers
 from huggingface_hub import errors as he
+from safetensors import SafetensorError
 
 from tracing.errors import TracingError
 from tracing.hub import fix, offline_reason
@@ -177,4 +180,20 @@ def hub_error(exc: BaseException, src: Location, name: str, token: str | None) -
         return not_found(name)
     if "trust_remote_code" in str(exc):
         return TracingError(f"{name} ships its own model code: pass --trust_remote_code if you trust it")
+    return None
+
+
+def corrupt_error(exc: BaseException, name: str, file: str = "a JSON file") -> TracingError | None:
+    """A checkpoint file that exists but cannot be parsed (invalid JSON `file`, truncated or corrupt weights)
+    as a one-line TracingError naming the file and the fix (None: not that kind of failure)."""
+    chain = list(_chain(exc))
+    text = " ".join(str(x).splitlines()[0] for x in chain if str(x))
+    if any(isinstance(x, json.JSONDecodeError) for x in chain) or "not a valid JSON file" in text:
+        detail = next((str(x) for x in chain if isinstance(x, json.JSONDecodeError)), "invalid JSON")
+        return TracingError(f"{name}: {file} is not valid JSON ({detail}): repair it or save the checkpoint again")
+    if any(isinstance(x, (SafetensorError, pickle.UnpicklingError, EOFError)) for x in chain) \
+            or "PytorchStreamReader" in text or "header" in text and "safetensors" in text.lower():
+        first = text.split(" (", 1)[0][:160]
+        return TracingError(f"{name}: a weight file is truncated or corrupt ({first}): download or save the "
+                            f"checkpoint again")
     return None

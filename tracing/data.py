@@ -103,7 +103,12 @@ def _local(path: Path) -> list[str]:
     if suffix == ".parquet":
         import pandas as pd
 
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as e:  # pyarrow: ArrowInvalid, OSError, ... for a damaged or foreign file
+            first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+            raise TracingError(f"cannot read {path} as parquet ({first}): pass a valid .parquet file with a 'text' "
+                               f"column, or a .txt/.jsonl file") from None
         if "text" not in frame.columns:
             raise TracingError(f"{path} has no 'text' column (columns: {', '.join(map(str, frame.columns))}): "
                                f"rename the text column to 'text'")

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
 from tracing.arch import get_spec
-from tracing.checkpoints import Location, guard, hub_error, locate, not_found
+from tracing.checkpoints import Location, corrupt_error, guard, hub_error, locate, not_found
 from tracing.devices import resolve_device, resolve_dtype
 from tracing.errors import TracingError
 
@@ -37,7 +37,7 @@ def _read_config(src: Location, name: str, *, token, trust_remote_code: bool):
     try:
         return transformers.AutoConfig.from_pretrained(src.path, **kw)
     except (OSError, ValueError, KeyError) as e:
-        err = hub_error(e, src, name, token)
+        err = hub_error(e, src, name, token) or corrupt_error(e, name, "config.json")
         if err is not None:
             raise err from None
         if src.gguf_file:
@@ -49,14 +49,20 @@ def _read_config(src: Location, name: str, *, token, trust_remote_code: bool):
 
 def _read_adapter_config(src: Location, name: str, token) -> dict:
     if src.kind == "adapter":
-        return json.loads((Path(src.path) / "adapter_config.json").read_text())
+        try:
+            return json.loads((Path(src.path) / "adapter_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise corrupt_error(e, name, "adapter_config.json") from None
     try:
         f = cached_file(src.path, "adapter_config.json", revision=src.revision, token=token,
                         _raise_exceptions_for_missing_entries=False,
                         _raise_exceptions_for_connection_errors=False)  # offline: the config read decides
     except OSError as e:
         raise (hub_error(e, src, name, token) or not_found(name)) from None
-    return json.loads(Path(f).read_text()) if f else {}
+    try:
+        return json.loads(Path(f).read_text()) if f else {}
+    except json.JSONDecodeError as e:
+        raise corrupt_error(e, name, "adapter_config.json") from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -122,8 +128,9 @@ def load_model(name: str, *, dtype: str | torch.dtype | None = None, device: str
         get_spec(config)  # unsupported architecture: fail before any weights are fetched
         try:
             model = _from_pretrained(src, config, dtype=torch_dtype, device=dev, device_map=device_map, **common)
-        except (OSError, ValueError) as e:
-            raise (hub_error(e, src, name, token) or e) from None
+        except Exception as e:  # hub failures and damaged files become one line; anything else stays a bug
+            err = hub_error(e, src, name, token) if isinstance(e, (OSError, ValueError)) else None
+            raise (err or corrupt_error(e, name) or e) from None
         tok = _load_tokenizer(src.path, revision=src.revision, gguf_file=src.gguf_file, **common)
     log.info("loaded %s (%s, %s, %s)", name, config.model_type, torch_dtype, dev)
     return model.eval(), tok

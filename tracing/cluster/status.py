@@ -21,10 +21,10 @@ import submitit
 from submitit.core.utils import JobPaths
 
 from tracing.cluster.slurm import queue
-from tracing.config import FIELDS, RunConfig
+from tracing.config import RunConfig
 from tracing.errors import TracingError
-from tracing.naming import MANIFEST, RECORD_SUFFIXES, SUBMITIT_SUBDIR
-from tracing.results import error_line, load_record
+from tracing.naming import MANIFEST
+from tracing.results import error_line, load_record, read_records, record_key
 
 Key = tuple[str, str, str, str]  # (base id, ft id, stat as given, result key)
 KINDS = ("done", "running", "pending", "failed", "missing")
@@ -45,36 +45,11 @@ def task_key(cfg: RunConfig) -> Key:
     return cfg.base_model_id, cfg.ft_model_id, cfg.stat, cfg.result_key()
 
 
-def record_key(rec: dict) -> Key | None:
-    """What a record is the result of, from its content (its stored options; older records: recomputed)."""
-    args = rec.get("args") if isinstance(rec.get("args"), dict) else {}
-    key = rec.get("key")
-    if not key:
-        try:
-            key = RunConfig.from_dict({k: v for k, v in args.items() if k in FIELDS}).result_key()
-        except (TracingError, TypeError):
-            return None
-    return str(args.get("base_model_id")), str(args.get("ft_model_id")), str(args.get("stat")), str(key)
-
-
-def result_files(folder: Path) -> list[Path]:
-    """Record files under `folder`, submitit's job folders excepted (their pickles are not records)."""
-    files = [p for p in folder.rglob("*") if p.suffix in RECORD_SUFFIXES and p.is_file()] if folder.is_dir() else []
-    return sorted(p for p in files if SUBMITIT_SUBDIR not in p.relative_to(folder).parts)
-
-
 def scan_records(folder: Path) -> dict[Key, tuple[str, str | None]]:
-    """{key: (status, error line)} of every record under `folder`; an ok record wins over failed ones."""
-    found: dict[Key, tuple[str, str | None]] = {}
-    for path in result_files(folder):
-        try:
-            rec = load_record(path)
-        except TracingError:
-            continue
-        key = record_key(rec)
-        if key is not None and found.get(key, ("",))[0] != "ok":
-            found[key] = (str(rec.get("status")), error_line(rec.get("error")))
-    return found
+    """{key: (status, error line)} of every record under `folder` (results.read_records: ok wins)."""
+    records, _, _ = read_records(folder)
+    return {key: (str(rec.get("status")), error_line(rec.get("error")))
+            for _, rec in records if (key := record_key(rec)) is not None}
 
 
 def write_manifest(save: Path, cluster: str, tasks: list, jobs: list, folder: Path) -> None:
