@@ -152,11 +152,9 @@ def aggregate(folder: str | Path, out: str | Path | None = None, truth: str | Pa
                 cells = [(b, f, float(v)) for b, f, v in zip(sub["base"], sub["ft"], sub[col]) if v is not None
                          and not (isinstance(v, float) and math.isnan(v))]
                 name = f"heatmap_{'aligned_' if variant == 'aligned' else ''}{stat}.png"
-                written[name] = Path(plots.pair_heatmap(cells, str(out / name), f"{stat} {variant}: {label}", label))
-        curves = [(f"{r.get('base_model_id')} vs {r.get('ft_model_id')}", r["extras"]["alphas"],
-                   r["extras"]["losses"]) for r in records
-                  if r.get("status") == "ok" and isinstance(r.get("extras"), dict)
-                  and r["extras"].get("alphas") and r["extras"].get("losses")]
+                written[name] = Path(plots.pair_heatmap(cells, str(out / name), f"{stat} {variant}: {label}", label,
+                                                        threshold=threshold if col == pcol else None))
+        curves = _mode_curves(records)
         if curves:
             written["mode_curves.png"] = Path(plots.loss_vs_alpha(curves, str(out / "mode_curves.png")))
     if truth:
@@ -166,6 +164,19 @@ def aggregate(folder: str | Path, out: str | Path | None = None, truth: str | Pa
         written["scores_md"].write_text(to_markdown(scores))
         result["scores"] = scores
     return result
+
+
+def _mode_curves(records: list[dict]) -> list[tuple[str, list, list, bool]]:
+    """(pair label, alphas, losses, aligned) of every ok mode curve, the aligned one beside the plain one."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    names = plots.short_names([m for r in ok for m in (str(r.get("base_model_id")), str(r.get("ft_model_id")))])
+    curves = []
+    for r in ok:
+        for aligned, extras in ((False, r.get("extras")), (True, r.get("aligned_extras"))):
+            if isinstance(extras, dict) and extras.get("alphas") and extras.get("losses"):
+                label = f"{names[str(r.get('base_model_id'))]} vs {names[str(r.get('ft_model_id'))]}"
+                curves.append((label, extras["alphas"], extras["losses"], aligned))
+    return curves
 
 
 def main(argv: list[str] | None = None) -> int:

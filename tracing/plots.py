@@ -51,8 +51,38 @@ def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mappi
 
 
 # ---- aggregation (heatmaps, loss-vs-alpha) ----
-def pair_heatmap(cells, path: str, title: str, label: str = "log10 p") -> str:
-    """Model x model heatmap from (base, ft, value) cells; each pair is drawn in both triangles."""
+def short_names(model_ids, max_len: int = 28) -> dict[str, str]:
+    """Distinct labels for model ids: the last path component, with as many parent components as it takes to
+    tell two ids apart ('runs/a/base' and 'runs/b/base' -> 'a/base', 'b/base')."""
+    ids = list(dict.fromkeys(model_ids))
+    parts = {m: [p for p in str(m).rstrip("/").split("/") if p] or [str(m)] for m in ids}
+    depth = dict.fromkeys(ids, 1)
+    while True:
+        label = {m: "/".join(parts[m][-depth[m]:]) for m in ids}
+        clash = [m for m in ids if list(label.values()).count(label[m]) > 1 and depth[m] < len(parts[m])]
+        if not clash:
+            break
+        for m in clash:
+            depth[m] += 1
+    return {m: (v if len(v) <= max_len else "…" + v[-(max_len - 1):]) for m, v in label.items()}
+
+
+def threshold_scale(values, threshold: float) -> dict:
+    """imshow's cmap and norm for log10 p: diverging, white at `threshold`, red below (significant), blue above."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    lo = min(float(finite.min()) if finite.size else threshold, threshold - 1.0)
+    hi = max(float(finite.max()) if finite.size else 0.0, threshold + 1.0, 0.0)
+    return {"cmap": "RdBu", "norm": TwoSlopeNorm(vmin=lo, vcenter=threshold, vmax=hi)}
+
+
+def pair_heatmap(cells, path: str, title: str, label: str = "log10 p", threshold: float | None = None) -> str:
+    """Model x model heatmap from (base, ft, value) cells; each pair is drawn in both triangles.
+
+    With a `threshold` (log10 p heatmaps) the colour scale is diverging and centred on it: white at the
+    threshold, red for significant cells (below it), blue for the rest, so no insignificant cell looks related."""
     models = sorted({m for b, f, _ in cells for m in (b, f)})
     index = {m: i for i, m in enumerate(models)}
     m = np.full((len(models), len(models)), np.nan)  # (n_models, n_models)
@@ -60,26 +90,35 @@ def pair_heatmap(cells, path: str, title: str, label: str = "log10 p") -> str:
         m[index[b], index[f]] = v
         if np.isnan(m[index[f], index[b]]):
             m[index[f], index[b]] = v
-    short = [x.rstrip("/").split("/")[-1][:28] for x in models]
+    names = short_names(models)
     size = 2.5 + 0.45 * len(models)
     fig, ax = _subplots((size + 1.5, size))
-    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis_r" if "log10" in label else "viridis", aspect="equal")
+    if threshold is None:
+        im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", aspect="equal")
+    else:
+        im = ax.imshow(np.ma.masked_invalid(m), aspect="equal", **threshold_scale(m, threshold))
+        label = f"{label} (related below {threshold:g})"
     fig.colorbar(im, ax=ax, label=label)
     if len(models) <= 12:
         for (r, c), v in np.ndenumerate(m):
             if not np.isnan(v):
-                ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7, color="white")
-    ax.set_xticks(range(len(models)), short, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(models)), short, fontsize=7)
+                ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7,
+                        color="black" if threshold is not None else "white")
+    ax.set_xticks(range(len(models)), [names[x] for x in models], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(models)), [names[x] for x in models], fontsize=7)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
 def loss_vs_alpha(curves, path: str) -> str:
-    """Mode connectivity: one line per pair, (name, alphas, losses); a bump in the middle is a loss barrier."""
+    """Mode connectivity: one line per curve, (name, alphas, losses, aligned); aligned curves are dashed in the
+    colour of their pair. A bump in the middle is a loss barrier."""
     fig, ax = _subplots((6, 3.6))
-    for name, alphas, losses in curves:
-        ax.plot(alphas, losses, marker="o", markersize=3, label=name[:60])
+    colours: dict[str, str] = {}
+    for name, alphas, losses, aligned in curves:
+        line, = ax.plot(alphas, losses, marker="o", markersize=3, color=colours.get(name),
+                        linestyle="--" if aligned else "-", label=(name + (" (aligned)" if aligned else ""))[:70])
+        colours.setdefault(name, line.get_color())
     ax.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
     ax.set_ylabel("loss of (1 - alpha) base + alpha ft")
     ax.set_title("mode connectivity")

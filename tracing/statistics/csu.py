@@ -99,7 +99,8 @@ def csu_all(ctx: StatContext) -> StatResult:
         return match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]), ctx.compute_device)[1]
 
     results = matching.map_in_threads(test_pair, jobs)
-    for (role, i, j), lp in zip(jobs, tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)):
+    bar = tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)
+    for lp, (role, i, j) in zip(bar, jobs):  # the bar first: zip's last pull lets it reach 100% and close
         matrices[role][row_of[i]][j] = None if math.isnan(lp) else float(lp)
         if not math.isnan(lp) and lp < best[i][0]:
             best[i] = (float(lp), j, role)

@@ -75,8 +75,8 @@ def match_all(ctx: StatContext) -> StatResult:
     lap_s = 0.0
     pairs = [(a, b) for a in range(len(layers_a)) for b in range(len(layers_b))]
     results = map_in_threads(lambda ab: _pair(acts_a, acts_b, layers_a[ab[0]], layers_b[ab[1]]), pairs)
-    for (a, b), (r, lp, dt) in zip(pairs, tqdm(results, total=len(pairs), desc="match_all layer pairs",
-                                               disable=not ctx.progress)):
+    bar = tqdm(results, total=len(pairs), desc="match_all layer pairs", disable=not ctx.progress)
+    for (r, lp, dt), (a, b) in zip(bar, pairs):  # the bar first: zip's last pull lets it reach 100% and close
         rho[a, b], logp[a, b] = r, lp
         lap_s += dt
     holm = holm_log10(logp)
