@@ -17,7 +17,7 @@ LAYERS = [
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs
-    ["cli"],  # main.py's flags
+    ["cli", "examples"],  # main.py's flags; README examples from code
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # optional heavy libraries a function may import when it needs them (each costs a second or more to import,

@@ -69,13 +69,13 @@ def short_names(model_ids, max_len: int = 28) -> dict[str, str]:
 
 def threshold_scale(values, threshold: float) -> dict:
     """imshow's cmap and norm for log10 p: diverging, white at `threshold`, red below (significant), blue above."""
-    from matplotlib.colors import TwoSlopeNorm
+    import matplotlib  # loads matplotlib.colors
 
     finite = np.asarray(values, dtype=float)
     finite = finite[np.isfinite(finite)]
     lo = min(float(finite.min()) if finite.size else threshold, threshold - 1.0)
     hi = max(float(finite.max()) if finite.size else 0.0, threshold + 1.0, 0.0)
-    return {"cmap": "RdBu", "norm": TwoSlopeNorm(vmin=lo, vcenter=threshold, vmax=hi)}
+    return {"cmap": "RdBu", "norm": matplotlib.colors.TwoSlopeNorm(vmin=lo, vcenter=threshold, vmax=hi)}
 
 
 def pair_heatmap(cells, path: str, title: str, label: str = "log10 p", threshold: float | None = None) -> str:
