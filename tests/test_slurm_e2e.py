@@ -121,6 +121,7 @@ def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch, summary_lines)
         else:
             rec = load_record(t.result)
             assert rec["status"] == "ok" and rec["value"] > 0 and rec["versions"]["torch"]
+            assert rec["threads"] == 1  # cpus_per_task 1 on a 2-CPU node: the job used what it was given
     status = cluster.status_table(save)
     assert status["counts"] == {"done": 5, "running": 0, "pending": 0, "failed": 0, "missing": 1}
 

@@ -4,7 +4,9 @@
                                          # then reused): docs/generated/demo.md, docs/generated/demo_timing.md
     python -m tracing.examples report    # the report example on the demo models: docs/report-example/ and
                                          # docs/generated/report_example.md (with a merged rank-4 LoRA beside it)
-    python -m tracing.examples           # both; then README takes the files in (tracing.docs)
+    python -m tracing.examples launch    # config/demo.yaml through launch.py --wait (local processes, and Slurm
+                                         # when sinfo answers), then aggregate --truth: docs/generated/demo_launch.md
+    python -m tracing.examples           # all three; then README takes the files in (tracing.docs)
 
 The demo is deterministic (tracing/demo.py), so tests/test_examples.py can rebuild it and compare its table
 with README's; the timings and the report's figures are only regenerated here.
@@ -157,9 +159,45 @@ def regenerate_report(out: Path = GENERATED, report_dir: Path = REPORT_DIR) -> l
     return [write_markdown(out / "report_example.md", text)]
 
 
+def _slurm_answers() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _timed(argv: list[str], cwd: str) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise TracingError(f"{' '.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return time.perf_counter() - t0
+
+
+def regenerate_launch(out: Path = GENERATED) -> list[Path]:
+    """What README's cluster section shows: the three commands of config/demo.yaml, run as a user runs them
+    (in a fresh folder holding results/demo), timed; the scores against config/demo_tree.yaml."""
+    times = {}
+    with tempfile.TemporaryDirectory(prefix="launch-") as cwd:
+        with deterministic():
+            ensure_demo_models(Path(cwd) / "results" / "demo", progress=False)
+        for cluster in ("local", "slurm") if _slurm_answers() else ("local",):
+            times[cluster] = _timed([str(ROOT / "launch.py"), "--config", str(ROOT / "config" / "demo.yaml"),
+                                     "--save", f"results/demo_{cluster}", "--cluster", cluster, "--wait"], cwd)
+        _timed(["-m", "tracing.aggregate", "results/demo_local", "--truth", str(ROOT / "config" / "demo_tree.yaml"),
+                "--no_figures"], cwd)
+        scores = (Path(cwd) / "results" / "demo_local" / "aggregate" / "scores.md").read_text()
+    how = " and ".join(f"{t:.1f} s with {'the one-node Slurm cluster' if c == 'slurm' else 'local processes'}"
+                       for c, t in times.items())
+    text = (f"{scores}\n`launch.py --config config/demo.yaml --wait` (3 pairs, `csu --align`, CPU jobs) took {how} "
+            f"(the whole command; {_machine()}).\n")
+    return [write_markdown(out / "demo_launch.md", text)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tracing.examples", description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="?", choices=("demo", "report", "all"), default="all")
+    p.add_argument("what", nargs="?", choices=("demo", "report", "launch", "all"), default="all")
     p.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose generated blocks to update")
     args = p.parse_args(argv)
 
@@ -171,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             written += regenerate_demo()
         if args.what in ("report", "all"):
             written += regenerate_report()
+        if args.what in ("launch", "all"):
+            written += regenerate_launch()
         readme = Path(args.readme)
         if not readme.is_file():
             raise TracingError(f"no README at {readme}: pass --readme PATH")

@@ -144,7 +144,7 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
     check_writable(path.parent)
     record = new_record(cfg.to_dict())
     record.update(stat=get_stat(cfg.stat).name, base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id,
-                  key=cfg.result_key(), key_flags=cfg.key_flags(),
+                  key=cfg.result_key(), key_flags=cfg.key_flags(), threads=torch.get_num_threads(),
                   command=cfg.command_line(), error=None, error_kind=None, value=None, log10_pvalue=None,
                   aligned_value=None, aligned_log10_pvalue=None, base_loss=None, ft_loss=None, base_ppl=None,
                   ft_ppl=None, notes=[])
