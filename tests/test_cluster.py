@@ -1,6 +1,8 @@
 """launch.py: YAML model lists -> one submitit job array of main.py runs (debug and local executors here;
 the real-Slurm run is tests/test_slurm_e2e.py)."""
 
+import importlib
+import io
 import json
 import shutil
 import subprocess
@@ -12,11 +14,13 @@ import pytest
 from tracing import cluster, zoo
 from tracing.cli import parse_run_flags
 from tracing.cluster.status import _last_log_line
+from tracing.cluster.wait import wait_for
 from tracing.config import RunConfig, load_config
 from tracing.errors import TracingError
 from tracing.results import load_record
 
 ROOT = Path(__file__).resolve().parent.parent
+wait_module = importlib.import_module("tracing.cluster.wait")
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +244,50 @@ def test_max_wait_ends_a_wait_and_names_the_open_pairs(tmp_path, models, capsys,
         out["jobs"][0].result()
     assert cluster.status_table(tmp_path / "out")["counts"]["done"] == 1
 
+
+
+class _Clock:
+    """A fake clock for wait_for: sleeping advances it, so a wait of minutes takes no time."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+class _Job:
+    def __init__(self, job_id: str, ends_at: float, clock: _Clock):
+        self.job_id, self.ends_at, self.clock = job_id, ends_at, clock
+
+    def done(self) -> bool:
+        return self.clock() >= self.ends_at
+
+
+def test_wait_reports_at_most_once_a_minute_and_max_wait_bounds_it():
+    clock, out = _Clock(), io.StringIO()
+    jobs = [_Job("1_0", 30, clock), _Job("1_1", 200, clock)]
+    assert wait_for(jobs, "local", out=out, clock=clock, sleep=clock.sleep) == []
+    assert clock() >= 200
+    lines = out.getvalue().splitlines()  # at the start, then once when a job ended (not every poll)
+    assert [ln.split(" (")[0] for ln in lines] == ["waiting: 0/2 ended", "waiting: 1/2 ended"], lines
+    clock = _Clock()
+    jobs = [_Job("2_0", 30, clock), _Job("2_1", 10_000, clock)]
+    assert wait_for(jobs, "local", max_wait=100, out=io.StringIO(), clock=clock, sleep=clock.sleep) == [1]
+    assert 100 <= clock() < 110
+
+
+def test_a_slurm_job_has_ended_when_squeue_no_longer_holds_it(monkeypatch):
+    """Cancelled array tasks that never started vanish from squeue: the wait ends; pending reasons are said."""
+    clock, out = _Clock(), io.StringIO()
+    answers = iter([None, {"7_0": ("PENDING", "PartitionConfig"), "7_1": ("PENDING", "PartitionConfig")}, {}])
+    monkeypatch.setattr(wait_module, "queue", lambda ids: next(answers))
+    monkeypatch.setattr(wait_module, "REPORT_S", 0.0)
+    jobs = [_Job("7_0", float("inf"), clock), _Job("7_1", float("inf"), clock)]
+    assert wait_for(jobs, "slurm", out=out, clock=clock, sleep=clock.sleep) == []
+    text = out.getvalue()
+    assert "squeue did not answer" in text and "2 pending, reasons: PartitionConfig x2" in text
+    assert "never starts as it is: scancel it and relaunch with resources that fit" in text

@@ -22,12 +22,13 @@ POLL_S = 2.0  # between two looks at the queue
 REPORT_S = 60.0  # at most one progress line a minute
 
 
-def _open_jobs(jobs: list, cluster: str) -> tuple[list[int], dict[str, tuple[str, str]]]:
-    """(indices of the jobs that have not ended, Slurm's {job id: (state, reason)} for them)."""
+def _open_jobs(jobs: list, cluster: str) -> tuple[list[int], dict[str, tuple[str, str]] | None]:
+    """(indices of the jobs that have not ended, Slurm's {job id: (state, reason)} for them, None when squeue
+    did not answer: then nothing is known to have ended)."""
     if cluster == "slurm":
         held = queue(j.job_id for j in jobs)
-        if held is None:  # squeue did not answer this time: nothing is known to have ended
-            return list(range(len(jobs))), {}
+        if held is None:
+            return list(range(len(jobs))), None
         return [i for i, j in enumerate(jobs) if j.job_id in held], held
     return [i for i, j in enumerate(jobs) if not j.done()], {}
 
@@ -63,7 +64,8 @@ def wait_for(jobs: list, cluster: str, max_wait: float | None = None, out: TextI
             return []
         if max_wait is not None and now - t0 >= max_wait:
             return still
-        line = f"waiting: {len(jobs) - len(still)}/{len(jobs)} ended" + (f", {describe(held)}" if held else "")
+        line = f"waiting: {len(jobs) - len(still)}/{len(jobs)} ended" + (
+            ", squeue did not answer" if held is None else f", {describe(held)}" if held else "")
         if last_report is None or now - last_report >= (REPORT_S if line != last_line else 10 * REPORT_S):
             print(f"{line} ({now - t0:.0f} s)", file=out, flush=True)
             last_report, last_line = now, line
