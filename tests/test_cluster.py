@@ -291,3 +291,31 @@ def test_a_slurm_job_has_ended_when_squeue_no_longer_holds_it(monkeypatch):
     text = out.getvalue()
     assert "squeue did not answer" in text and "2 pending, reasons: PartitionConfig x2" in text
     assert "never starts as it is: scancel it and relaunch with resources that fit" in text
+
+
+def test_preflight_names_the_flag_and_the_largest_value_that_fits(monkeypatch):
+    slurm = importlib.import_module("tracing.cluster.slurm")
+    nodes = ("NodeName=g1 CPUTot=8 CPUEfctv=8 RealMemory=256000 Gres=gpu:a100:4(S:0-1),shard:8 Partitions=gpu,mixed\n"
+             "NodeName=c1 CPUTot=64 RealMemory=512000 Gres=(null) Partitions=cpu,mixed")
+    parts = ("PartitionName=gpu Default=NO MaxTime=2-00:00:00 MaxNodes=UNLIMITED State=UP\n"
+             "PartitionName=cpu Default=YES MaxTime=UNLIMITED MaxMemPerNode=64000 State=UP\n"
+             "PartitionName=mixed Default=NO MaxTime=UNLIMITED State=UP")
+    monkeypatch.setattr(slurm, "_run", lambda cmd, timeout=30: parts if cmd[2] == "partition" else nodes)
+    ok = {"slurm_partition": "gpu", "gpus_per_node": 4, "cpus_per_task": 8, "mem_gb": 250, "timeout_min": 2880}
+    assert slurm.preflight(ok).name == "gpu"
+    for change, needle in (({"gpus_per_node": 8}, "at most 4 GPUs; pass --gpus_per_node 4"),
+                           ({"cpus_per_task": 16}, "at most 8 CPUs; pass --cpus_per_task 8"),
+                           ({"mem_gb": 300}, "at most 250 GB of memory; pass --mem_gb 250"),
+                           ({"timeout_min": 3000}, "time limit is 2880 minutes; pass --timeout_min 2880"),
+                           ({"slurm_partition": "gpus"}, "no partition 'gpus': pass --partition with one of cpu, gpu")):
+        with pytest.raises(TracingError, match=needle):
+            slurm.preflight({**ok, **change})
+    default = {"gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 8, "timeout_min": 60}  # partition cpu: no GPU
+    with pytest.raises(TracingError, match="partition cpu: its nodes have no GPUs; pass --gpus_per_node 0"):
+        slurm.preflight(default)
+    with pytest.raises(TracingError, match="at most 62 GB of memory"):  # MaxMemPerNode caps the node's memory
+        slurm.preflight({**default, "gpus_per_node": 0, "mem_gb": 100})
+    with pytest.raises(TracingError, match="no node of partition mixed has 16 CPUs, 8 GB and 1 GPUs at once"):
+        slurm.preflight({**default, "slurm_partition": "mixed", "cpus_per_task": 16})  # each fits one node only
+    assert slurm.minutes("1-02:03:04") == 1 * 1440 + 2 * 60 + 3 + 1 and slurm.minutes("UNLIMITED") is None
+    assert slurm.gpus("gpu:2,gpu:tesla:1") == 3 and slurm.gpus("(null)") == 0
