@@ -22,6 +22,7 @@ from submitit.core.utils import UncompletedJobError
 
 from tracing import cluster, zoo
 from tracing.aggregate import aggregate
+from tracing.errors import TracingError
 from tracing.results import load_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,15 +200,10 @@ def test_slurm_preflight_refuses_a_request_that_can_never_run(setup, summary_lin
     cpus, mem_gb = int(node["CPUTot"]), int(node["RealMemory"]) // 1024
     yaml = root / "defaults.yaml"
     yaml.write_text("models: [%s, %s]\nmain: {stat: l2, device: cpu}\n" % (root / "a", root / "b"))
-    cases = [([], "--gpus_per_node 1 can never run", "pass --gpus_per_node 0"),
-             (["--gpus_per_node", "0", "--cpus_per_task", str(cpus + 6)], f"--cpus_per_task {cpus + 6}",
-              f"pass --cpus_per_task {cpus}"),
-             (["--gpus_per_node", "0", "--cpus_per_task", "1", "--mem_gb", str(mem_gb + 57)], "--mem_gb",
-              f"pass --mem_gb {mem_gb}"),
-             (["--gpus_per_node", "0", "--cpus_per_task", "1", "--mem_gb", "1", "--constraint", "nosuchfeature"],
-              "sbatch refused the job array", "--constraint")]
     save = root / "refused"
-    for flags, *needles in cases:
+    for flags, *needles in [([], "--gpus_per_node 1 can never run", "pass --gpus_per_node 0"),
+                            (["--gpus_per_node", "0", "--cpus_per_task", "1", "--mem_gb", "1", "--constraint",
+                              "nosuchfeature"], "sbatch refused the job array", "--constraint")]:  # the CLI: exit 2
         proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(yaml), "--save", str(save),
                                "--cluster", "slurm", *flags], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -215,6 +211,11 @@ def test_slurm_preflight_refuses_a_request_that_can_never_run(setup, summary_lin
         assert all(n in proc.stderr for n in needles), proc.stderr
         summary_lines.append(f"Slurm preflight: launch.py {' '.join(flags) or '(default resources)'} -> exit 2: "
                              f"{proc.stderr.strip()}")
+    for over, needle in (({"cpus_per_task": cpus + 6}, f"pass --cpus_per_task {cpus}"),  # in-process: same code
+                         ({"cpus_per_task": 1, "mem_gb": mem_gb + 57}, f"pass --mem_gb {mem_gb}")):
+        with pytest.raises(TracingError, match=needle) as err:
+            cluster.launch(yaml, save, {}, cluster="slurm", slurm_overrides={"gpus_per_node": 0, **over})
+        summary_lines.append(f"Slurm preflight: {over} -> {err.value}")
     assert not (save / "launches.jsonl").exists()  # nothing was submitted
 
 
