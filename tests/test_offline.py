@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tracing import zoo
+from tracing import hub, zoo
 from tracing.results import load_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,3 +68,22 @@ def test_offline_switch_set_by_the_user_is_named(model_dir, tmp_path):
     proc, _ = main_py(tmp_path, env, "--base_model_id", model_dir, "--ft_model_id", "org-x/not-cached", "--stat", "l2")
     assert proc.returncode == 2
     assert "HF_HUB_OFFLINE=1 is set: pass a local path, or unset HF_HUB_OFFLINE to download" in proc.stderr
+
+
+def test_the_probe_goes_where_the_hub_client_goes(monkeypatch):
+    """Behind a proxy the hub is reached through it, so the proxy is what is probed; NO_PROXY bypasses it."""
+    monkeypatch.setattr(hub.hub_constants, "ENDPOINT", "https://huggingface.co")
+    for var in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert hub._endpoint() == ("huggingface.co", 443)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub._endpoint() == ("proxy.example", 3128)
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert hub._endpoint() == ("huggingface.co", 443)
+
+
+def test_only_the_datasets_switch_keeps_models_online(monkeypatch):
+    for var in hub.DATASETS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert hub.set_by_user() is None and hub.set_by_user(datasets=True) == "HF_DATASETS_OFFLINE=1"

@@ -70,13 +70,14 @@ def load_texts(dataset: str, *, split: str = "test", seed: int = 0, model_ids: S
 def _wikitext(split: str) -> list[str]:
     import datasets
 
-    reason = offline_reason()  # no network: datasets goes offline at once instead of retrying for a minute
+    reason = offline_reason(datasets=True)  # no network: datasets goes offline at once instead of retrying for a minute
     try:
         rows = datasets.load_dataset(*WIKITEXT, split=split)["text"]
     except Exception as e:  # offline, no cache, hub down: all end here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         why = f"not in the datasets cache and {reason}" if reason else first
-        unset = f", or unset {set_by_user().split('=')[0]} to download it" if reason and set_by_user() else ""
+        user = set_by_user(datasets=True)
+        unset = f", or unset {user.split('=')[0]} to download it" if reason and user else ""
         raise TracingError(f"cannot load WikiText-103 ({split} split): {why}: pass a local .txt/.jsonl/.parquet "
                            f"file with --dataset PATH (or --dataset random){unset}") from None
     return _wikitext_articles(rows)

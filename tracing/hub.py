@@ -15,17 +15,25 @@ import functools
 import os
 import socket
 import sys
+import urllib.request
 from urllib.parse import urlparse
 
 import huggingface_hub.constants as hub_constants
 
 PROBE_S = 1.5  # the TCP connection attempt; DNS failure is immediate
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+HUB_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # what switches models offline
+DATASETS_VARS = (*HUB_VARS, "HF_DATASETS_OFFLINE")  # ... and datasets
 
 
 def _endpoint() -> tuple[str, int]:
+    """(host, port) the hub client connects to: the endpoint, or the proxy that reaches it."""
     url = urlparse(hub_constants.ENDPOINT)
-    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        return p.hostname or host, p.port or 80
+    return host, port
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,18 +46,19 @@ def _reachable() -> bool:
         return False
 
 
-def set_by_user() -> str | None:
-    """The offline variable the user set ('HF_HUB_OFFLINE=1'), None when none is."""
-    for var in OFFLINE_VARS:
+def set_by_user(datasets: bool = False) -> str | None:
+    """The offline variable the user set ('HF_HUB_OFFLINE=1'), None when none is (datasets: its own too)."""
+    for var in DATASETS_VARS if datasets else HUB_VARS:
         if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
             return f"{var}={os.environ[var]}"
     return None
 
 
-def offline_reason() -> str | None:
-    """Why only cached hub files can be used now (None: the hub is reachable). Probes the endpoint once;
-    when it cannot be reached, huggingface_hub, transformers and datasets go offline for this process."""
-    user = set_by_user()
+def offline_reason(datasets: bool = False) -> str | None:
+    """Why only cached hub files (datasets: cached datasets) can be used now; None: the hub is reachable.
+    Probes the endpoint once; when it cannot be reached, huggingface_hub, transformers and datasets go
+    offline for this process."""
+    user = set_by_user(datasets)
     if user:
         return f"{user} is set"
     if hub_constants.HF_HUB_OFFLINE and _reachable.cache_info().currsize == 0:  # switched on in code, not probed
