@@ -25,26 +25,42 @@ from tracing.naming import GENERATED_DIR, RESULTS_DIR
 
 
 def parse_alphas(text: str) -> tuple[float, ...]:
-    """'0,0.25,1' -> (0.0, 0.25, 1.0)."""
+    """'0,0.25,1' -> (0.0, 0.25, 1.0); no number at all (',') is an error, never a silent default."""
     try:
-        return tuple(float(x) for x in str(text).split(",") if x.strip())
+        out = tuple(float(x) for x in str(text).split(",") if x.strip())
     except ValueError:
         raise TracingError(f"--alphas takes comma-separated numbers, got '{text}'") from None
+    if not out:
+        raise TracingError(f"--alphas '{text}' holds no number: give values in [0, 1], e.g. 0,0.5,1")
+    return out
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    """'0,2,5-7' -> (0, 2, 5, 6, 7)."""
+    """'0,2,5-7' -> (0, 2, 5, 6, 7); an empty range ('2-0') or no index at all (',') is an error."""
     out: list[int] = []
     try:
         for part in str(text).split(","):
             if "-" in part.strip()[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise TracingError(f"--layers range '{part.strip()}' is empty: write the lower index first "
+                                       f"({hi}-{lo})")
+                out.extend(range(lo, hi + 1))
             elif part.strip():
                 out.append(int(part))
     except ValueError:
         raise TracingError(f"--layers takes indices like '0,2,5-7', got '{text}'") from None
+    if not out:
+        raise TracingError(f"--layers '{text}' names no layer: give indices like '0,2,5-7' (or leave it out)")
     return tuple(out)
+
+
+def parse_keys(text: str) -> tuple[str, ...]:
+    """'lm_head.weight,*.inv_freq' -> ('lm_head.weight', '*.inv_freq'): weight names or glob patterns."""
+    out = tuple(x.strip() for x in str(text).split(",") if x.strip())
+    if not out:
+        raise TracingError(f"--allow_keys '{text}' names no weight: give names or glob patterns, e.g. lm_head.weight")
+    return out
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     device_map: str | None = None  # "auto": shard over all GPUs (accelerate)
     trust_remote_code: bool = False
+    allow_keys: tuple[str, ...] | None = None  # weights that may be missing from / unexpected in a checkpoint
     # statistic
     stat: str = "csu"
     permute: bool = False  # randomly permute ft's hidden units first
@@ -139,7 +156,7 @@ class RunConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
 _KIND = {name: f.type.split(" |")[0] for name, f in FIELDS.items()}  # "bool", "int", "float", "str", "tuple[..]"
-_PARSERS = {"alphas": parse_alphas, "layers": parse_layers}
+_PARSERS = {"alphas": parse_alphas, "layers": parse_layers, "allow_keys": parse_keys}
 
 
 def _coerce(name: str, value: Any) -> Any:
