@@ -44,17 +44,16 @@ def _pair(xa: dict, xb: dict, i: int, j: int) -> tuple[float, float, float]:
                                euclid_similarity(a_u.T @ b_u, a_u.square().sum(0), b_u.square().sum(0)))
 
 
-def _all_pairs(ctx: StatContext, stat: str, test, layers_a: list[int], layers_b: list[int]) -> dict:
-    """test(i, j) -> (rho, log10 p, seconds) for every layer pair in worker threads, then the Holm layer map."""
+def _all_pairs(ctx: StatContext, stat: str, row_test, layers_a: list[int], layers_b: list[int]) -> dict:
+    """row_test(i) -> test(j) -> (rho, log10 p, seconds in assignment): one base layer i at a time (what it
+    prepares is held for one row only), its pairs with every ft layer in worker threads; then the Holm map."""
     logp = np.zeros((len(layers_a), len(layers_b)))
     rho = np.zeros_like(logp)
     lap_s = 0.0
-    pairs = [(a, b) for a in range(len(layers_a)) for b in range(len(layers_b))]
-    results = map_in_threads(lambda ab: test(layers_a[ab[0]], layers_b[ab[1]]), pairs)
-    for (a, b), (r, lp, dt) in zip(pairs, tqdm(results, total=len(pairs), desc=f"{stat} layer pairs",
-                                               disable=not ctx.progress)):
-        rho[a, b], logp[a, b] = r, lp
-        lap_s += dt
+    for a, i in enumerate(tqdm(layers_a, desc=f"{stat} base layers", disable=not ctx.progress)):
+        for b, (r, lp, dt) in enumerate(map_in_threads(row_test(i), layers_b)):
+            rho[a, b], logp[a, b] = r, lp
+            lap_s += dt
     holm = holm_log10(logp)
     per_layer, mapping = layer_map(logp, holm, layers_a, layers_b, stat)
     extras = {"log10_pvalue_matrix": logp.tolist(), "rho_matrix": rho.tolist(),
@@ -82,20 +81,21 @@ def match_all(ctx: StatContext) -> StatResult:
                                 batch_size=ctx.batch_size, counter=passes_b, progress=ctx.progress)
     acts_a = {k: v.double() for k, v in acts_a.items()}  # (S, width) float64
     acts_b = {k: v.double() for k, v in acts_b.items()}
-    out = _all_pairs(ctx, "match_all", lambda i, j: _pair(acts_a, acts_b, i, j), layers_a, layers_b)
+    out = _all_pairs(ctx, "match_all", lambda i: lambda j: _pair(acts_a, acts_b, i, j), layers_a, layers_b)
     out["extras"].update(forward_passes={"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
                          n_tokens_sampled=int(len(positions)))
     return StatResult(value=out["best"], log10_pvalue=out["best"], per_layer=out["per_layer"], extras=out["extras"])
 
 
-def _rows_with_bias(model: torch.nn.Module, spec: ArchSpec, layer: int, proj: str) -> torch.Tensor:
-    """[W | b] of layer's gate or up projection: (width, hidden + 1) float64 on the CPU (b = 0 without bias)."""
+def _rows_with_bias(model: torch.nn.Module, spec: ArchSpec, layer: int, proj: str,
+                    device: torch.device) -> torch.Tensor:
+    """[W | b] of layer's gate or up projection: (width, hidden + 1) float32 on `device` (b = 0 without bias)."""
     roles = spec.layers[layer]
     key, module = (roles.gate, roles.gate_module) if proj == "gate" else (roles.up, roles.up_module)
-    w = spec.neuron_rows(model.get_parameter(key), key, mlp(layer)).detach().double().cpu()  # (width, hidden)
+    w = spec.neuron_rows(model.get_parameter(key), key, mlp(layer)).detach()  # (width, hidden)
     bias = getattr(model.get_submodule(module), "bias", None)
-    b = torch.zeros(len(w), dtype=torch.float64) if bias is None else bias.detach().double().cpu()
-    return torch.cat([w, b[:, None]], dim=1)
+    b = torch.zeros(len(w)) if bias is None else bias.detach()
+    return torch.cat([w.to(device, torch.float32), b.to(device, torch.float32)[:, None]], dim=1)
 
 
 @register("match_all_drift_free", aliases=("match_all_df",), needs_data=True, same_shape=False, scalar=False,
@@ -108,29 +108,34 @@ def match_all_drift_free(ctx: StatContext) -> StatResult:
     blocks = check_blocks(ctx.blocks)
     layers_a = check_layers(ctx.layers, ctx.spec_base.n_layers)
     layers_b = list(range(ctx.spec_ft.n_layers))
-    w_a = {(p, i): _rows_with_bias(ctx.base, ctx.spec_base, i, p) for i in layers_a for p in ("gate", "up")}
-    w_b = {(p, j): _rows_with_bias(ctx.ft, ctx.spec_ft, j, p) for j in layers_b for p in ("gate", "up")}
-    if w_a["up", layers_a[0]].shape[1] != w_b["up", 0].shape[1]:
+    hidden_a, hidden_b = (spec.neuron_rows(model.get_parameter(spec.layers[0].up), spec.layers[0].up, mlp(0)).shape[1]
+                          for model, spec in ((ctx.base, ctx.spec_base), (ctx.ft, ctx.spec_ft)))  # views, no copy
+    if hidden_a != hidden_b:
         raise TracingError(f"{stat} feeds A's MLP inputs to B's weights, so the hidden sizes must agree "
-                           f"({w_a['up', layers_a[0]].shape[1] - 1} vs {w_b['up', 0].shape[1] - 1}): use match_all")
+                           f"({hidden_a} vs {hidden_b}): use match_all")
     counter: dict = {}
     cov = mlp_input_covariances(ctx.base, ctx.spec_base, blocks, layers=layers_a, batch_size=ctx.batch_size,
                                 counter=counter, progress=ctx.progress)  # layer -> (hidden + 1, hidden + 1)
-    # A's side once per layer: W'_A Σ_i (width_A, hidden + 1) and the squared activation norms (width_A,)
-    a_side = {}
-    for (p, i), w in w_a.items():
-        m = w @ cov[i]
-        a_side[p, i] = (m, (m * w).sum(1))
+    dev = ctx.compute_device or next(ctx.base.parameters()).device  # products in float32 there
 
-    def test(i: int, j: int) -> tuple[float, float, float]:
-        sims = []
+    def row(i: int):
+        cov_i = cov[i].to(dev, torch.float32)  # Σ_i (hidden + 1, hidden + 1)
+        a_side = {}  # proj -> (W'_A Σ_i (width_A, hidden + 1), squared activation norms (width_A,))
         for p in ("gate", "up"):
-            m_a, sq_a = a_side[p, i]
-            w = w_b[p, j]  # (width_B, hidden + 1)
-            sims.append(euclid_similarity(m_a @ w.T, sq_a, ((w @ cov[i]) * w).sum(1)))  # (width_A, width_B)
-        return two_matchings_agree(*sims)
+            w = _rows_with_bias(ctx.base, ctx.spec_base, i, p, dev)
+            m = w @ cov_i
+            a_side[p] = (m, (m * w).sum(1))
 
-    out = _all_pairs(ctx, stat, test, layers_a, layers_b)
+        def test(j: int) -> tuple[float, float, float]:
+            sims = []
+            for p in ("gate", "up"):
+                w = _rows_with_bias(ctx.ft, ctx.spec_ft, j, p, dev)  # (width_B, hidden + 1)
+                m_a, sq_a = a_side[p]
+                sims.append(euclid_similarity(m_a @ w.T, sq_a, ((w @ cov_i) * w).sum(1)))  # (width_A, width_B)
+            return two_matchings_agree(*sims)
+        return test
+
+    out = _all_pairs(ctx, stat, row, layers_a, layers_b)
     out["extras"].update(forward_passes={"base": counter["forward_passes"], "ft": 0},
                          n_tokens=counter["n_tokens"])
     return StatResult(value=out["best"], log10_pvalue=out["best"], per_layer=out["per_layer"], extras=out["extras"])
