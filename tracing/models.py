@@ -12,10 +12,12 @@ ever handed to the hub client, and is scrubbed from every exception and log line
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,7 +88,8 @@ def _load_tokenizer(where: str, *, revision=None, token=None, trust_remote_code=
     return None
 
 
-def check_loading_info(name: str, info: dict, allow_keys: Sequence[str] = (), notes: list | None = None) -> None:
+def check_loading_info(name: str, info: dict, allow_keys: Sequence[str] = (), notes: list | None = None,
+                       config_file: str = "config.json") -> None:
     """A checkpoint must be what its config says: weights missing from it (transformers would initialise them
     at random), unexpected ones (never loaded) or of another shape are a TracingError naming them, unless
     each matches a glob pattern of `allow_keys` (--allow_keys); allowed ones are noted in `notes`."""
@@ -108,7 +111,7 @@ def check_loading_info(name: str, info: dict, allow_keys: Sequence[str] = (), no
             allowed = sorted(set(keys) - set(refused))
             notes.append(f"{name}: {len(allowed)} weights {what}, allowed by --allow_keys: {', '.join(allowed[:5])}")
     if bad:
-        raise TracingError(f"{name} is not what its config.json says: {'; '.join(bad)}; pass the right checkpoint, "
+        raise TracingError(f"{name} is not what its {config_file} says: {'; '.join(bad)}; pass the right checkpoint, "
                            f"or --allow_keys with these names (glob patterns) if that is expected")
 
 
@@ -211,7 +214,17 @@ def _load_adapter(name: str, src: Location, adapter: dict, adapter_base: str | N
                                 trust_remote_code=trust_remote_code, token=token, progress=progress,
                                 allow_keys=allow_keys, notes=notes)
     try:
-        merged = peft.PeftModel.from_pretrained(base, src.path, revision=src.revision, token=token)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = peft.PeftModel.from_pretrained(base, src.path, revision=src.revision, token=token)
+        for w in caught:  # peft only warns when adapter weights are missing (they stay at their init: no-ops)
+            text = str(w.message)
+            if "missing adapter keys while loading the checkpoint: " in text:
+                missing = ast.literal_eval(text.split("checkpoint: ", 1)[1].rstrip("."))
+                check_loading_info(f"adapter {name}", {"missing_keys": missing}, allow_keys, notes,
+                                   "adapter_config.json")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         merged = merged.merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         err = hub_error(e, src, name, token)

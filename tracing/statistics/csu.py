@@ -107,9 +107,10 @@ def csu_all(ctx: StatContext) -> StatResult:
     jobs = [(r, i, j) for r in roles for i in layers_a if (r, i) in rows_a for j in layers_b if (r, j) in rows_b
             and rows_a[r, i].shape[1:] == rows_b[r, j].shape[1:]]
     if not jobs:
-        raise TracingError(f"csu_all found no weight matrices of the same role and hidden size in "
-                           f"{ctx.spec_base.model_type} and {ctx.spec_ft.model_type} (roles in common: "
-                           f"{len(roles)}): use match_all or jsd, which compare what the models compute")
+        why = "share no weight role" if not roles else "have no same-role matrices with the same hidden size"
+        raise TracingError(f"csu_all found no weight matrices of the same role: {ctx.spec_base.model_type} and "
+                           f"{ctx.spec_ft.model_type} {why}; use match_all or jsd, which compare what the models "
+                           "compute")
 
     def test_pair(job: tuple[str, int, int]) -> float:  # runs in a worker thread
         r, i, j = job
