@@ -27,6 +27,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -40,10 +42,12 @@ def _rss_mib(field: str) -> int:
 
 def build(folder: str, layers: int, hidden: int, steps: int, n_blocks: int, block_size: int) -> dict:
     """Train the base and the independent model, prune the base; save all three and the token blocks."""
-    import torch
+    import transformers
 
     from tracing import zoo
 
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(1)  # tiny matrices: more threads only spin, above all on a shared machine
     torch.manual_seed(0)
     tok = zoo.build_tokenizer(zoo.synthetic_text(3000, seed=0), vocab_size=512)
     ids = torch.tensor(tok(zoo.synthetic_text(6000, seed=1))["input_ids"])
@@ -63,10 +67,10 @@ def build(folder: str, layers: int, hidden: int, steps: int, n_blocks: int, bloc
     return {"kept": kept, "train_s": round(time.perf_counter() - t0, 1)}
 
 
-def run_one(folder: str, stat: str, pair: str) -> dict:
-    import torch
+def run_one(folder: str, stat: str, pair: str, threads: int) -> dict:
     import transformers
 
+    torch.set_num_threads(threads)
     from tracing.arch import get_spec
     from tracing.statistics import StatContext, get_stat
 
@@ -126,11 +130,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="training steps of the base and independent models")
     ap.add_argument("--blocks", type=int, default=16, help="token blocks (of --block_size) for the activations")
     ap.add_argument("--block_size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the statistics (training uses 1)")
     ap.add_argument("--markdown", default=None, help="also write the tables to this markdown file (for README)")
     ap.add_argument("--one", nargs=3, metavar=("FOLDER", "STAT", "PAIR"), help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(*args.one)), flush=True)
+        print(json.dumps(run_one(*args.one, threads=args.threads)), flush=True)
         return
     command = shlex.join(["python", "benchmarks/localized.py", *sys.argv[1:]])
     started = datetime.now(timezone.utc)
@@ -141,18 +146,16 @@ def main() -> None:
         rows = []
         for stat in STATS:
             for pair in ("pruned", "independent"):
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", folder, stat, pair],
-                                     check=True, capture_output=True, text=True)
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", folder, stat, pair,
+                                      "--threads", str(args.threads)], check=True, capture_output=True, text=True)
                 rows.append(json.loads(out.stdout.splitlines()[-1]))
                 r = rows[-1]
                 print(f"{stat:22s} {pair:11s} {r['wall_s']:7.2f} s  log10 p {_fmt_p(r['log10p']):>8s}  "
                       f"mapping {r['mapping']}", flush=True)
-    import torch
-
     meta = (f"`{command}`: {args.layers} layers, hidden {args.hidden}, MLP {3 * args.hidden}, trained {args.steps} "
             f"steps; B keeps layers {built['kept']} with {2 * args.hidden} MLP neurons each; "
             f"{rows[0]['tokens']} tokens of held-out text. {started:%Y-%m-%d}, {platform.machine()}, "
-            f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} torch threads, load average "
             f"{os.getloadavg()[0]:.1f}.")
     text = report(rows, built["kept"], meta)
     print(text)

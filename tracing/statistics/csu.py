@@ -127,7 +127,7 @@ def csu_all(ctx: StatContext) -> StatResult:
     holm[tested] = holm_log10(per_role[tested])  # one family: every (role, layer, layer) test that gave a p
     logp, holm_pair = np.fmin.reduce(per_role, axis=0), np.fmin.reduce(holm, axis=0)  # (L_A, L_B): best role
     per_layer, mapping = layer_map(logp, holm_pair, layers_a, layers_b, "csu_all")
-    for rec, b in zip(per_layer, range(len(layers_b))):
+    for b, rec in enumerate(per_layer):
         if rec["best_layer_base"] is not None:
             rec["role"] = roles[int(np.nanargmin(per_role[:, row_of[rec["best_layer_base"]], b]))]
     best = float(np.nanmin(holm))
