@@ -1,8 +1,9 @@
 """Benchmark of localized testing on a pruned model: which layer of B comes from which layer of A?
 
-    python benchmarks/localized.py                                   # 24 layers, hidden 64, trained 200 steps
+    python benchmarks/localized.py                                   # 24 layers, hidden 64, trained 50 steps
     python benchmarks/localized.py --markdown docs/generated/localized.md   # also write README's table
-    python benchmarks/localized.py --layers 12 --steps 50 --blocks 4  # a quick look
+    python benchmarks/localized.py --blocks 16 2                     # also with 256 tokens
+    python benchmarks/localized.py --layers 12 --blocks 4            # a quick look
 
 A Llama-architecture base (hidden H, MLP 3H, `--layers` L) is trained `--steps` Adam steps on text the project
 generates (so it is not a random init); B = the base with every third layer removed and, in each kept layer,
@@ -157,8 +158,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=200, help="training steps of the base and independent models")
-    ap.add_argument("--blocks", type=int, nargs="+", default=[16, 2],
+    ap.add_argument("--steps", type=int, default=50, help="training steps of the base and independent models")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[16],
                     help="token blocks (of --block_size) for the activations; several: one run each")
     ap.add_argument("--block_size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the statistics (training uses 1)")
