@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tracing import cluster
 from tracing.cli import parse_run_flags
-from tracing.config import SLURM_KEYS, load_config
 from tracing.errors import EXIT_FAILED, EXIT_OK, TracingError, exit_on_error
+from tracing.model_lists import SLURM_KEYS, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,7 +76,8 @@ def test_a_damaged_checkpoint_is_one_line_exit_2_and_a_failed_record(what, needl
 def test_a_corrupt_parquet_dataset_is_one_line(good, tmp_path, capsys):
     (tmp_path / "d.parquet").write_bytes(b"PAR1 this is not parquet")
     code, err = run_main(capsys, "--base_model_id", str(good), "--ft_model_id", str(good), "--stat", "match",
-                         "--dataset", str(tmp_path / "d.parquet"), "--save", str(tmp_path / "out"))
+                         "--dataset", str(tmp_path / "d.parquet"), "--block_size", "32",
+                         "--save", str(tmp_path / "out"))
     assert code == 2
     assert_one_line(err, "cannot read", "as parquet", "pass a valid .parquet file with a 'text' column")
     assert load_record(next((tmp_path / "out").glob("*.pkl")))["status"] == "failed"

@@ -15,8 +15,9 @@ from tracing import cluster, zoo
 from tracing.cli import parse_run_flags
 from tracing.cluster.status import _last_log_line
 from tracing.cluster.wait import wait_for
-from tracing.config import RunConfig, load_config
+from tracing.config import RunConfig
 from tracing.errors import TracingError
+from tracing.model_lists import load_config
 from tracing.results import load_record
 
 ROOT = Path(__file__).resolve().parent.parent

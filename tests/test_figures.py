@@ -36,7 +36,7 @@ def test_mode_curves_keep_the_aligned_curve(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("stat, desc", [("csu_all", "csu_all pairs"), ("match_all", "match_all layer pairs")])
+@pytest.mark.parametrize("stat, desc", [("csu_all", "csu_all pairs"), ("match_all", "match_all base layers")])
 def test_progress_bars_reach_100_percent(stat, desc, tmp_path, capsys):
     from tracing import zoo
 

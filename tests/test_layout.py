@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 # Lower layers never import higher ones (a layer may import itself: the cycle test keeps that acyclic).
 LAYERS = [
     ["errors", "naming", "matching", "plots", "zoo", "docs"],  # foundation: no model code
-    ["config", "results", "devices", "arch", "checkpoints", "lineage", "hub"],  # options, records, specs, the hub
+    ["config", "model_lists", "results", "result_folder", "devices", "arch", "checkpoints", "lineage", "hub"],
     ["perm", "data", "models", "evaluate", "activations", "transforms", "align"],  # tensors and models
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling

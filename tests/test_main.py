@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import record_path
 
 from tracing import zoo
 from tracing.cli import main, parse_run_flags
 from tracing.config import RunConfig
-from tracing.errors import TracingError
 from tracing.statistics.pvalues import permtest_log10p
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,21 +46,11 @@ def models(tmp_path_factory, tokenizer, text_ids) -> dict[str, str]:
     return paths
 
 
-def result_path(argv: list[str]) -> Path | None:
-    """Where main.py writes the record of `argv` (None: options refused before anything is written)."""
-    flags = parse_run_flags(argv)
-    flags.pop("token", None)
-    try:
-        return RunConfig.from_dict(flags).result_path()
-    except TracingError:
-        return None
-
-
 def run(models, tmp_path, base, ft, *extra):
     argv = ["--base_model_id", models[base], "--ft_model_id", models[ft], "--save", str(tmp_path),
             "--no_progress", *extra]
     code = main(argv)
-    path = result_path(argv)
+    path = record_path(argv)
     record = pickle.loads(path.read_bytes()) if path and path.exists() else None
     return code, record
 
@@ -75,7 +65,7 @@ def test_derived_pair_is_related_and_record_is_plain(models, tmp_path, monkeypat
     text = json.dumps(rec)  # plain data only: JSON-serialisable as is
     assert "secret" not in text
     argv = ["--base_model_id", models["base"], "--ft_model_id", models["derived"], "--save", str(tmp_path)]
-    twin = json.loads(result_path(argv).with_suffix(".json").read_text())
+    twin = json.loads(record_path(argv).with_suffix(".json").read_text())
     assert twin["log10_pvalue"] == rec["log10_pvalue"]
     assert set(rec["git"]) >= {"commit", "dirty"}
 
@@ -203,8 +193,6 @@ def test_weight_only_runs_on_a_gpu_keep_the_models_in_cpu_memory(monkeypatch):
     import torch
 
     import tracing.pipeline
-    from tracing.cli import parse_run_flags
-    from tracing.config import RunConfig
     from tracing.pipeline import placement
     from tracing.statistics import get_stat
 

@@ -49,7 +49,8 @@ def test_no_network_fails_at_once_naming_a_local_path(case, model_dir, tmp_path,
         needles = ["org-x/not-cached-model is neither a local directory", "127.0.0.1 cannot be reached",
                    "pass a local path"]
     else:
-        argv = ["--base_model_id", model_dir, "--ft_model_id", model_dir, "--stat", "match", "--dataset", "wikitext"]
+        argv = ["--base_model_id", model_dir, "--ft_model_id", model_dir, "--stat", "match", "--dataset", "wikitext",
+                "--block_size", "32"]
         needles = ["cannot load WikiText-103", "not in the datasets cache and 127.0.0.1 cannot be reached",
                    "pass a local .txt/.jsonl/.parquet file"]
     proc, wall = main_py(tmp_path, no_network_env(tmp_path), *argv)

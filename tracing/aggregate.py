@@ -22,7 +22,8 @@ from tracing import plots
 from tracing.errors import TracingError, exit_on_error
 from tracing.lineage import load_tree, related
 from tracing.naming import AGGREGATE_SUBDIR
-from tracing.results import check_writable, error_line, read_records, record_key
+from tracing.result_folder import read_records, record_key
+from tracing.results import check_writable, error_line
 from tracing.statistics import get_stat
 
 COLUMNS = ["base", "ft", "stat", "status", "value", "log10_pvalue", "aligned_value", "aligned_log10_pvalue",

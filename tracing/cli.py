@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 
-from tracing.config import FIELDS, RunConfig, parse_alphas, parse_layers
+from tracing.config import FIELDS, RunConfig, parse_alphas, parse_keys, parse_layers
 from tracing.demo import run_demo
 from tracing.devices import threads
 from tracing.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TracingError, exit_on_error
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add(g, "device", "auto|cpu|cuda|cuda:N")
     p.add(g, "device_map", "'auto' shards big models over all GPUs (accelerate)")
     p.add(g, "trust_remote_code", "run model code from the checkpoint", action="store_true")
+    p.add(g, "allow_keys", "weights that may be missing from or unexpected in a checkpoint (names or glob "
+          "patterns, comma-separated, e.g. lm_head.weight); any other is an error", type=_type(parse_keys))
 
     g = p.add_argument_group("statistic")
     p.add(g, "stat", "statistic name (see README); unknown names list the valid ones")

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tracing.config import load_config
 from tracing.errors import TracingError, exit_on_error
+from tracing.model_lists import load_config
 from tracing.models import load_model
 from tracing.naming import GENERATED_DIR, generated_path
 from tracing.results import atomic_write, check_writable

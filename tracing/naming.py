@@ -65,9 +65,10 @@ def generated_path(generated_dir: str | Path, model_id: str) -> Path:
     return Path(generated_dir) / f"{safe_name(model_id)}_gentext.json"
 
 
-def heatmap_name(base_id: str, ft_id: str) -> str:
-    """match_all's layer x layer figure: one file per pair in a shared folder (unnamed in-memory models: one)."""
-    return f"{pair_name(base_id, ft_id, 'match_all')}_heatmap.png" if base_id and ft_id else "match_all_heatmap.png"
+def heatmap_name(base_id: str, ft_id: str, stat: str = "match_all") -> str:
+    """A localized test's layer x layer figure: one file per pair and statistic in a shared folder (unnamed
+    in-memory models: one per statistic)."""
+    return f"{pair_name(base_id, ft_id, stat)}_heatmap.png" if base_id and ft_id else f"{stat}_heatmap.png"
 
 
 def job_name(base_name: str, ft_name: str) -> str:

@@ -29,14 +29,16 @@ def _save(fig, path: str) -> str:
 
 
 # ---- activation statistics (match_all) ----
-def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mapping=None) -> str:
-    """Heatmap of -log10 p for every (layer of A, layer of B); the inferred mapping is marked with dots."""
+def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mapping=None,
+                      stat: str = "match_all") -> str:
+    """Heatmap of -log10 p for every (layer of A, layer of B) of a localized test (match_all, csu_all, ...);
+    the inferred mapping is marked with dots, untested pairs stay blank."""
     m = -np.asarray(log10p, dtype=float)  # (L_A, L_B), larger = stronger evidence of derivation
     layers_base = list(range(m.shape[0])) if layers_base is None else list(layers_base)
     layers_ft = list(range(m.shape[1])) if layers_ft is None else list(layers_ft)
     fig, ax = _subplots((max(4.5, 2.0 + 0.3 * m.shape[1]), max(3.5, 1.2 + 0.3 * m.shape[0])))
     im = ax.imshow(m, cmap="viridis", aspect="auto", origin="upper")
-    fig.colorbar(im, ax=ax, label="-log10 p (match)")
+    fig.colorbar(im, ax=ax, label=f"-log10 p ({stat})")
     for j, i in enumerate(mapping or []):
         if i is not None:
             ax.plot(j, layers_base.index(i), "r.", markersize=6)
@@ -46,7 +48,7 @@ def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mappi
     step_a = max(1, len(layers_base) // 16)
     ax.set_xticks(range(0, len(layers_ft), step_b), [str(x) for x in layers_ft[::step_b]])
     ax.set_yticks(range(0, len(layers_base), step_a), [str(x) for x in layers_base[::step_a]])
-    ax.set_title("match_all: localized testing")
+    ax.set_title(f"{stat}: localized testing")
     return _save(fig, path)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import platform
@@ -24,9 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tracing.config import FIELDS, RunConfig
 from tracing.errors import TracingError
-from tracing.naming import RECORD_SUFFIXES, SUBMITIT_SUBDIR, failed_path
+from tracing.naming import failed_path
 
 SCHEMA = 1
 PLAIN_SCALARS = (str, int, float, bool, type(None))
@@ -154,16 +154,40 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def finite_only(record: dict) -> dict:
+    """A copy of `record` in which every NaN / inf float is None, its JSON path and value listed under
+    `nonfinite`, e.g. {"per_layer[1].log10_pvalue": "nan"}: strict JSON, and nothing lost.
+
+    Idempotent: a record that is already finite comes back equal (paths found earlier are kept)."""
+    found: dict[str, str] = dict(record.get("nonfinite") or {})
+
+    def walk(obj: Any, path: str) -> Any:
+        if isinstance(obj, float) and not math.isfinite(obj):
+            found[path] = str(obj)  # "nan", "inf", "-inf"
+            return None
+        if isinstance(obj, dict):
+            return {k: walk(v, f"{path}.{k}" if path else k) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return obj
+
+    out = walk({k: v for k, v in record.items() if k != "nonfinite"}, "")
+    if found:
+        out["nonfinite"] = found
+    return out
+
+
 def save_record(record: dict, path: str | Path) -> Path:
     """Write `record` to `path` (.pkl, protocol 4) and its JSON twin (.json), each atomically.
 
     The JSON is written first, the pickle last: the pickle's presence means the run is complete.
-    Non-finite floats are kept in the pickle and written as NaN/Infinity in the JSON.
+    Both hold `finite_only(record)`: strict JSON (no NaN / Infinity), the same content in both files.
     """
     _check_plain(record)
+    record = finite_only(record)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=1, allow_nan=True)
+    text = json.dumps(record, indent=1, allow_nan=False)
     atomic_write(path.with_suffix(".json"), text.encode())
     atomic_write(path, pickle.dumps(record, protocol=4))
     return path
@@ -216,7 +240,10 @@ class _Refused(Exception):
 
 
 def load_record(path: str | Path) -> dict:
-    """Load a result pickle safely: anything but plain builtins is refused with TracingError, never run."""
+    """Load a result pickle safely: anything but plain builtins is refused with TracingError, never run.
+
+    Records written before results were strict JSON may hold NaN / inf floats: they load as `finite_only`
+    gives them (None, with the paths under `nonfinite`), so every record reads the same way."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -238,7 +265,7 @@ def load_record(path: str | Path) -> dict:
         raise TracingError(f"refusing to load {path}: {e}") from None
     except RecursionError:  # a self-referencing or absurdly deep structure: no record looks like that
         raise TracingError(f"refusing to load {path}: it nests too deeply (or refers to itself)") from None
-    return obj
+    return finite_only(obj)
 
 
 def _tuples_to_lists(obj: Any) -> Any:
@@ -253,46 +280,3 @@ def error_line(error: Any) -> str | None:
     """The last non-blank line of an error text (a traceback ends with the exception), None when there is none."""
     lines = [ln for ln in str(error).splitlines() if ln.strip()] if error else []
     return lines[-1].strip() if lines else None
-
-
-# ---------------------------------------------------------------------------------------- a folder of records
-def result_files(folder: str | Path) -> list[Path]:
-    """Record files under `folder` (any depth), submitit's job folders excepted (their pickles are not records)."""
-    folder = Path(folder)
-    files = [p for p in folder.rglob("*") if p.suffix in RECORD_SUFFIXES and p.is_file()] if folder.is_dir() else []
-    return sorted(p for p in files if SUBMITIT_SUBDIR not in p.relative_to(folder).parts)
-
-
-def record_key(rec: dict) -> tuple[str, str, str, str] | None:
-    """What a record is the result of, read from its content: (base, ft, stat as given, result key). Records
-    written before the key was stored get it recomputed from their options; None when even that fails."""
-    args = rec.get("args") if isinstance(rec.get("args"), dict) else {}
-    key = rec.get("key")
-    if not key:
-        try:
-            key = RunConfig.from_dict({k: v for k, v in args.items() if k in FIELDS}).result_key()
-        except (TracingError, TypeError):
-            return None
-    return str(args.get("base_model_id")), str(args.get("ft_model_id")), str(args.get("stat")), str(key)
-
-
-def read_records(folder: str | Path) -> tuple[list[tuple[Path, dict]], list[str], int]:
-    """Every result under `folder` once, whatever file it is in: ([(path, record)], problem lines, superseded).
-
-    Records of the same result (record_key: a copied folder, a failed rerun beside an ok record) count once:
-    an ok record wins over a failed one, then the newest. `superseded` counts the others."""
-    best: dict[Any, tuple[Path, dict]] = {}
-    problems: list[str] = []
-    files = result_files(folder)
-    for path in files:
-        try:
-            rec = load_record(path)
-        except TracingError as e:
-            problems.append(str(e))
-            continue
-        key = record_key(rec) or path
-        old = best.get(key)
-        rank = (rec.get("status") == "ok", str(rec.get("finished") or ""))
-        if old is None or rank > (old[1].get("status") == "ok", str(old[1].get("finished") or "")):
-            best[key] = (path, rec)
-    return sorted(best.values(), key=lambda pr: str(pr[0])), problems, len(files) - len(problems) - len(best)

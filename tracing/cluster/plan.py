@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from tracing import naming
-from tracing.config import PER_PAIR, LaunchConfig, Pair, RunConfig
+from tracing.config import PER_PAIR, RunConfig
 from tracing.errors import TracingError
+from tracing.model_lists import LaunchConfig, Pair
 from tracing.pipeline import check
 
 CLUSTERS = ("slurm", "local", "debug")

@@ -24,7 +24,8 @@ from tracing.cluster.slurm import queue
 from tracing.config import RunConfig
 from tracing.errors import TracingError
 from tracing.naming import MANIFEST
-from tracing.results import error_line, load_record, read_records, record_key
+from tracing.result_folder import read_records, record_key
+from tracing.results import error_line, load_record
 
 Key = tuple[str, str, str, str]  # (base id, ft id, stat as given, result key)
 KINDS = ("done", "running", "pending", "failed", "missing")

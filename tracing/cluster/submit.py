@@ -27,8 +27,9 @@ from tracing.cluster.plan import CLUSTERS, Task, default_cluster, executor_param
 from tracing.cluster.slurm import preflight, sbatch_error
 from tracing.cluster.status import print_status, scan_records, task_key, write_manifest
 from tracing.cluster.wait import wait_for
-from tracing.config import RunConfig, load_config
+from tracing.config import RunConfig
 from tracing.errors import TracingError
+from tracing.model_lists import load_config
 from tracing.naming import failed_path
 from tracing.results import check_writable
 
