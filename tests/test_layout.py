@@ -12,19 +12,19 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 # Lower layers never import higher ones (a layer may import itself: the cycle test keeps that acyclic).
 LAYERS = [
     ["errors", "naming", "matching", "plots", "zoo", "docs"],  # foundation: no model code
-    ["config", "results", "devices", "arch", "checkpoints", "lineage"],  # options, records, specs, where things live
+    ["config", "model_lists", "results", "result_folder", "devices", "arch", "checkpoints", "lineage", "hub"],
     ["perm", "data", "models", "sources", "evaluate", "activations", "transforms", "align"],  # tensors and models
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs
-    ["cli"],  # main.py's flags
+    ["cli", "examples"],  # main.py's flags; README examples from code
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # optional heavy libraries a function may import when it needs them (each costs a second or more to import,
 # or is needed by one rare path only)
-LAZY_OK = {"matplotlib", "matplotlib.pyplot", "datasets", "pandas", "peft", "peft.utils.other", "torch", "gguf",
-           "transformers.modeling_gguf_pytorch_utils", "transformers.conversion_mapping",
-           "transformers.core_model_loading"}
+LAZY_OK = {"matplotlib", "matplotlib.pyplot", "datasets", "pandas", "peft", "peft.utils.other",
+           "peft.tuners.tuners_utils", "torch", "gguf", "transformers.modeling_gguf_pytorch_utils",
+           "transformers.conversion_mapping", "transformers.core_model_loading"}
 MAX_LINES = 320
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import record_path
 
 from tracing import zoo
 from tracing.cli import main
 from tracing.errors import TracingError
 from tracing.models import load_model
-from tracing.naming import result_path
 from tracing.sources import ModuleSource, SafetensorsSource, open_source
 from tracing.sources.hub import hub_patterns
 
@@ -38,12 +38,13 @@ def _copy(src: str, dst) -> str:
 def _fails(capsys, base: str, ft: str, save, *needles: str, extra=()) -> dict:
     """Run main.py on the pair; it must exit 2 with one error line holding `needles`, and leave only its
     failed record (pickle + JSON twin) in `save`."""
-    code = main(["--base_model_id", base, "--ft_model_id", ft, "--save", str(save), "--no_progress", *extra])
+    argv = ["--base_model_id", base, "--ft_model_id", ft, "--save", str(save), "--no_progress", *extra]
+    code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err and err[-1].startswith("error: "), err
     for needle in needles:
         assert needle in err[-1], err[-1]
-    path = result_path(save, base, ft, "csu")
+    path = record_path(argv)
     assert sorted(p.name for p in save.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
     record = pickle.loads(path.read_bytes())
     assert record["status"] == "failed" and record["error_kind"] == "input" and record["error"] in err[-1]
@@ -75,7 +76,8 @@ def test_a_truncated_safetensors_file(dirs, tmp_path, capsys):
     broken = _copy(dirs["base"], tmp_path / "ckpt")
     f = tmp_path / "ckpt" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    _fails(capsys, dirs["base"], broken, tmp_path / "out", str(f), "truncated", "re-download")
+    _fails(capsys, dirs["base"], broken, tmp_path / "out", str(f), "truncated or corrupt",
+           "download or save the checkpoint again")
 
 
 def test_a_gguf_tensor_type_that_cannot_be_dequantized(dirs, tmp_path, capsys):

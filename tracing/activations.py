@@ -93,16 +93,18 @@ def _width(model: torch.nn.Module, name: str) -> int:
 class _Hooks:
     """Forward hooks on named modules; after all `n_expected` hooks fired, the forward pass stops."""
 
-    def __init__(self, model: torch.nn.Module, names: dict[tuple[str, int], str], fn):
+    def __init__(self, model: torch.nn.Module, names: dict[tuple[str, int], str], fn, inputs: bool = False):
         self.calls = 0
         self.n_expected = len(names)
         self.handles = []
+        self.inputs = inputs  # hand fn the module's input instead of its output
         for key, name in names.items():
             self.handles.append(model.get_submodule(name).register_forward_hook(self._make(key, fn)))
 
     def _make(self, key, fn):
         def hook(module, inputs, output):
-            fn(key, output.detach().reshape(-1, output.shape[-1]))  # (tokens, width)
+            x = inputs[0] if self.inputs else output
+            fn(key, x.detach().reshape(-1, x.shape[-1]))  # (tokens, width)
             self.calls += 1
             if self.calls == self.n_expected:
                 raise _StopForward
@@ -270,3 +272,33 @@ def sample_activations(model: torch.nn.Module, spec: ArchSpec, blocks: torch.Ten
     if counter is not None:
         counter["forward_passes"] = counter.get("forward_passes", 0) + 1
     return {k: torch.cat(v) for k, v in parts.items()}  # (n_positions, width)
+
+
+@torch.no_grad()
+def mlp_input_covariances(model: torch.nn.Module, spec: ArchSpec, blocks: torch.Tensor, *,
+                          layers: Sequence[int] | None = None, batch_size: int = 1, counter: dict | None = None,
+                          progress: bool = True) -> dict[int, torch.Tensor]:
+    """One forward pass; layer -> Σ = X'ᵀX' (hidden + 1, hidden + 1) float64, where X' is the MLP input of the
+    layer (what gate/up read) over every token, with a column of ones appended (so biases fold in).
+
+    Any linear map W' = [W | b] of these inputs has Gram matrices W'_1 Σ W'_2ᵀ: matching on them needs no
+    stored activation and no forward pass of the model that owns W'."""
+    blocks = check_blocks(blocks)
+    layers = check_layers(layers, spec.n_layers)
+    cov: dict[int, torch.Tensor] = {}
+
+    def add(key, x):  # x: (tokens, hidden)
+        x1 = torch.cat([x.float(), x.new_ones(len(x), 1, dtype=torch.float32)], dim=1)  # (tokens, hidden + 1)
+        c = (x1.T @ x1).double().cpu()  # per-batch product in float32
+        cov[key[1]] = c if key[1] not in cov else cov[key[1]] + c
+
+    hooks = _Hooks(model, {("in", i): spec.layers[i].up_module for i in layers}, add, inputs=True)
+    try:
+        for s in tqdm(range(0, len(blocks), batch_size), desc="MLP inputs", disable=not progress):
+            hooks.run(model, blocks[s:s + batch_size])
+    finally:
+        hooks.remove()
+    if counter is not None:
+        counter["forward_passes"] = counter.get("forward_passes", 0) + 1
+        counter["n_tokens"] = int(blocks.numel())
+    return cov

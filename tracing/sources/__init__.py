@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,57 +41,62 @@ log = logging.getLogger(__name__)
 
 def open_source(name: str, *, dtype: str | torch.dtype | None = None, token: str | None = None,
                 adapter_base: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
-                progress: bool = True) -> Source:
+                progress: bool = True, allow_keys: Sequence[str] = (), notes: list | None = None) -> Source:
     """A source for a hub id[@revision], local directory, PEFT adapter directory or .gguf file.
 
     `dtype`: cast every tensor read to it (None: as stored). Raises TracingError (one line naming the fix)
-    for a missing or broken checkpoint, an unreachable adapter base or an unsupported architecture.
+    for a missing or broken checkpoint, an unreachable adapter base, an unsupported architecture, or weights
+    that are not what the config says (as `load_model`: `allow_keys` lets named missing / unexpected ones
+    through, each noted in `notes`; allowed missing ones are left out of the source).
     """
     token = token or os.environ.get("HF_TOKEN") or None
     cast = resolve_dtype(dtype, "cpu") if dtype is not None else None
     common = dict(token=token, trust_remote_code=trust_remote_code)
+    checks = dict(allow_keys=allow_keys, notes=notes)
     with guard(token, progress):
         src = locate(name, revision)
         if src.kind == "hub":
             folder = hub.fetch(src, name, token)
             if folder is None:
                 log.info("%s has no safetensors weights: loading it whole", name)
-                return _loaded(name, cast, revision=revision, progress=progress, **common)
+                return _loaded(name, cast, revision=revision, progress=progress, **common, **checks)
             src = locate(str(folder))
         if src.kind == "adapter":
-            return _adapter(name, src, cast, adapter_base, progress=progress, **common)
+            return _adapter(name, src, cast, adapter_base, progress=progress, **common, **checks)
         config = read_config(src, name, **common)
         if src.kind == "gguf":
             local = Path(src.path) / src.gguf_file
             path = local if local.is_file() else hub.fetch_file(src, name, src.gguf_file, token)  # org/repo/x.gguf
-            source: Source = GGUFSource(path, config, name=name, dtype=cast)
+            source: Source = GGUFSource(path, config, name=name, dtype=cast, **checks)
             source.tokenizer_from(functools.partial(load_tokenizer, src.path, gguf_file=src.gguf_file, quiet=True,
                                                     revision=src.revision, **common))
             return source
         if not has_safetensors(src.path):
             log.warning("%s has no safetensors weights: loading it whole (re-save it with save_pretrained "
                         "to stream it)", name)
-            return _loaded(name, cast, progress=progress, **common)
+            return _loaded(name, cast, progress=progress, **common, **checks)
         try:
-            source = SafetensorsSource(src.path, config, name=name, dtype=cast)
+            source = SafetensorsSource(src.path, config, name=name, dtype=cast, **checks)
         except Unconvertible as why:
             log.warning("%s stores %s: loading it whole", name, why)
-            return _loaded(name, cast, progress=progress, **common)
+            return _loaded(name, cast, progress=progress, **common, **checks)
         source.tokenizer_from(functools.partial(load_tokenizer, src.path, quiet=True, **common))
         return source
 
 
-def _adapter(name: str, src: Location, cast, adapter_base, *, token, trust_remote_code, progress) -> Source:
+def _adapter(name: str, src: Location, cast, adapter_base, *, token, trust_remote_code, progress, allow_keys,
+             notes) -> Source:
     cfg = read_adapter_config(src, name, token)
     base_name = adapter_base_name(name, cfg, adapter_base, token=token, trust_remote_code=trust_remote_code)
-    base = open_source(base_name, token=token, trust_remote_code=trust_remote_code, progress=progress)
+    checks = dict(allow_keys=allow_keys, notes=notes)
+    base = open_source(base_name, token=token, trust_remote_code=trust_remote_code, progress=progress, **checks)
     try:
-        source: Source = LoraSource(src.path, base, cfg, name=name, dtype=cast)
+        source: Source = LoraSource(src.path, base, cfg, name=name, dtype=cast, **checks)
     except Unsupported as why:
         log.warning("adapter %s uses %s, which is not streamed: merging it into its base through peft", name, why)
         base.close()
         return _loaded(name, cast, adapter_base=adapter_base, progress=progress, token=token,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, **checks)
     own = functools.partial(load_tokenizer, src.path, quiet=True, token=token, trust_remote_code=trust_remote_code)
     source.tokenizer_from(lambda: own() or base.tokenizer)
     return source

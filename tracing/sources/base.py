@@ -13,15 +13,17 @@ by their readers (they may be the model's own parameters or a read-only file map
 
 from __future__ import annotations
 
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from tracing.arch import ArchSpec, get_spec
+from tracing.arch import RESID, ArchSpec, get_spec, mlp
 from tracing.errors import TracingError
+from tracing.models import check_loading_info
 
 
 class Source:
@@ -105,18 +107,48 @@ class Source:
         return f"{type(self).__name__}({self.name!r}, {self.spec.model_type}, {len(self.keys())} tensors)"
 
 
-def check_keys(name: str, spec: ArchSpec, present: set[str], ranks: dict[str, int], fix: str) -> None:
-    """Raise TracingError unless `present` holds every key of `spec` (a tied LM head may be absent) with
-    the spec's rank. `fix` ends the message (e.g. "re-download the checkpoint")."""
+# buffers old checkpoints carry that transformers drops on load without a word (_keys_to_ignore_on_load_unexpected)
+IGNORED_UNEXPECTED = {None: r"rotary_emb\.inv_freq|(^|\.)position_ids$", "gpt2": r"\.(cross)?attn\.(masked_)?bias$",
+                      "gpt_neox": r"\.attention\.(masked_)?bias$"}
+
+
+def check_checkpoint(name: str, spec: ArchSpec, config: Any, shapes: dict[str, tuple[int, ...]],
+                     unexpected: list[str], allow_keys: Sequence[str] = (), notes: list | None = None) -> set[str]:
+    """A checkpoint must be what its config says, as `load_model` requires (`check_loading_info`): weights of the
+    spec missing from `shapes` (a tied LM head may be absent), `unexpected` ones, and weights whose sizes differ
+    from the config's (hidden, MLP width, vocabulary) or whose rank differs from the spec's are a TracingError
+    naming them; `allow_keys` lets named missing / unexpected ones through (noted). Returns the allowed-missing
+    keys (a source leaves them out: nothing random is ever read in their place)."""
     optional = {spec.lm_head} if spec.tied else set()
-    missing = [k for k in spec.axes if k not in present and k not in optional]
-    if missing:
-        raise TracingError(f"{name} lacks {len(missing)} weight(s) its {spec.model_type} config implies, e.g. "
-                           f"{missing[0]}: {fix}")
-    bad = [k for k in spec.axes if k in ranks and ranks[k] != len(spec.axes[k])]
-    if bad:
-        raise TracingError(f"{name}: {bad[0]} has {ranks[bad[0]]} dimensions where {spec.model_type} has "
-                           f"{len(spec.axes[bad[0]])}: the weights do not match config.json; {fix}")
+    missing = [k for k in spec.axes if k not in shapes and k not in optional]
+    ignored = re.compile("|".join(p for f, p in IGNORED_UNEXPECTED.items() if f in (None, spec.family)))
+    unexpected = [k for k in unexpected if not ignored.search(k)]
+    check_loading_info(name, {"missing_keys": missing, "unexpected_keys": unexpected}, allow_keys, notes)
+    wrong = []
+    for key, (axes, shape) in sorted((k, (spec.axes[k], shapes[k])) for k in spec.axes if k in shapes):
+        want = tuple(shape) if len(shape) == len(axes) else ("rank", len(axes))
+        sizes = _config_sizes(spec, config, key)
+        want = want if want[0] == "rank" else tuple(sizes.get(a, n) or n for a, n in zip(axes, shape))
+        if want != tuple(shape):
+            wrong.append((key, tuple(shape), want))
+    if wrong:
+        key, got, want = wrong[0]
+        raise TracingError(f"{name}: {len(wrong)} weights have other shapes than its config.json says, e.g. {key} "
+                           f"{got} in the checkpoint vs {want}: the config does not belong to these weights; "
+                           f"fix config.json")
+    return set(missing)
+
+
+def _config_sizes(spec: ArchSpec, config: Any, key: str) -> dict:
+    """Axis name -> the size the config gives it (None where it does not say), for `key`."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(cfg, "hidden_size", None)
+    mlp_width = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or \
+        (4 * hidden if spec.family == "gpt2" and hidden else None)
+    sizes: dict = {RESID: hidden, **{mlp(i): mlp_width for i in range(spec.n_layers)}}
+    if key in (spec.embed, spec.lm_head):
+        sizes[None] = getattr(cfg, "vocab_size", None)  # the vocabulary axis
+    return sizes
 
 
 class ModuleSource(Source):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,17 @@ import numpy as np
 import torch
 
 from tracing.errors import TracingError
-from tracing.sources.base import Source, check_keys
+from tracing.sources.base import Source, check_checkpoint
 from tracing.sources.renaming import skeleton
 
-_REFETCH = "re-download or re-convert the GGUF file"
+_REFETCH = "download or convert the GGUF file again"
 
 
 class GGUFSource(Source):
     """Lazy, dequantized tensors of one .gguf file."""
 
-    def __init__(self, path: str | Path, config: Any, name: str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, path: str | Path, config: Any, name: str | None = None, dtype: torch.dtype | None = None,
+                 allow_keys: Sequence[str] = (), notes: list | None = None):
         import gguf
         import transformers.modeling_gguf_pytorch_utils as tf_gguf
 
@@ -65,8 +67,7 @@ class GGUFSource(Source):
             raise TracingError(f"{self.path}: tensor {self._tensors[wrong[0]].name} holds "
                                f"{math.prod(map(int, self._tensors[wrong[0]].shape))} values where the model's "
                                f"{wrong[0]} has {math.prod(self._model_shapes[wrong[0]])}: {_REFETCH}")
-        ranks = {k: len(v) for k, v in self._model_shapes.items()}
-        check_keys(self.name, self.spec, set(self._tensors), ranks, _REFETCH)
+        check_checkpoint(self.name, self.spec, config, self._model_shapes, [], allow_keys, notes)
         self._present = [k for k in self.spec.axes if k in self._tensors or k in self.alias]
 
     def _keys(self) -> list[str]:

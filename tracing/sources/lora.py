@@ -14,11 +14,13 @@ raise `Unsupported`, and `open_source` merges them through peft instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from tracing.errors import TracingError
+from tracing.models import check_loading_info
 from tracing.sources.base import Source
 from tracing.sources.safetensors_files import open_safetensors
 
@@ -42,7 +44,7 @@ class LoraSource(Source):
     """The merged weights of `base` + the LoRA adapter in `adapter_dir`, one tensor at a time."""
 
     def __init__(self, adapter_dir: str | Path, base: Source, adapter_cfg: dict, name: str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, allow_keys: Sequence[str] = (), notes: list | None = None):
         super().__init__(name or str(adapter_dir), base.config, base.spec, dtype=dtype)
         self.base, self.cfg = base, adapter_cfg
         self.file = Path(adapter_dir) / ADAPTER_FILE
@@ -57,6 +59,7 @@ class LoraSource(Source):
             names = list(f.keys())
         for n in names:
             self._classify(n)
+        self._check_complete(Path(adapter_dir), set(names), allow_keys, notes)
         absent = [k for k in [*self.lora, *self.whole] if k not in base.shapes()]
         if absent:
             module = absent[0].rsplit(".", 1)[0]
@@ -71,6 +74,26 @@ class LoraSource(Source):
                     raise TracingError(f"adapter {self.name}: its update of {key} is {want} but base {base.name} "
                                        f"has {tuple(base.shape(key))}: pass the base it was trained on with "
                                        f"--adapter_base PATH")
+
+    def _check_complete(self, adapter_dir: Path, names: set[str], allow_keys: Sequence[str],
+                        notes: list | None) -> None:
+        """Every module the adapter targets (peft's own matching) has both LoRA matrices, as `load_model`
+        requires: a missing one would leave that module's update silently out. Allowed ones are left out."""
+        from peft import PeftConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        cfg = PeftConfig.from_pretrained(str(adapter_dir))
+        missing = []
+        for key in self.spec.axes:
+            module = key.rsplit(".", 1)[0]
+            if not key.endswith(".weight") or key in self.whole or not check_target_module_exists(cfg, module):
+                continue
+            pair = (".lora_embedding_A", ".lora_embedding_B") if key == self.spec.embed else \
+                (".lora_A.weight", ".lora_B.weight")
+            missing += [f"{PREFIX}{module}{part}" for part in pair if f"{PREFIX}{module}{part}" not in names]
+        check_loading_info(f"adapter {self.name}", {"missing_keys": missing}, allow_keys, notes, "adapter_config.json")
+        for m in missing:  # allowed: that module keeps its base weight (nothing random is added)
+            self.lora.pop(m.removeprefix(PREFIX).rsplit(".lora_", 1)[0] + ".weight", None)
 
     def _transposed(self, key: str) -> bool:
         """peft's fan_in_fan_out: embeddings and GPT-2's Conv1D weights store B @ A transposed."""

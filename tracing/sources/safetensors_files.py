@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tracing.errors import TracingError
-from tracing.sources.base import Source, check_keys
+from tracing.sources.base import Source, check_checkpoint
 from tracing.sources.renaming import key_map
 
 INDEX = "model.safetensors.index.json"
@@ -29,7 +30,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _SHARD = re.compile(r"(.*)-(\d+)-of-(\d+)\.safetensors$")
-REFETCH = "re-download or re-save the checkpoint"
+REFETCH = "download or save the checkpoint again"
 
 
 def has_safetensors(directory: str | Path) -> bool:
@@ -77,8 +78,8 @@ def open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
-        raise TracingError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}; truncated "
-                           f"or corrupt?): {REFETCH}") from None
+        raise TracingError(f"{path}: a weight file is truncated or corrupt ({str(e).splitlines()[0]}): "
+                           f"{REFETCH}") from None
 
 
 class SafetensorsSource(Source):
@@ -87,7 +88,8 @@ class SafetensorsSource(Source):
     Keys are the model's (checkpoint names renamed as `from_pretrained` does, see `renaming`)."""
 
     def __init__(self, directory: str | Path, config: Any, name: str | None = None,
-                 dtype: torch.dtype | None = None, files: list[Path] | None = None):
+                 dtype: torch.dtype | None = None, files: list[Path] | None = None,
+                 allow_keys: Sequence[str] = (), notes: list | None = None):
         super().__init__(name or str(directory), config, dtype=dtype)
         weight_map = None
         if files is None:
@@ -109,8 +111,9 @@ class SafetensorsSource(Source):
                                    f"which does not hold it: {REFETCH}")
         names = key_map(config, self.spec, list(stored))  # model key -> checkpoint key
         self._stored = {model_key: (key, *stored[key]) for model_key, key in names.items()}
-        check_keys(self.name, self.spec, set(self._stored), {k: len(v[2]) for k, v in self._stored.items()},
-                   REFETCH)
+        unexpected = sorted(set(stored) - set(names.values()))
+        check_checkpoint(self.name, self.spec, config, {k: v[2] for k, v in self._stored.items()}, unexpected,
+                         allow_keys, notes)
         self._present = [k for k in self.spec.axes if k in self._stored or k in self.alias]
 
     def _keys(self) -> list[str]:

@@ -5,6 +5,7 @@
     for key, pieces in paired_weights(ctx):              # every corresponding weight once, read from the sources
         for w_base, w_ft in pieces: ...                  # in pieces of rows (big embeddings), on ctx.compute_device
     rho, log10p, seconds = two_matchings_agree(sim_gate, sim_up)   # the core of match / match_all
+    per_layer, mapping = layer_map(logp, holm_log10(logp), layers_a, layers_b, "match_all")  # localized testing
 
 Derived models often add tokens to the vocabulary, so by default the vocabulary axis of the embedding and
 the LM head may differ (weight statistics compare the shared rows); statistics registered with
@@ -15,18 +16,21 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
-from tracing import matching
+from tracing import matching, naming, plots
 from tracing.arch import ArchSpec
 from tracing.errors import TracingError
 from tracing.sources.base import Source
 from tracing.statistics import StatContext
 from tracing.statistics.pvalues import perm_pair_spearman
 
+MAPPING_ALPHA = 0.05  # family-wise level of an inferred layer mapping (Holm)
 NO_GATE = ("{stat} needs a gated MLP (gate_proj and up_proj), which {model_type} does not have; "
            "use csh or csu instead")
 
@@ -43,8 +47,9 @@ def check_same_shapes(a: Source, b: Source, stat_name: str = "this statistic", v
     diffs: list[str] = []
     if spec_a.n_layers != spec_b.n_layers:
         diffs.append(f"{spec_a.n_layers} vs {spec_b.n_layers} layers")
-    only_a = sorted(set(sd_a) - set(sd_b))
-    only_b = sorted(set(sd_b) - set(sd_a))
+    # a weight of both architectures that one checkpoint lacks was let through by --allow_keys: not a difference
+    only_a = sorted(k for k in set(sd_a) - set(sd_b) if k not in spec_b.axes)
+    only_b = sorted(k for k in set(sd_b) - set(sd_a) if k not in spec_a.axes)
     if only_a:
         diffs.append(f"{len(only_a)} weights only in base, e.g. {only_a[0]}")
     if only_b:
@@ -74,6 +79,8 @@ def selected_layers(ctx: StatContext) -> list[int]:
     n = ctx.spec_base.n_layers
     if ctx.layers is None:
         return list(range(n))
+    if not ctx.layers:
+        raise TracingError(f"--layers is empty: give layer indices between 0 and {n - 1} (or leave it out)")
     bad = [i for i in ctx.layers if not 0 <= i < n]
     if bad:
         raise TracingError(f"--layers {bad} out of range: the base model has layers 0..{n - 1}")
@@ -152,12 +159,47 @@ def dot_and_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float
     return dot, sq_a, sq_b
 
 
+def layer_map(logp: np.ndarray, holm: np.ndarray, layers_base: list[int], layers_ft: list[int],
+              stat: str) -> tuple[list[dict], list[int | None]]:
+    """The layer mapping of localized testing from (L_base, L_ft) matrices of raw and Holm-adjusted log10 p
+    (NaN: pair not tested): layer j of ft maps to the base layer i with the smallest p[i, j] when its
+    Holm-adjusted p is below MAPPING_ALPHA, else to None. Returns (per ft layer records, mapping)."""
+    if np.isnan(logp).all():
+        raise TracingError(f"{stat} has no p-value for any of the {logp.size} layer pairs (no comparable or only "
+                           "degenerate layers): check the models and --layers")
+    per_layer, mapping = [], []
+    for b, j in enumerate(layers_ft):
+        col = logp[:, b]  # (L_base,)
+        if np.isnan(col).all():
+            per_layer.append({"layer_ft": j, "layer_base": None, "best_layer_base": None, "log10_pvalue": None,
+                              "log10_pvalue_holm": None})
+            mapping.append(None)
+            continue
+        a = int(np.nanargmin(col))
+        hit = bool(holm[a, b] < math.log10(MAPPING_ALPHA))
+        mapping.append(layers_base[a] if hit else None)
+        per_layer.append({"layer_ft": j, "layer_base": mapping[-1], "best_layer_base": layers_base[a],
+                          "log10_pvalue": float(col[a]), "log10_pvalue_holm": float(holm[a, b])})
+    return per_layer, mapping
+
+
+def layer_heatmap(ctx: StatContext, stat: str, logp: np.ndarray, layers_base: list[int], layers_ft: list[int],
+                  mapping: list[int | None]) -> str | None:
+    """The (L_base, L_ft) log10 p heatmap of a localized test in ctx.out_dir (None without one): its path."""
+    if not ctx.out_dir:
+        return None
+    name = naming.heatmap_name(getattr(ctx.base, "name_or_path", ""), getattr(ctx.ft, "name_or_path", ""), stat)
+    os.makedirs(ctx.out_dir, exist_ok=True)
+    return plots.match_all_heatmap(logp, os.path.join(ctx.out_dir, name), layers_base=layers_base,
+                                   layers_ft=layers_ft, mapping=mapping, stat=stat)
+
+
 def two_matchings_agree(sim_gate: torch.Tensor, sim_up: torch.Tensor) -> tuple[float, float, float]:
     """φ_MATCH for one layer pair: (rho, log10 p, seconds in assignment) from the gate and up similarity
-    matrices, each (width_A, width_B) with width_B <= width_A. B's units are matched into A's once per
+    matrices, each (width_A, width_B); the narrower model's units are matched into the wider's once per
     projection; Spearman between the two index vectors (as ranks) tests that the matchings agree."""
-    if sim_gate.shape[1] > sim_gate.shape[0]:
-        raise ValueError("match needs width_B <= width_A; swap the models")
+    if sim_gate.shape[1] > sim_gate.shape[0]:  # always match the narrower side into the wider one
+        sim_gate, sim_up = sim_gate.T, sim_up.T
     t0 = time.perf_counter()
     g, u = matching.assign(sim_gate), matching.assign(sim_up)
     dt = time.perf_counter() - t0

@@ -1,10 +1,18 @@
 """Localized testing: φ_MATCH for every layer of A against every layer of B (depth and MLP width may differ).
 
-One forward pass per model keeps a bounded, seeded, uniform sample of token positions (`--max_tokens`,
-default 2048) of the gate_proj and up_proj outputs of every layer; every layer pair (i, j) is then
-tested from that sample: B's neurons are matched into A's (rectangular linear assignment on squared
-Euclidean distance, float64) once from gate and once from up activations, and the Spearman correlation
-between the two index vectors gives log10 p[i, j].
+match_all: one forward pass per model keeps a bounded, seeded, uniform sample of token positions
+(`--max_tokens`, default 2048) of the gate_proj and up_proj outputs of every layer; every layer pair (i, j)
+is then tested from that sample: the narrower layer's neurons are matched into the wider's (rectangular
+linear assignment on squared Euclidean distance, float64) once from gate and once from up activations, and
+the Spearman correlation between the two index vectors gives log10 p[i, j].
+
+match_all_drift_free (alias match_all_df): the same test with B's activations computed from A's inputs:
+layer j of B reads the MLP input of layer i of A, so no forward pass of B is needed and nothing drifts
+when B lost layers (each of B's layers in its own forward pass sees a residual stream that removed or
+changed layers before it have moved). Needs equal hidden sizes and B's residual stream in A's basis (a
+residual-permuted B needs --align; a rotated B is not supported). It uses every token: one pass of A
+streams Σ_i = X_iᵀX_i per layer (X_i: the MLP inputs with a column of ones), and any two linear maps
+W'_1, W'_2 of them have Gram matrix W'_1 Σ_i W'_2ᵀ, so the matching costs come from weights and Σ_i alone.
 
 Multiple testing: Holm's step-down correction over all L_A·L_B tests (family-wise error rate). Layer j
 of B is mapped to the layer i of A with the smallest p[i, j] when its Holm-adjusted p is below
@@ -14,42 +22,46 @@ value: the test of "some layer of B comes from some layer of A".
 
 from __future__ import annotations
 
-import math
-import os
-
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from tracing import plots
-from tracing.activations import check_blocks, check_layers, sample_activations, sample_positions
+from tracing.activations import check_blocks, check_layers, mlp_input_covariances, sample_activations, sample_positions
+from tracing.arch import ArchSpec, mlp
+from tracing.errors import TracingError
 from tracing.matching import euclid_similarity, map_in_threads
-from tracing.naming import heatmap_name
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import check_gated, two_matchings_agree
+from tracing.statistics.common import MAPPING_ALPHA, check_gated, layer_heatmap, layer_map, two_matchings_agree
+from tracing.statistics.pvalues import holm_log10
 
 DEFAULT_MAX_TOKENS = 2048
-MAPPING_ALPHA = 0.05  # family-wise level of the inferred layer mapping (Holm)
-
-
-def holm_log10(log10ps: np.ndarray) -> np.ndarray:
-    """Holm-adjusted log10 p-values (same shape), computed in log space; NaN counts as p = 1."""
-    flat = np.nan_to_num(np.asarray(log10ps, np.float64).ravel(), nan=0.0)
-    m = len(flat)
-    order = np.argsort(flat, kind="stable")
-    adj = flat[order] + np.log10(m - np.arange(m))  # (m - k) p_(k), k = 0..m-1
-    adj = np.minimum(np.maximum.accumulate(adj), 0.0)
-    out = np.empty(m)
-    out[order] = adj
-    return out.reshape(np.shape(log10ps))
 
 
 def _pair(xa: dict, xb: dict, i: int, j: int) -> tuple[float, float, float]:
     """match between layer i of A and layer j of B from sampled activations (S, width), float64."""
     a_g, a_u, b_g, b_u = xa["gate", i], xa["up", i], xb["gate", j], xb["up", j]
-    if b_g.shape[1] > a_g.shape[1]:  # always match the narrower model into the wider one
-        a_g, a_u, b_g, b_u = b_g, b_u, a_g, a_u
     return two_matchings_agree(euclid_similarity(a_g.T @ b_g, a_g.square().sum(0), b_g.square().sum(0)),
                                euclid_similarity(a_u.T @ b_u, a_u.square().sum(0), b_u.square().sum(0)))
+
+
+def _all_pairs(ctx: StatContext, stat: str, row_test, layers_a: list[int], layers_b: list[int]) -> dict:
+    """row_test(i) -> test(j) -> (rho, log10 p, seconds in assignment): one base layer i at a time (what it
+    prepares is held for one row only), its pairs with every ft layer in worker threads; then the Holm map."""
+    logp = np.zeros((len(layers_a), len(layers_b)))
+    rho = np.zeros_like(logp)
+    lap_s = 0.0
+    for a, i in enumerate(tqdm(layers_a, desc=f"{stat} base layers", disable=not ctx.progress)):
+        for b, (r, lp, dt) in enumerate(map_in_threads(row_test(i), layers_b)):
+            rho[a, b], logp[a, b] = r, lp
+            lap_s += dt
+    holm = holm_log10(logp)
+    per_layer, mapping = layer_map(logp, holm, layers_a, layers_b, stat)
+    extras = {"log10_pvalue_matrix": logp.tolist(), "rho_matrix": rho.tolist(),
+              "log10_pvalue_holm_matrix": holm.tolist(), "layers_base": layers_a, "layers_ft": layers_b,
+              "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA, "lap_seconds": lap_s}
+    if (path := layer_heatmap(ctx, stat, logp, layers_a, layers_b, mapping)) is not None:
+        extras["heatmap"] = path
+    return {"per_layer": per_layer, "extras": extras, "best": float(holm.min())}
 
 
 @register("match_all", needs_data=True, same_shape=False, scalar=False,
@@ -67,37 +79,63 @@ def match_all(ctx: StatContext) -> StatResult:
                                 batch_size=ctx.batch_size, counter=passes_a, progress=ctx.progress)
     acts_b = sample_activations(ctx.ft, ctx.spec_ft, blocks, layers=layers_b, positions=positions,
                                 batch_size=ctx.batch_size, counter=passes_b, progress=ctx.progress)
-
     acts_a = {k: v.double() for k, v in acts_a.items()}  # (S, width) float64
     acts_b = {k: v.double() for k, v in acts_b.items()}
-    logp = np.zeros((len(layers_a), len(layers_b)))
-    rho = np.zeros_like(logp)
-    lap_s = 0.0
-    pairs = [(a, b) for a in range(len(layers_a)) for b in range(len(layers_b))]
-    results = map_in_threads(lambda ab: _pair(acts_a, acts_b, layers_a[ab[0]], layers_b[ab[1]]), pairs)
-    for (a, b), (r, lp, dt) in zip(pairs, tqdm(results, total=len(pairs), desc="match_all layer pairs",
-                                               disable=not ctx.progress)):
-        rho[a, b], logp[a, b] = r, lp
-        lap_s += dt
-    holm = holm_log10(logp)
+    out = _all_pairs(ctx, "match_all", lambda i: lambda j: _pair(acts_a, acts_b, i, j), layers_a, layers_b)
+    out["extras"].update(forward_passes={"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
+                         n_tokens_sampled=int(len(positions)))
+    return StatResult(value=out["best"], log10_pvalue=out["best"], per_layer=out["per_layer"], extras=out["extras"])
 
-    per_layer, mapping = [], []
-    for b, j in enumerate(layers_b):
-        a = int(np.nanargmin(np.nan_to_num(logp[:, b], nan=0.0)))
-        hit = bool(holm[a, b] < math.log10(MAPPING_ALPHA))
-        mapping.append(layers_a[a] if hit else None)
-        per_layer.append({"layer_ft": j, "layer_base": layers_a[a] if hit else None,
-                          "best_layer_base": layers_a[a], "log10_pvalue": float(logp[a, b]),
-                          "log10_pvalue_holm": float(holm[a, b])})
-    best = float(holm.min())
-    extras = {"log10_pvalue_matrix": logp.tolist(), "rho_matrix": rho.tolist(),
-              "log10_pvalue_holm_matrix": holm.tolist(), "layers_base": layers_a, "layers_ft": layers_b,
-              "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA,
-              "forward_passes": {"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
-              "n_tokens_sampled": int(len(positions)), "lap_seconds": lap_s}
-    if ctx.out_dir:
-        name = heatmap_name(getattr(ctx.base, "name_or_path", ""), getattr(ctx.ft, "name_or_path", ""))
-        os.makedirs(ctx.out_dir, exist_ok=True)
-        extras["heatmap"] = plots.match_all_heatmap(logp, os.path.join(ctx.out_dir, name), layers_base=layers_a,
-                                                    layers_ft=layers_b, mapping=mapping)
-    return StatResult(value=best, log10_pvalue=best, per_layer=per_layer, extras=extras)
+
+def _rows_with_bias(model: torch.nn.Module, spec: ArchSpec, layer: int, proj: str,
+                    device: torch.device) -> torch.Tensor:
+    """[W | b] of layer's gate or up projection: (width, hidden + 1) float32 on `device` (b = 0 without bias)."""
+    roles = spec.layers[layer]
+    key, module = (roles.gate, roles.gate_module) if proj == "gate" else (roles.up, roles.up_module)
+    w = spec.neuron_rows(model.get_parameter(key), key, mlp(layer)).detach()  # (width, hidden)
+    bias = getattr(model.get_submodule(module), "bias", None)
+    b = torch.zeros(len(w)) if bias is None else bias.detach()
+    return torch.cat([w.to(device, torch.float32), b.to(device, torch.float32)[:, None]], dim=1)
+
+
+@register("match_all_drift_free", aliases=("match_all_df",), needs_data=True, same_shape=False, scalar=False,
+          help="match_all on A's MLP inputs: layer j of B reads A's layer-i inputs (no forward pass of B, no "
+               "depth drift); same hidden size and residual basis")
+@torch.no_grad()
+def match_all_drift_free(ctx: StatContext) -> StatResult:
+    stat = "match_all_drift_free"
+    check_gated(ctx, stat)
+    blocks = check_blocks(ctx.blocks)
+    layers_a = check_layers(ctx.layers, ctx.spec_base.n_layers)
+    layers_b = list(range(ctx.spec_ft.n_layers))
+    hidden_a, hidden_b = (spec.neuron_rows(model.get_parameter(spec.layers[0].up), spec.layers[0].up, mlp(0)).shape[1]
+                          for model, spec in ((ctx.base, ctx.spec_base), (ctx.ft, ctx.spec_ft)))  # views, no copy
+    if hidden_a != hidden_b:
+        raise TracingError(f"{stat} feeds A's MLP inputs to B's weights, so the hidden sizes must agree "
+                           f"({hidden_a} vs {hidden_b}): use match_all")
+    counter: dict = {}
+    cov = mlp_input_covariances(ctx.base, ctx.spec_base, blocks, layers=layers_a, batch_size=ctx.batch_size,
+                                counter=counter, progress=ctx.progress)  # layer -> (hidden + 1, hidden + 1)
+    dev = ctx.compute_device or next(ctx.base.parameters()).device  # products in float32 there
+
+    def row(i: int):
+        cov_i = cov[i].to(dev, torch.float32)  # Σ_i (hidden + 1, hidden + 1)
+        a_side = {}  # proj -> (W'_A Σ_i (width_A, hidden + 1), squared activation norms (width_A,))
+        for p in ("gate", "up"):
+            w = _rows_with_bias(ctx.base, ctx.spec_base, i, p, dev)
+            m = w @ cov_i
+            a_side[p] = (m, (m * w).sum(1))
+
+        def test(j: int) -> tuple[float, float, float]:
+            sims = []
+            for p in ("gate", "up"):
+                w = _rows_with_bias(ctx.ft, ctx.spec_ft, j, p, dev)  # (width_B, hidden + 1)
+                m_a, sq_a = a_side[p]
+                sims.append(euclid_similarity(m_a @ w.T, sq_a, ((w @ cov_i) * w).sum(1)))  # (width_A, width_B)
+            return two_matchings_agree(*sims)
+        return test
+
+    out = _all_pairs(ctx, stat, row, layers_a, layers_b)
+    out["extras"].update(forward_passes={"base": counter["forward_passes"], "ft": 0},
+                         n_tokens=counter["n_tokens"])
+    return StatResult(value=out["best"], log10_pvalue=out["best"], per_layer=out["per_layer"], extras=out["extras"])
