@@ -199,3 +199,20 @@ def test_a_hub_id_downloads_the_chosen_files_and_streams_them(dirs, tmp_path, mo
 def test_an_unreachable_hub_id_is_the_loaders_error():
     with pytest.raises(TracingError, match="org-that-is-not/cached-model is neither a local directory"):
         open_source("org-that-is-not/cached-model", progress=False)
+
+
+def test_an_adapter_missing_a_lora_matrix_is_refused_unless_allowed(dirs, tmp_path, capsys):
+    """As load_model: a targeted module without its LoRA matrices would silently keep its base weight."""
+    import peft
+    from safetensors.torch import load_file, save_file
+
+    lora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(dirs["base"]),
+                               peft.LoraConfig(r=2, target_modules=["up_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    f = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(f).items() if "layers.0.mlp.up_proj.lora_B" not in k}, f)
+    _fails(capsys, dirs["base"], str(tmp_path / "adapter"), tmp_path / "out", "is not what its adapter_config.json "
+           "says", "layers.0.mlp.up_proj.lora_B", "--allow_keys")
+    notes: list = []
+    src = open_source(str(tmp_path / "adapter"), progress=False, allow_keys=["*up_proj.lora_B*"], notes=notes)
+    assert "model.layers.0.mlp.up_proj.weight" not in src.lora and len(notes) == 1  # that module keeps its base
