@@ -124,13 +124,16 @@ def check_checkpoint(name: str, spec: ArchSpec, config: Any, shapes: dict[str, t
     ignored = re.compile("|".join(p for f, p in IGNORED_UNEXPECTED.items() if f in (None, spec.family)))
     unexpected = [k for k in unexpected if not ignored.search(k)]
     check_loading_info(name, {"missing_keys": missing, "unexpected_keys": unexpected}, allow_keys, notes)
-    wrong = []
-    for key, (axes, shape) in sorted((k, (spec.axes[k], shapes[k])) for k in spec.axes if k in shapes):
-        want = tuple(shape) if len(shape) == len(axes) else ("rank", len(axes))
+    wrong = []  # (key, shape in the checkpoint, what the config and spec say)
+    for key in sorted(k for k in spec.axes if k in shapes):
+        axes, shape = spec.axes[key], tuple(shapes[key])
+        if len(shape) != len(axes):
+            wrong.append((key, shape, f"{len(axes)} dimensions"))
+            continue
         sizes = _config_sizes(spec, config, key)
-        want = want if want[0] == "rank" else tuple(sizes.get(a, n) or n for a, n in zip(axes, shape))
-        if want != tuple(shape):
-            wrong.append((key, tuple(shape), want))
+        want = tuple(sizes.get(a) or n for a, n in zip(axes, shape))
+        if want != shape:
+            wrong.append((key, shape, want))
     if wrong:
         key, got, want = wrong[0]
         raise TracingError(f"{name}: {len(wrong)} weights have other shapes than its config.json says, e.g. {key} "
