@@ -10,6 +10,9 @@
    The up-projection (fc input) is deliberately left out: csu tests it, and a matching chosen to make
    the up rows agree would make csu call independent models related after --align. Matching on one
    weight and testing on another keeps csu --align a test (φ_CSU: gate matching vs up matching).
+Each matching is tracing.matching's (`--matching`): degenerate units (zero, constant, non-finite weights) are
+left out and placed at random, ties broken in a seeded random order; "fast" matches greedily (related
+layers: the optimal assignment, every unit's best partner is distinct), "exact" by optimal assignment.
 The result is a `Perm` in the same currency as `random_perm`: applying it to ft aligns it to base.
 """
 
@@ -20,13 +23,13 @@ from tqdm.auto import tqdm
 
 from tracing.arch import RESID, ArchSpec, mlp
 from tracing.errors import TracingError
-from tracing.matching import cosine_matrix, map_in_threads, match
+from tracing.matching import DEFAULT_METHOD, Seed, cosine_matrix, map_in_threads, permutation, usable
 from tracing.perm import Perm
 
 
-def _match_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _match_rows(a: torch.Tensor, b: torch.Tensor, method: str, seed: Seed) -> torch.Tensor:
     """Permutation p with b[p] matched to a, rows of a (n, d) and b (n, d)."""
-    return torch.as_tensor(match(cosine_matrix(a, b)), dtype=torch.long)
+    return permutation(cosine_matrix(a, b), usable(a), usable(b), method, seed)
 
 
 def _neuron_rows(spec: ArchSpec, sd: dict[str, torch.Tensor], key: str, name: str,
@@ -41,9 +44,10 @@ def _neuron_rows(spec: ArchSpec, sd: dict[str, torch.Tensor], key: str, name: st
 
 @torch.no_grad()
 def align_weights(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, progress: bool = True,
-                  device: torch.device | None = None) -> Perm:
+                  device: torch.device | None = None, method: str = DEFAULT_METHOD, seed: int = 0) -> Perm:
     """The permutation of ft's residual stream and MLP neurons that best matches base's weights.
-    `device`: where the cosine products run (default: base's device; weights move there one at a time)."""
+    `device`: where the cosine products run (default: base's device; weights move there one at a time);
+    `method`: --matching; `seed`: the order in which ties fall."""
     sd_b, sd_f = base.state_dict(), ft.state_dict()
     emb_b, emb_f = sd_b[spec.embed], sd_f[spec.embed]  # (vocab, hidden)
     if emb_b.shape[1] != emb_f.shape[1]:
@@ -51,7 +55,7 @@ def align_weights(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, pr
                            "use --stat match_all, which handles different depth and width")
     device = device or emb_b.device
     vocab = min(emb_b.shape[0], emb_f.shape[0])  # the shared vocabulary
-    resid = _match_rows(emb_b[:vocab].to(device).T, emb_f[:vocab].to(device).T)  # columns = hidden units
+    resid = _match_rows(emb_b[:vocab].to(device).T, emb_f[:vocab].to(device).T, method, (seed, 0, 0))  # (hidden,)
     keys = [roles.gate or roles.down for roles in spec.layers]  # never up: csu tests it (module docstring)
     for i, key in enumerate(keys):
         if sd_b[key].shape != sd_f[key].shape:
@@ -62,9 +66,10 @@ def align_weights(base: torch.nn.Module, ft: torch.nn.Module, spec: ArchSpec, pr
     def align_layer(i: int) -> torch.Tensor:  # runs in a worker thread
         rows_b = _neuron_rows(spec, sd_b, keys[i], mlp(i), None, device)  # (n_neurons, hidden)
         rows_f = _neuron_rows(spec, sd_f, keys[i], mlp(i), resid, device)  # (n_neurons, hidden)
-        return _match_rows(rows_b, rows_f)  # (n_neurons,)
+        return _match_rows(rows_b, rows_f, method, (seed, 1, i))  # (n_neurons,)
 
-    mlps = map_in_threads(align_layer, range(len(keys)))
+    n = sd_b[keys[0]].shape[spec.axis(keys[0], mlp(0))]
+    mlps = map_in_threads(align_layer, range(len(keys)), item_bytes=3 * n * n * 8)
     perm: Perm = {RESID: resid}
     for i, p in enumerate(tqdm(mlps, total=len(keys), desc="align MLP", disable=not progress)):
         perm[mlp(i)] = p

@@ -1,9 +1,37 @@
-"""Neuron matching: linear assignment on similarity matrices (float64), for alignment and every matching statistic.
+"""Neuron matching for alignment and every matching statistic: degenerate units, ties, fast and exact solvers.
 
-    sim = cosine_matrix(rows_a, rows_b)           # (n, m) similarities of the units of A and B
-    cols = match(sim)                             # row i of A <-> column cols[i] of B
-    idx = assign(sim)                             # B's units into A's (the rectangular form match statistics use)
-    for r in map_in_threads(solve, layers): ...   # per-layer assignments on every core (scipy releases the GIL)
+    ok_a, ok_b = usable(rows_a), usable(rows_b)        # (n,), (m,) bool: no zero, constant or non-finite unit
+    pairs = pair_units(sim, ok_a, ok_b, "greedy", seed=(0, layer))   # sim (n, m): unit pairs (pairs.a, pairs.b)
+    result, solver = screened("fast", lambda solver: test(pair_units(sim, ok_a, ok_b, solver, seed)))
+    perm = permutation(sim, ok_a, ok_b, "fast", seed=0)  # a full permutation (alignment)
+    for r in map_in_threads(solve, layers, item_bytes=3 * n * m * 8): ...   # per-layer work on every core
+
+Two solvers. "lap" is the exact maximum-similarity linear assignment in float64 (scipy), the paper's matching;
+"greedy" takes mutual best pairs (unit i of A and j of B that are each other's most similar unit), removes
+them and repeats: the greedy matching in global order of similarity, computed in a few vectorised rounds
+(torch, on the similarity's device). When every unit's best partner is distinct both return that choice,
+which is then also the optimal assignment, so related layers never need more.
+
+`--matching` (METHODS): "exact" tests the "lap" matching, bit for bit the paper's statistic. "fast" (default)
+first tests the greedy matching; only where its p-value is below SCREEN (10^-2) is the exact matching
+computed and its p-value reported instead. Unrelated layers, where exact assignment is slowest (up to 35x
+a random matrix of the same size on activation distances of trained models), almost never reach it.
+
+Why the p-values stay exact. Under H0 the units of B are exchangeable: relabelling them by any fixed
+permutation π gives a model with the same distribution. A matching procedure M is equivariant when
+M(A, πB) = π∘M(A, B); then the matched index vector of B is uniformly distributed over all permutations
+given A, whatever the models, and Spearman's test against it is exact. Both solvers are equivariant
+whenever the similarities have no ties: the optimal assignment is then unique, and the greedy order is
+defined by the values alone. Ties are what breaks it: a block of identical units (zeroed by pruning, dead,
+constant, NaN) gets matched in index order, and index order is what Spearman rewards, so a pruned
+*independent* model looked related (log10 p -17.7). Hence (1) degenerate units, whose values are not all
+finite or all equal up to 1e-6 of their magnitude (all-zero included), are left out on either side: the test
+runs on the remaining units with n adjusted, the narrower side matched into the wider, and a layer with
+fewer than MIN_UNITS usable units on a side is skipped; (2) the remaining units of both sides are put in a
+seeded random order before solving, so leftover ties (duplicated units, equal values) fall in random order.
+The screen keeps exactness: with G the greedy p and E the exact p, the reported p is E if G < SCREEN and G
+otherwise, so for a < SCREEN, P(reported <= a) <= P(E <= a) = a, and for a >= SCREEN,
+P(reported <= a) <= P(G < SCREEN) + P(SCREEN <= G <= a) = P(G <= a) = a: a valid p-value.
 """
 
 from __future__ import annotations
@@ -12,16 +40,36 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from tracing.errors import TracingError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
+METHODS = {"fast": "greedy mutual-best matching; exact assignment where its p < 0.01 (default)",
+           "exact": "exact linear assignment everywhere (scipy, float64): the paper's statistic bit for bit"}
+DEFAULT_METHOD = "fast"
+SCREEN_LOG10P = -2.0  # "fast": the exact assignment runs where the greedy matching gives log10 p below this
+MIN_UNITS = 10  # a layer with fewer usable units on either side is skipped (counted)
+FLAT_TOL = 1e-6  # a unit whose values span at most this fraction of their magnitude is constant
+Seed = int | tuple[int, ...]
 
+
+def check_method(name: str) -> str:
+    """A --matching value, or a TracingError listing the valid ones."""
+    if name not in METHODS:
+        raise TracingError(f"unknown --matching '{name}'; valid: "
+                           + "; ".join(f"{k} ({v})" for k, v in METHODS.items()))
+    return name
+
+
+# ----------------------------------------------------------------------------------------- similarities
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every row of `a` (n, d) with every row of `b` (m, d): (n, m).
 
@@ -37,44 +85,6 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return unit(a) @ unit(b).T
 
 
-def match(sim: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Maximum-similarity assignment. For sim (n, m) with n <= m returns `cols` (n,): row i <-> column cols[i].
-
-    For n > m the roles flip: returns `rows` (m,) such that column j <-> row rows[j].
-    Fast path: when every row's best column is distinct, that choice reaches the upper bound (the sum of
-    the row maxima) of any assignment, so it is optimal and no linear assignment runs (the usual case for
-    related models). Otherwise the float64 cost matrix is negated in place when this function made it, so
-    that scipy (which copies to negate for maximize=True) holds no second n x m copy.
-    """
-    if isinstance(sim, torch.Tensor):
-        src = sim.detach().cpu()
-        s = src.double().numpy()
-        owned = s.ctypes.data != src.data_ptr()  # a converted copy, not the caller's memory
-    else:
-        s = np.asarray(sim, dtype=np.float64)
-        owned = s is not sim
-    if s.shape[0] > s.shape[1]:
-        s, owned = np.ascontiguousarray(s.T), True
-    if not np.isfinite(s).all():
-        s, owned = np.nan_to_num(s, nan=-1.0, posinf=1.0, neginf=-1.0, copy=not owned), True
-    best = s.argmax(axis=1)  # (n,)
-    if np.bincount(best, minlength=s.shape[1]).max() <= 1:  # every column chosen at most once
-        return best
-    cost = np.negative(s, out=s) if owned else np.negative(s)  # maximise similarity = minimise -similarity
-    _, cols = linear_sum_assignment(cost)
-    return cols
-
-
-def assign(sim_ab: torch.Tensor) -> np.ndarray:
-    """Match B's units into A's for a similarity (width_A, width_B), width_B <= width_A.
-
-    Returns `idx` (width_B,): unit j of B <-> unit idx[j] of A. Square inputs give a permutation.
-    """
-    if sim_ab.shape[0] == sim_ab.shape[1]:  # square: match gives A -> B; its inverse is B -> A
-        return np.argsort(match(sim_ab))
-    return match(sim_ab)  # more rows than columns: one row of A per column of B
-
-
 def euclid_similarity(gram: torch.Tensor, sq_base: torch.Tensor, sq_ft: torch.Tensor) -> torch.Tensor:
     """-|a_i - b_j|² / 2 = a_i·b_j - |a_i|²/2 - |b_j|²/2 from the Gram matrix (width_A, width_B) and the
     squared norms (width_A,), (width_B,): maximising it minimises the total squared Euclidean distance of
@@ -84,11 +94,158 @@ def euclid_similarity(gram: torch.Tensor, sq_base: torch.Tensor, sq_ft: torch.Te
     return sim.sub_(sq_ft.double()[None, :], alpha=0.5)
 
 
-def rank(idx: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 of distinct indices (a permutation), so index vectors of a rectangular matching compare."""
-    return np.argsort(np.argsort(idx, kind="stable"), kind="stable")
+# ------------------------------------------------------------------------------------- degenerate units
+def usable_from_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Usable units from the smallest and largest value of each unit (n,): finite and not constant."""
+    lo, hi = lo.double(), hi.double()
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    scale = torch.maximum(lo.abs(), hi.abs())
+    return finite & (hi - lo > FLAT_TOL * scale)
 
 
+def usable(rows: torch.Tensor) -> torch.Tensor:
+    """Usable units of `rows` (n, d), one unit per row (weights: a neuron's row; activations: transpose
+    (tokens, width) first): (n,) bool, False for a unit with a non-finite value or constant values (zero too)."""
+    if rows.shape[1] == 0:
+        return torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+    return usable_from_range(rows.amin(dim=1), rows.amax(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------- solvers
+def _argmax_if_distinct(s: torch.Tensor) -> torch.Tensor | None:
+    """Each row's best column when all are distinct (then optimal for both solvers), else None. s (n, m)."""
+    best = s.argmax(dim=1)
+    return best if torch.unique(best).numel() == best.numel() else None
+
+
+def _lap(s: torch.Tensor) -> torch.Tensor:
+    """Exact maximum-similarity assignment, s (n, m), n <= m: cols (n,). float64 (scipy)."""
+    best = _argmax_if_distinct(s)
+    if best is not None:
+        return best.cpu()
+    cost = s.detach().to("cpu", torch.float64).contiguous().numpy()  # pair_units' own copy: negated in place
+    np.negative(cost, out=cost)  # maximise similarity = minimise -similarity, without a second copy
+    return torch.from_numpy(linear_sum_assignment(cost)[1])
+
+
+def _greedy(s: torch.Tensor) -> torch.Tensor:
+    """Greedy matching in global order of similarity, s (n, m), n <= m: cols (n,), on s's device.
+
+    Each round takes every mutual best pair (the largest value of its row and of its column among the units
+    still free: exactly the pairs the greedy order takes next) and drops their rows and columns."""
+    best = _argmax_if_distinct(s)
+    if best is not None:
+        return best.cpu()
+    dev = s.device
+    rows, cols = torch.arange(s.shape[0], device=dev), torch.arange(s.shape[1], device=dev)
+    out = torch.empty(s.shape[0], dtype=torch.long, device=dev)
+    while rows.numel():
+        row_best, col_best = s.argmax(dim=1), s.argmax(dim=0)  # (r,), (c,)
+        mutual = col_best[row_best] == torch.arange(rows.numel(), device=dev)
+        i = mutual.nonzero()[:, 0]
+        out[rows[i]] = cols[row_best[i]]
+        keep_col = torch.ones(cols.numel(), dtype=torch.bool, device=dev)
+        keep_col[row_best[i]] = False
+        rows, cols = rows[~mutual], cols[keep_col]
+        if rows.numel():
+            s = s[~mutual][:, keep_col]  # (r', c') the free units only
+    return out.cpu()
+
+
+SOLVERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lap": _lap, "greedy": _greedy}
+
+
+# ---------------------------------------------------------------------------------------------- pairing
+@dataclass
+class Pairs:
+    """Matched units: unit a[t] of A <-> unit b[t] of B (original indices); the narrower side is complete."""
+
+    a: np.ndarray  # (k,) int
+    b: np.ndarray  # (k,) int
+    excluded_a: int  # degenerate units of A left out
+    excluded_b: int
+    b_complete: bool  # every usable unit of B is matched (else every usable unit of A)
+
+    @property
+    def skipped(self) -> bool:
+        return len(self.a) == 0
+
+    def partner(self) -> dict[int, int]:
+        """Unit of the complete side -> its partner on the other side."""
+        keys, vals = (self.b, self.a) if self.b_complete else (self.a, self.b)
+        return dict(zip(keys.tolist(), vals.tolist()))
+
+
+def _indices(ok: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device) if ok is None else ok.to(device).nonzero()[:, 0]
+
+
+def pair_units(sim: torch.Tensor, ok_a: torch.Tensor | None = None, ok_b: torch.Tensor | None = None,
+               solver: str = "lap", seed: Seed = 0) -> Pairs:
+    """Match the usable units of A (rows of sim (n, m)) and B (columns): the narrower side into the wider.
+
+    Units whose similarities are not all finite are left out too (those with no finite value first). Both sides are
+    put in a seeded random order before solving, so ties never follow index order. A side with fewer than
+    MIN_UNITS usable units gives an empty (skipped) result."""
+    n, m = sim.shape
+    ia, ib = _indices(ok_a, n, sim.device), _indices(ok_b, m, sim.device)
+    g = np.random.default_rng(seed)
+    ia = ia[torch.from_numpy(g.permutation(len(ia))).to(sim.device)]
+    ib = ib[torch.from_numpy(g.permutation(len(ib))).to(sim.device)]
+    s = sim.index_select(0, ia).index_select(1, ib)  # (n', m') a copy, in random order
+    for rule in (torch.Tensor.any, torch.Tensor.all):  # units with no finite value first, then with any other
+        if not torch.isfinite(s).all():
+            keep = rule(torch.isfinite(s), dim=1)
+            ia, s = ia[keep], s[keep]
+            keep = rule(torch.isfinite(s), dim=0)
+            ib, s = ib[keep], s[:, keep]
+    b_complete = len(ib) <= len(ia)
+    if min(len(ia), len(ib)) < MIN_UNITS:
+        empty = np.zeros(0, dtype=np.int64)
+        return Pairs(empty, empty, n - len(ia), m - len(ib), b_complete)
+    ia, ib = ia.cpu(), ib.cpu()
+    if b_complete:
+        rows = SOLVERS[solver](s.T)  # (m',): B unit t <-> A unit rows[t]
+        a, b = ia[rows], ib
+    else:
+        cols = SOLVERS[solver](s)  # (n',)
+        a, b = ia, ib[cols]
+    return Pairs(a.numpy(), b.numpy(), n - len(ia), m - len(ib), b_complete)
+
+
+def screened(method: str, test: Callable[[str], tuple]) -> tuple[tuple, str]:
+    """Run `test(solver)` (returning (rho, log10 p, ...)) as `method` prescribes: (its result, solvers used).
+
+    "exact": test("lap"). "fast": test("greedy"), and test("lap") instead where that gave log10 p < SCREEN
+    (the module docstring shows that the reported p-value stays valid)."""
+    if check_method(method) == "exact":
+        return test("lap"), "lap"
+    first = test("greedy")
+    if not first[1] < SCREEN_LOG10P:  # NaN (skipped) included
+        return first, "greedy"
+    return test("lap"), "greedy+lap"
+
+
+def permutation(sim: torch.Tensor, ok_a: torch.Tensor | None = None, ok_b: torch.Tensor | None = None,
+                method: str = DEFAULT_METHOD, seed: Seed = 0) -> torch.Tensor:
+    """A full permutation p (n,) for a square sim (n, n), B's unit p[i] matched to A's unit i (alignment).
+
+    Usable units are matched ("fast": greedy; "exact": optimal assignment); units left out (degenerate or
+    too few) are paired with the remaining ones in a seeded random order."""
+    n = sim.shape[0]
+    pairs = pair_units(sim, ok_a, ok_b, "lap" if check_method(method) == "exact" else "greedy", seed)
+    perm = torch.full((n,), -1, dtype=torch.long)
+    perm[torch.from_numpy(pairs.a)] = torch.from_numpy(pairs.b)
+    free_a = (perm < 0).nonzero()[:, 0]
+    used = torch.zeros(n, dtype=torch.bool)
+    used[torch.from_numpy(pairs.b)] = True
+    free_b = (~used).nonzero()[:, 0]
+    g = np.random.default_rng(seed)
+    perm[free_a] = free_b[torch.from_numpy(g.permutation(len(free_b)))]
+    return perm
+
+
+# ---------------------------------------------------------------------------------------------- threads
 _WORKERS: int | None = None  # set_workers(n): the run's --threads; None: default_workers()
 
 
@@ -99,21 +256,39 @@ def set_workers(n: int | None) -> None:
 
 
 def default_workers() -> int:
-    """Threads for per-layer assignments: the usable cores, at most 4 (each holds an n x n float64 matrix)."""
+    """Threads for per-layer work: set_workers' value, else the cores this process may use. map_in_threads
+    also bounds it by memory (item_bytes)."""
     if _WORKERS is not None:
         return _WORKERS
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def map_in_threads(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
-    """fn(item) for each item, in order, with up to `workers` calls running at once.
+def available_ram() -> int:
+    """Bytes of RAM this process may still use: MemAvailable, lowered to a cgroup (container, Slurm) limit."""
+    avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit.isdigit():
+                avail = min(avail, int(limit) - int(g.read().strip()))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return max(avail, 0)
 
-    For per-layer linear assignments: scipy's solver releases the GIL, so threads use every core without
-    copying the matrices. Items are pulled in the caller's thread, at most `workers` ahead of the results,
-    which bounds the memory held by pending matrices. Default: `default_workers()`.
-    """
+
+def map_in_threads(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
+                   item_bytes: int | None = None) -> Iterator[R]:
+    """fn(item) for each item, in order, with up to `workers` calls running at once (default_workers()),
+    and no more than half the available RAM holds (`item_bytes`: the memory one call needs).
+
+    For per-layer linear assignments: scipy's solver and torch release the GIL, so threads use every core
+    without copying the matrices. Items are pulled in the caller's thread, at most `workers` ahead of the
+    results, which bounds the memory held by pending matrices."""
     workers = workers or default_workers()
+    if item_bytes:
+        workers = max(1, min(workers, available_ram() // 2 // item_bytes))
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for item in items:

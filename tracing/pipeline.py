@@ -113,7 +113,8 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
                               compute_device=compute_device)
     _fill(record, "", compute(info, ctx, cfg.num_perm))
     if cfg.align:
-        apply_perm(ft, spec_ft, align_weights(base, ft, spec_base, progress=ctx.progress, device=compute_device))
+        apply_perm(ft, spec_ft, align_weights(base, ft, spec_base, progress=ctx.progress, device=compute_device,
+                                              method=cfg.matching, seed=cfg.seed))
         aligned = info.fn(ctx)
         if cfg.num_perm:  # alignment chose the ft permutation most like base: ft is no longer exchangeable
             aligned.extras["permtest"] = "not run: PERMTEST is not valid after --align"

@@ -3,7 +3,8 @@
     check_same_shapes(spec_base, base.state_dict(), spec_ft, ft.state_dict(), "csu")
     layers = selected_layers(ctx)                        # --layers, validated against the base model
     for key, w_base, w_ft in paired_weights(ctx): ...    # every corresponding weight once
-    rho, log10p, seconds = two_matchings_agree(sim_gate, sim_up)   # the core of match / match_all
+    layer = identity_test(sim, ok_a, ok_b, ctx.matching, seed=(ctx.seed, i))   # the core of csu / csh / csu_all
+    layer = agreement_test(similarities, ok_a, ok_b, ctx.matching, seed)         # the core of match / match_all
 
 Derived models often add tokens to the vocabulary, so by default the vocabulary axis of the embedding and
 the LM head may differ (weight statistics compare the shared rows); statistics registered with
@@ -12,9 +13,11 @@ the LM head may differ (weight statistics compare the shared rows); statistics r
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
 from tracing import matching
@@ -94,14 +97,59 @@ def paired_weights(ctx: StatContext) -> Iterator[tuple[str, torch.Tensor, torch.
         yield key, a, b
 
 
-def two_matchings_agree(sim_gate: torch.Tensor, sim_up: torch.Tensor) -> tuple[float, float, float]:
-    """φ_MATCH for one layer pair: (rho, log10 p, seconds in assignment) from the gate and up similarity
-    matrices, each (width_A, width_B) with width_B <= width_A. B's units are matched into A's once per
-    projection; Spearman between the two index vectors (as ranks) tests that the matchings agree."""
-    if sim_gate.shape[1] > sim_gate.shape[0]:
-        raise ValueError("match needs width_B <= width_A; swap the models")
+def _layer_record(rho: float, log10p: float, n: int, pairs: matching.Pairs, solver: str, seconds: float) -> dict:
+    return {"rho": float(rho), "log10_pvalue": float(log10p), "n_units": int(n),
+            "excluded_base": int(pairs.excluded_a), "excluded_ft": int(pairs.excluded_b), "solver": solver,
+            "lap_seconds": seconds}
+
+
+def identity_test(sim: torch.Tensor, ok_a: torch.Tensor | None, ok_b: torch.Tensor | None, method: str,
+                  seed: matching.Seed) -> dict:
+    """φ_CSU / φ_CSH for one layer: match A's units (rows of sim (n, m)) and B's (columns), test the matched
+    pairs against the identity with a one-sided Spearman correlation (`--matching` method; degenerate units
+    left out). Returns the layer's record: rho, log10_pvalue (NaN when skipped), n_units, excluded_base,
+    excluded_ft, solver, lap_seconds (time in matching)."""
     t0 = time.perf_counter()
-    g, u = matching.assign(sim_gate), matching.assign(sim_up)
-    dt = time.perf_counter() - t0
-    rho, log10p = perm_pair_spearman(torch.as_tensor(matching.rank(g)), torch.as_tensor(matching.rank(u)))
-    return float(rho), float(log10p), dt
+
+    def test(solver: str) -> tuple:
+        pairs = matching.pair_units(sim, ok_a, ok_b, solver, seed)
+        if pairs.skipped:
+            return math.nan, math.nan, 0, pairs
+        return (*perm_pair_spearman(pairs.a, pairs.b), len(pairs.a), pairs)
+
+    (rho, log10p, n, pairs), solver = matching.screened(method, test)
+    return _layer_record(rho, log10p, n, pairs, solver, time.perf_counter() - t0)
+
+
+def agreement_test(similarities: Callable[[str], tuple[torch.Tensor, torch.Tensor]], ok_a: torch.Tensor | None,
+                   ok_b: torch.Tensor | None, method: str, seed: matching.Seed) -> dict:
+    """φ_MATCH for one layer pair: do the matchings from gate and from up activations agree?
+
+    `similarities(solver)` gives the (width_A, width_B) gate and up similarity matrices that solver works on
+    (match: cosines for the greedy screen, -squared distances, the original's cost, for the exact one);
+    ok_a, ok_b: usable units (in both projections). The narrower side's units are matched into the wider's
+    once per projection (ties broken in independent random orders) and Spearman between the two partner
+    vectors tests their agreement. Returns the layer's record like identity_test."""
+    seeds = (*np.atleast_1d(seed).tolist(), 0), (*np.atleast_1d(seed).tolist(), 1)
+    t0 = time.perf_counter()
+
+    def test(solver: str) -> tuple:
+        gate, up = (matching.pair_units(s, ok_a, ok_b, solver, sd) for s, sd in zip(similarities(solver), seeds))
+        pg, pu = gate.partner(), up.partner()
+        common = sorted(set(pg) & set(pu)) if gate.b_complete == up.b_complete else []
+        if len(common) < matching.MIN_UNITS:
+            return math.nan, math.nan, 0, gate
+        x, y = np.array([pg[k] for k in common]), np.array([pu[k] for k in common])  # (n,) partners
+        return (*perm_pair_spearman(x, y), len(common), gate)
+
+    (rho, log10p, n, pairs), solver = matching.screened(method, test)
+    return _layer_record(rho, log10p, n, pairs, solver, time.perf_counter() - t0)
+
+
+def matching_extras(method: str, per_layer: list[dict]) -> dict:
+    """What every matching statistic records about its matching: the method, units left out, layers skipped."""
+    return {"matching": method,
+            "units_excluded": {"base": sum(r.get("excluded_base", 0) for r in per_layer),
+                               "ft": sum(r.get("excluded_ft", 0) for r in per_layer)},
+            "layers_skipped_degenerate": sum(1 for r in per_layer if r.get("n_units", 1) == 0),
+            "lap_seconds": sum(r.get("lap_seconds", 0.0) for r in per_layer)}

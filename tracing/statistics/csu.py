@@ -2,9 +2,9 @@
 
 Per layer i: the rows of the up-projection (one row per MLP neuron, `spec.neuron_rows`, so GPT-2's Conv1D
 layout works; gated MLPs use up_proj as in the original code) of both models are compared by cosine
-similarity (float64), matched by maximum-similarity linear assignment, and the matching is tested against
-the identity with a one-sided Spearman correlation. The per-layer log10 p-values are combined with Fisher's
-method. value = log10_pvalue = the combined log10 p (lower = more related).
+similarity, matched (`--matching`, tracing/matching.py: degenerate rows left out, ties in random order), and
+the matching is tested against the identity with a one-sided Spearman correlation. The per-layer log10
+p-values are combined with Fisher's method. value = log10_pvalue = the combined log10 p (lower = more related).
 
 csu_all: the same test for every pair of equal-shaped 2-D weights of the same role in any layer of the base
 and any layer of the fine-tuned model (different depths allowed), as in the original; extras["log10p"]
@@ -21,19 +21,20 @@ from tqdm.auto import tqdm
 from tracing import matching
 from tracing.arch import RESID, ArchSpec, mlp
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import check_same_shapes, selected_layers
-from tracing.statistics.pvalues import fisher_log10p, identity_spearman
+from tracing.statistics.common import check_same_shapes, identity_test, matching_extras, selected_layers
+from tracing.statistics.pvalues import fisher_log10p
 
 
 @torch.no_grad()
-def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor,
-               device: torch.device | None = None) -> tuple[float, float]:
-    """Match rows of (n, d) and (n, d) by cosine similarity; Spearman of the matching vs identity: (rho, log10 p).
+def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device | None = None,
+               method: str = matching.DEFAULT_METHOD, seed: matching.Seed = 0) -> dict:
+    """Match rows of (n, d) and (m, d) by cosine similarity and test the matching against the identity:
+    the layer's record (rho, log10_pvalue, n_units, excluded_base, excluded_ft, ...; identity_test).
     The cosine product runs on `device` (default: rows_a's)."""
     device = device or rows_a.device
-    sim = matching.cosine_matrix(rows_a.to(device), rows_b.to(device))  # (n, n)
-    cols = matching.match(sim)  # (n,): row i of A <-> row cols[i] of B
-    return identity_spearman(cols)
+    rows_a, rows_b = rows_a.to(device), rows_b.to(device)
+    sim = matching.cosine_matrix(rows_a, rows_b)  # (n, m)
+    return identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
 
 
 def _rows(spec: ArchSpec, key: str, w: torch.Tensor, perm: str | None = None) -> torch.Tensor:
@@ -58,14 +59,14 @@ def csu(ctx: StatContext) -> StatResult:
         key_a, key_b = ctx.spec_base.layers[i].up, ctx.spec_ft.layers[i].up
         rows_a = ctx.spec_base.neuron_rows(sd_a[key_a], key_a, mlp(i))  # (n_neurons, hidden)
         rows_b = ctx.spec_ft.neuron_rows(sd_b[key_b], key_b, mlp(i))  # (n_neurons, hidden)
-        rho, lp = match_rows(rows_a, rows_b, ctx.compute_device)
-        return {"layer": i, "rho": float(rho), "log10_pvalue": float(lp)}
+        return {"layer": i, **match_rows(rows_a, rows_b, ctx.compute_device, ctx.matching, (ctx.seed, i))}
 
-    per_layer = list(tqdm(matching.map_in_threads(test_layer, layers), total=len(layers), desc="csu layers",
-                          disable=not ctx.progress))
+    n = ctx.spec_base.neuron_rows(sd_a[ctx.spec_base.layers[0].up], ctx.spec_base.layers[0].up, mlp(0)).shape[0]
+    per_layer = list(tqdm(matching.map_in_threads(test_layer, layers, item_bytes=3 * n * n * 8), total=len(layers),
+                          desc="csu layers", disable=not ctx.progress))
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
-                      extras={"layers_skipped_nan": n_nan})
+                      extras={"layers_skipped_nan": n_nan, **matching_extras(ctx.matching, per_layer)})
 
 
 def _keys_by_role(spec: ArchSpec, sd: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
@@ -93,13 +94,15 @@ def csu_all(ctx: StatContext) -> StatResult:
     row_of = {i: r for r, i in enumerate(layers_a)}
     best = {i: (0.0, None, None) for i in layers_a}  # layer -> (min log10 p, ft layer, role)
 
-    def test_pair(job: tuple[str, int, int]) -> float:  # runs in a worker thread
+    def test_pair(job: tuple[str, int, int]) -> dict:  # runs in a worker thread
         role, i, j = job
         ka, kb = roles_a[role][i], roles_b[role][j]
-        return match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]), ctx.compute_device)[1]
+        return match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]), ctx.compute_device,
+                          ctx.matching, (ctx.seed, i, j, sorted(roles_a).index(role)))
 
-    results = matching.map_in_threads(test_pair, jobs)
-    for (role, i, j), lp in zip(jobs, tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)):
+    records = list(tqdm(matching.map_in_threads(test_pair, jobs), total=len(jobs), desc="csu_all pairs",
+                        disable=not ctx.progress))
+    for (role, i, j), lp in zip(jobs, (r["log10_pvalue"] for r in records)):
         matrices[role][row_of[i]][j] = None if math.isnan(lp) else float(lp)
         if not math.isnan(lp) and lp < best[i][0]:
             best[i] = (float(lp), j, role)
@@ -108,4 +111,4 @@ def csu_all(ctx: StatContext) -> StatResult:
                  for i, (lp, j, role) in best.items()]
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
                       extras={"log10p": matrices, "layers_base": layers_a, "n_pairs": len(jobs),
-                              "pairs_skipped_nan": n_nan})
+                              "pairs_skipped_nan": n_nan, **matching_extras(ctx.matching, records)})

@@ -2,8 +2,9 @@
 
 One forward pass per model keeps a bounded, seeded, uniform sample of token positions (`--max_tokens`,
 default 2048) of the gate_proj and up_proj outputs of every layer; every layer pair (i, j) is then
-tested from that sample: B's neurons are matched into A's (rectangular linear assignment on squared
-Euclidean distance, float64) once from gate and once from up activations, and the Spearman correlation
+tested from that sample: the narrower layer's neurons are matched into the wider's once from gate and once
+from up activations (as in match: `--matching`, exact = rectangular assignment on squared Euclidean
+distance, float64; units constant or non-finite over the sample left out), and the Spearman correlation
 between the two index vectors gives log10 p[i, j].
 
 Multiple testing: Holm's step-down correction over all L_A·L_B tests (family-wise error rate). Layer j
@@ -18,14 +19,15 @@ import math
 import os
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from tracing import plots
 from tracing.activations import check_blocks, check_layers, sample_activations, sample_positions
-from tracing.matching import euclid_similarity, map_in_threads
+from tracing.matching import euclid_similarity, map_in_threads, usable
 from tracing.naming import heatmap_name
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import check_gated, two_matchings_agree
+from tracing.statistics.common import agreement_test, check_gated, matching_extras
 
 DEFAULT_MAX_TOKENS = 2048
 MAPPING_ALPHA = 0.05  # family-wise level of the inferred layer mapping (Holm)
@@ -43,13 +45,27 @@ def holm_log10(log10ps: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(log10ps))
 
 
-def _pair(xa: dict, xb: dict, i: int, j: int) -> tuple[float, float, float]:
-    """match between layer i of A and layer j of B from sampled activations (S, width), float64."""
-    a_g, a_u, b_g, b_u = xa["gate", i], xa["up", i], xb["gate", j], xb["up", j]
-    if b_g.shape[1] > a_g.shape[1]:  # always match the narrower model into the wider one
-        a_g, a_u, b_g, b_u = b_g, b_u, a_g, a_u
-    return two_matchings_agree(euclid_similarity(a_g.T @ b_g, a_g.square().sum(0), b_g.square().sum(0)),
-                               euclid_similarity(a_u.T @ b_u, a_u.square().sum(0), b_u.square().sum(0)))
+class _Layer:
+    """Sampled activations of one layer (S, width) float32, their squared norms (float64) and usable units."""
+
+    def __init__(self, acts: dict, layer: int):
+        self.x = {p: acts[p, layer] for p in ("gate", "up")}
+        self.sq = {p: x.double().square().sum(0) for p, x in self.x.items()}  # (width,)
+        self.ok = usable(self.x["gate"].T) & usable(self.x["up"].T)  # (width,)
+
+
+def _pair(a: _Layer, b: _Layer, method: str, seed: tuple) -> dict:
+    """match between a layer of A and a layer of B from their sampled activations: agreement_test's record."""
+    dtype = torch.float64 if method == "exact" else torch.float32  # exact: the original's float64 products
+    gram = {p: a.x[p].T.to(dtype) @ b.x[p].to(dtype) for p in ("gate", "up")}  # (width_A, width_B)
+
+    def similarities(solver: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if solver == "greedy":  # cosines
+            return tuple(gram[p] / a.sq[p].sqrt().clamp_min(1e-30).to(dtype)[:, None]
+                         / b.sq[p].sqrt().clamp_min(1e-30).to(dtype)[None, :] for p in ("gate", "up"))
+        return tuple(euclid_similarity(gram[p], a.sq[p], b.sq[p]) for p in ("gate", "up"))
+
+    return agreement_test(similarities, a.ok, b.ok, method, seed)
 
 
 @register("match_all", needs_data=True, same_shape=False, scalar=False,
@@ -68,17 +84,18 @@ def match_all(ctx: StatContext) -> StatResult:
     acts_b = sample_activations(ctx.ft, ctx.spec_ft, blocks, layers=layers_b, positions=positions,
                                 batch_size=ctx.batch_size, counter=passes_b, progress=ctx.progress)
 
-    acts_a = {k: v.double() for k, v in acts_a.items()}  # (S, width) float64
-    acts_b = {k: v.double() for k, v in acts_b.items()}
+    la, lb = [_Layer(acts_a, i) for i in layers_a], [_Layer(acts_b, j) for j in layers_b]
     logp = np.zeros((len(layers_a), len(layers_b)))
     rho = np.zeros_like(logp)
-    lap_s = 0.0
     pairs = [(a, b) for a in range(len(layers_a)) for b in range(len(layers_b))]
-    results = map_in_threads(lambda ab: _pair(acts_a, acts_b, layers_a[ab[0]], layers_b[ab[1]]), pairs)
-    for (a, b), (r, lp, dt) in zip(pairs, tqdm(results, total=len(pairs), desc="match_all layer pairs",
-                                               disable=not ctx.progress)):
-        rho[a, b], logp[a, b] = r, lp
-        lap_s += dt
+    wa, wb = la[0].x["up"].shape[1], lb[0].x["up"].shape[1]
+    results = map_in_threads(lambda ab: _pair(la[ab[0]], lb[ab[1]], ctx.matching, (ctx.seed, *ab)), pairs,
+                             item_bytes=6 * wa * wb * 8)
+    records = []
+    for (a, b), rec in zip(pairs, tqdm(results, total=len(pairs), desc="match_all layer pairs",
+                                       disable=not ctx.progress)):
+        rho[a, b], logp[a, b] = rec["rho"], rec["log10_pvalue"]
+        records.append(rec)
     holm = holm_log10(logp)
 
     per_layer, mapping = [], []
@@ -94,7 +111,7 @@ def match_all(ctx: StatContext) -> StatResult:
               "log10_pvalue_holm_matrix": holm.tolist(), "layers_base": layers_a, "layers_ft": layers_b,
               "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA,
               "forward_passes": {"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
-              "n_tokens_sampled": int(len(positions)), "lap_seconds": lap_s}
+              "n_tokens_sampled": int(len(positions)), **matching_extras(ctx.matching, records)}
     if ctx.out_dir:
         name = heatmap_name(getattr(ctx.base, "name_or_path", ""), getattr(ctx.ft, "name_or_path", ""))
         os.makedirs(ctx.out_dir, exist_ok=True)
