@@ -58,6 +58,7 @@ DEFAULT_METHOD = "fast"
 SCREEN_LOG10P = -2.0  # "fast": the exact assignment runs where the greedy matching gives log10 p below this
 MIN_UNITS = 10  # a layer with fewer usable units on either side is skipped (counted)
 FLAT_TOL = 1e-6  # a unit whose values span at most this fraction of their magnitude is constant
+GREEDY_CANDIDATES = 8  # best partners each unit keeps in view during the greedy rounds
 Seed = int | tuple[int, ...]
 
 
@@ -128,27 +129,52 @@ def _lap(s: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(linear_sum_assignment(cost)[1])
 
 
-def _greedy(s: torch.Tensor) -> torch.Tensor:
+def _first_free(cand: torch.Tensor, free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For candidate lists cand (r, k), best first: the first candidate still free (r,) and whether any is."""
+    avail = free[cand]  # (r, k)
+    return cand.gather(1, avail.to(torch.uint8).argmax(dim=1, keepdim=True))[:, 0], avail.any(dim=1)
+
+
+def _refill(s: torch.Tensor, cand: torch.Tensor, units: torch.Tensor, free_other: torch.Tensor) -> None:
+    """cand[units] = the top candidates of those units (rows of s) among the free units of the other side."""
+    rows = s.index_select(0, units)  # (e, other)
+    masked = torch.where(free_other[None, :], rows, torch.full_like(rows, -torch.inf))
+    cand[units] = masked.topk(cand.shape[1], dim=1).indices
+
+
+def _greedy(s: torch.Tensor, k: int = GREEDY_CANDIDATES) -> torch.Tensor:
     """Greedy matching in global order of similarity, s (n, m), n <= m: cols (n,), on s's device.
 
     Each round takes every mutual best pair (the largest value of its row and of its column among the units
-    still free: exactly the pairs the greedy order takes next) and drops their rows and columns."""
+    still free: exactly the pairs the greedy order takes next). Each unit keeps a list of its k best partners
+    and only looks past it when all of them are taken, so a round costs O((n + m) k), not O(n m)."""
     best = _argmax_if_distinct(s)
     if best is not None:
         return best.cpu()
+    n, m = s.shape
     dev = s.device
-    rows, cols = torch.arange(s.shape[0], device=dev), torch.arange(s.shape[1], device=dev)
-    out = torch.empty(s.shape[0], dtype=torch.long, device=dev)
+    row_cand = s.topk(min(k, m), dim=1).indices  # (n, k) columns, best first
+    col_cand = s.topk(min(k, n), dim=0).indices.T.contiguous()  # (m, k) rows
+    st = s.T  # (m, n) view: a column's similarities as a row
+    free_r, free_c = torch.ones(n, dtype=torch.bool, device=dev), torch.ones(m, dtype=torch.bool, device=dev)
+    out = torch.empty(n, dtype=torch.long, device=dev)
+    rows, cols = torch.arange(n, device=dev), torch.arange(m, device=dev)
     while rows.numel():
-        row_best, col_best = s.argmax(dim=1), s.argmax(dim=0)  # (r,), (c,)
-        mutual = col_best[row_best] == torch.arange(rows.numel(), device=dev)
-        i = mutual.nonzero()[:, 0]
-        out[rows[i]] = cols[row_best[i]]
-        keep_col = torch.ones(cols.numel(), dtype=torch.bool, device=dev)
-        keep_col[row_best[i]] = False
-        rows, cols = rows[~mutual], cols[keep_col]
-        if rows.numel():
-            s = s[~mutual][:, keep_col]  # (r', c') the free units only
+        rb, ok = _first_free(row_cand[rows], free_c)
+        if not ok.all():
+            _refill(s, row_cand, rows[~ok], free_c)
+            rb, _ = _first_free(row_cand[rows], free_c)
+        cb, ok = _first_free(col_cand[cols], free_r)
+        if not ok.all():
+            _refill(st, col_cand, cols[~ok], free_r)
+            cb, _ = _first_free(col_cand[cols], free_r)
+        best_row = torch.full((m,), -1, dtype=torch.long, device=dev)
+        best_row[cols] = cb
+        mutual = best_row[rb] == rows  # (r,)
+        i, j = rows[mutual], rb[mutual]
+        out[i] = j
+        free_r[i], free_c[j] = False, False
+        rows, cols = rows[free_r[rows]], cols[free_c[cols]]
     return out.cpu()
 
 
@@ -192,9 +218,9 @@ def pair_units(sim: torch.Tensor, ok_a: torch.Tensor | None = None, ok_b: torch.
     g = np.random.default_rng(seed)
     ia = ia[torch.from_numpy(g.permutation(len(ia))).to(sim.device)]
     ib = ib[torch.from_numpy(g.permutation(len(ib))).to(sim.device)]
-    s = sim.index_select(0, ia).index_select(1, ib)  # (n', m') a copy, in random order
+    s = sim[ia[:, None], ib[None, :]]  # (n', m') a copy, in random order
     for rule in (torch.Tensor.any, torch.Tensor.all):  # units with no finite value first, then with any other
-        if not torch.isfinite(s).all():
+        if not torch.isfinite(s.sum()) and not torch.isfinite(s).all():
             keep = rule(torch.isfinite(s), dim=1)
             ia, s = ia[keep], s[keep]
             keep = rule(torch.isfinite(s), dim=0)
