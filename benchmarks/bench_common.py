@@ -57,3 +57,48 @@ def log10p(stat: str, base, ft, blocks=None, matching: str = "fast", **options):
     ctx = StatContext(base=base, ft=ft, spec_base=spec_b, spec_ft=spec_f, blocks=blocks, progress=False,
                       matching=matching, **options)
     return get_stat(stat.split()[0]).fn(ctx)
+
+
+def heavy_tailed(model, seed: int, sigma_neuron: float = 1.0, sigma_resid: float = 1.0):
+    """Give a random-init Llama the structure of a trained one, in place: log-normal gains on each MLP neuron
+    (its gate and up rows) and on each residual dimension (embedding columns), so activation norms are
+    heavy-tailed. Exact assignment on an independent pair of such models is as slow as on a trained model
+    against an unrelated one (on random-init pairs it is not), so benchmarks see the real cost."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight  # (vocab, hidden)
+        emb.mul_(torch.exp(sigma_resid * torch.randn(emb.shape[1], generator=g)))
+        for layer in model.model.layers:
+            gain = torch.exp(sigma_neuron * torch.randn(layer.mlp.up_proj.weight.shape[0], 1, generator=g))
+            layer.mlp.gate_proj.weight.mul_(gain)
+            layer.mlp.up_proj.weight.mul_(gain)
+    return model
+
+
+def pruned_copy(model, keep_layers: list[int], keep_frac: float):
+    """A pruned copy of a Llama-family model without healing: the blocks `keep_layers` (renumbered), and in
+    each the `keep_frac` MLP neurons with the largest |gate|·|up|·|down| norms, in their original order."""
+    import torch
+    import transformers
+
+    cfg = copy.deepcopy(model.config)
+    width = int(cfg.intermediate_size * keep_frac)
+    cfg.num_hidden_layers, cfg.intermediate_size = len(keep_layers), width
+    out = transformers.AutoModelForCausalLM.from_config(cfg).to(model.dtype).eval()
+    sd = {k: v for k, v in model.state_dict().items() if ".layers." not in k}
+    with torch.no_grad():
+        for new, old in enumerate(keep_layers):
+            block = model.model.layers[old]
+            m = block.mlp
+            score = m.gate_proj.weight.norm(dim=1) * m.up_proj.weight.norm(dim=1) * m.down_proj.weight.norm(dim=0)
+            keep = score.argsort(descending=True)[:width].sort().values  # (width,)
+            for k, v in block.state_dict().items():
+                if k in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+                    v = v[keep]
+                elif k == "mlp.down_proj.weight":
+                    v = v[:, keep]
+                sd[f"model.layers.{new}.{k}"] = v
+    out.load_state_dict(sd, strict=False)  # a tied lm_head follows the embedding
+    return out

@@ -26,27 +26,6 @@ SHAPE = dict(hidden=128, layers=2, intermediate=512, heads=4, kv_heads=2)
 STATS = ("csu --align", "csh --align", "match", "match_all")
 
 
-def narrow(model, keep_frac: float):
-    """A copy of a Llama-family model whose MLPs keep the `keep_frac` strongest neurons (structured pruning)."""
-    import torch
-    import transformers
-
-    cfg = copy.deepcopy(model.config)
-    cfg.intermediate_size = width = int(cfg.intermediate_size * keep_frac)
-    out = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    sd = dict(model.state_dict())
-    with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            m = layer.mlp
-            score = m.gate_proj.weight.norm(dim=1) * m.up_proj.weight.norm(dim=1) * m.down_proj.weight.norm(dim=0)
-            keep = score.argsort(descending=True)[:width].sort().values
-            for name in ("gate_proj", "up_proj"):
-                sd[f"model.layers.{i}.mlp.{name}.weight"] = getattr(m, name).weight[keep]
-            sd[f"model.layers.{i}.mlp.down_proj.weight"] = m.down_proj.weight[:, keep]
-    out.load_state_dict(sd)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300, help="training steps of the base (and the independent model)")
@@ -86,7 +65,7 @@ def main() -> None:
 
     pairs = {f"noise {s:g}": lambda s=s: noisy(s) for s in (1, 2, 4)}
     pairs |= {f"fine-tuned {n}": lambda n=n: train(copy.deepcopy(base), other_text, n, 5) for n in (300, 1000)}
-    pairs["pruned 50%, healed 100"] = lambda: train(narrow(base, 0.5), other_text, 100, 6)
+    pairs["pruned 50%, healed 100"] = lambda: train(bench_common.pruned_copy(base, [0, 1], 0.5), other_text, 100, 6)
     pairs["independent"] = lambda: train(zoo.tiny_model("llama", seed=1, **shape), ids, args.steps, 1)
 
     lines = ["| derived pair | statistic | log10 p, fast | log10 p, exact | time fast | time exact |",

@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from tracing import matching
 from tracing.errors import TracingError
 from tracing.statistics.common import agreement_test, identity_test
-from tracing.statistics.pvalues import identity_spearman
+from tracing.statistics.pvalues import identity_spearman, perm_pair_spearman
 
 
 def _value(sim: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -155,3 +155,15 @@ def test_map_in_threads_keeps_the_order_and_bounds_workers_by_memory():
     assert list(matching.map_in_threads(lambda x: x * x, iter(range(10)), workers=3)) == [x * x for x in range(10)]
     huge = 10 * matching.available_ram()  # one item needs more than the machine: still runs, one at a time
     assert list(matching.map_in_threads(lambda x: x + 1, range(4), workers=8, item_bytes=huge)) == [1, 2, 3, 4]
+
+
+def test_exact_is_the_papers_statistic_bit_for_bit():
+    """Without ties or degenerate units, --matching exact is the original computation: scipy's assignment, then
+    Spearman against the identity (csu, csh) or between the gate and the up matching of B's units (match)."""
+    rng = np.random.default_rng(6)
+    sim, gate, up = (rng.standard_normal((64, 64)) for _ in range(3))
+    rec = identity_test(torch.from_numpy(sim), None, None, "exact", seed=5)
+    assert (rec["rho"], rec["log10_pvalue"]) == identity_spearman(linear_sum_assignment(-sim)[1])
+    b_into_a = lambda s: np.argsort(linear_sum_assignment(-s)[1])  # B unit j <-> A unit b_into_a[j]
+    rec = agreement_test(lambda solver: (torch.from_numpy(gate), torch.from_numpy(up)), None, None, "exact", 5)
+    assert (rec["rho"], rec["log10_pvalue"]) == perm_pair_spearman(b_into_a(gate), b_into_a(up))

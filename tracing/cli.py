@@ -15,7 +15,7 @@ import os
 import sys
 
 from tracing import naming
-from tracing.config import FIELDS, RunConfig, parse_alphas, parse_bytes, parse_layers
+from tracing.config import FIELDS, RunConfig, parse_alphas, parse_layers
 from tracing.demo import run_demo
 from tracing.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TracingError, exit_on_error
 from tracing.pipeline import check, run_pair, summary
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add(g, "matching", "neuron matching: fast (greedy, exact assignment where it finds p < 0.01) or exact "
           "(the paper's assignment everywhere)")
     p.add(g, "memory_budget", "activation accumulators' memory, e.g. 8GiB (default: half the free GPU memory / "
-          "RAM)", type=_type(parse_bytes))
+          "RAM)")
 
     g = p.add_argument_group("data")
     p.add(g, "dataset", "wikitext | random | generated | a local .txt/.jsonl/.parquet file")
