@@ -163,7 +163,7 @@ class LayerGram:
         """Cosine similarity of every neuron of A with every neuron of B over the tokens: (width_A, width_B)."""
         na = self.sq_base[proj].sqrt().clamp_min(1e-30)
         nb = self.sq_ft[proj].sqrt().clamp_min(1e-30)
-        return self.gram[proj] / na[:, None] / nb[None, :]
+        return (self.gram[proj] / na[:, None]).div_(nb[None, :])
 
     def sq_dist(self, proj: str) -> torch.Tensor:
         """Squared Euclidean distance between activation vectors: (width_A, width_B)."""
@@ -179,7 +179,7 @@ def _extend_range(ranges: dict, key, x: torch.Tensor) -> None:
     ranges[key] = (lo, hi)
 
 
-def cpu(t: torch.Tensor) -> torch.Tensor:
+def _cpu64(t: torch.Tensor) -> torch.Tensor:
     """A float64 CPU copy (a yielded layer frees its device memory)."""
     return t.cpu().double()
 
@@ -268,11 +268,11 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
             counter["forward_passes"] += 1
         for i in chunk:
             ps = [p for p in projs if (p, i) in gram]
-            yield LayerGram(layer=i, gram={p: cpu(gram.pop((p, i))) for p in ps},
-                            sq_base={p: cpu(sq_a.pop((p, i))) for p in ps},
-                            sq_ft={p: cpu(sq_b.pop((p, i))) for p in ps}, n_tokens=int(blocks.numel()),
-                            range_base={p: tuple(map(cpu, range_a.pop((p, i)))) for p in ps},
-                            range_ft={p: tuple(map(cpu, range_b.pop((p, i)))) for p in ps})
+            yield LayerGram(layer=i, gram={p: _cpu64(gram.pop((p, i))) for p in ps},
+                            sq_base={p: _cpu64(sq_a.pop((p, i))) for p in ps},
+                            sq_ft={p: _cpu64(sq_b.pop((p, i))) for p in ps}, n_tokens=int(blocks.numel()),
+                            range_base={p: tuple(map(_cpu64, range_a.pop((p, i)))) for p in ps},
+                            range_ft={p: tuple(map(_cpu64, range_b.pop((p, i)))) for p in ps})
 
 
 def sample_positions(n_tokens: int, max_tokens: int | None, seed: int) -> torch.Tensor:

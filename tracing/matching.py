@@ -6,32 +6,27 @@
     perm = permutation(sim, ok_a, ok_b, "fast", seed=0)  # a full permutation (alignment)
     for r in map_in_threads(solve, layers, item_bytes=3 * n * m * 8): ...   # per-layer work on every core
 
-Two solvers. "lap" is the exact maximum-similarity linear assignment in float64 (scipy), the paper's matching;
-"greedy" takes mutual best pairs (unit i of A and j of B that are each other's most similar unit), removes
-them and repeats: the greedy matching in global order of similarity, computed in a few vectorised rounds
-(torch, on the similarity's device). When every unit's best partner is distinct both return that choice,
-which is then also the optimal assignment, so related layers never need more.
+Solvers: "lap", the optimal assignment in float64 (scipy), the paper's matching; "greedy", the greedy matching
+in global order of similarity: mutual best pairs are taken, removed, and the step repeated, in vectorised
+rounds on the similarity's device. When every unit's best partner is strict and distinct, both return it.
+`--matching` (METHODS): "exact" tests the "lap" matching. "fast" (default) tests the greedy one, and only
+where its p-value is below 10^SCREEN_LOG10P the exact one instead: unrelated layers, where exact assignment
+is slowest (structured cost matrices of trained models: many times a random one), almost never need it.
 
-`--matching` (METHODS): "exact" tests the "lap" matching, bit for bit the paper's statistic. "fast" (default)
-first tests the greedy matching; only where its p-value is below SCREEN (10^-2) is the exact matching
-computed and its p-value reported instead. Unrelated layers, where exact assignment is slowest (up to 35x
-a random matrix of the same size on activation distances of trained models), almost never reach it.
-
-Why the p-values stay exact. Under H0 the units of B are exchangeable: relabelling them by any fixed
-permutation π gives a model with the same distribution. A matching procedure M is equivariant when
-M(A, πB) = π∘M(A, B); then the matched index vector of B is uniformly distributed over all permutations
-given A, whatever the models, and Spearman's test against it is exact. Both solvers are equivariant
-whenever the similarities have no ties: the optimal assignment is then unique, and the greedy order is
-defined by the values alone. Ties are what breaks it: a block of identical units (zeroed by pruning, dead,
-constant, NaN) gets matched in index order, and index order is what Spearman rewards, so a pruned
-*independent* model looked related (log10 p -17.7). Hence (1) degenerate units, whose values are not all
-finite or all equal up to 1e-6 of their magnitude (all-zero included), are left out on either side: the test
-runs on the remaining units with n adjusted, the narrower side matched into the wider, and a layer with
-fewer than MIN_UNITS usable units on a side is skipped; (2) the remaining units of both sides are put in a
-seeded random order before solving, so leftover ties (duplicated units, equal values) fall in random order.
-The screen keeps exactness: with G the greedy p and E the exact p, the reported p is E if G < SCREEN and G
-otherwise, so for a < SCREEN, P(reported <= a) <= P(E <= a) = a, and for a >= SCREEN,
-P(reported <= a) <= P(G < SCREEN) + P(SCREEN <= G <= a) = P(G <= a) = a: a valid p-value.
+Why p stays exact. Under H0 the units of B are exchangeable (relabelling them by a fixed π gives a model
+with the same distribution). If M(A, πB) = π∘M(A, B) (M is equivariant), B's matched index vector is
+uniform over permutations given A, and Spearman's test of it against the identity is exact. Both solvers
+are equivariant when no similarities tie (the optimum is unique; the greedy order depends on the values
+only). Ties broke it: identical units (zeroed, dead, constant, NaN) were matched in index order, which
+Spearman rewards, so a pruned *independent* model looked related (log10 p -17.7). Hence (1) degenerate units,
+whose values are not all finite or all equal up to FLAT_TOL of their magnitude (zero included), are left
+out on either side, the narrower side matched into the wider and n adjusted, and a layer with fewer than
+MIN_UNITS usable units on a side skipped; (2) unless every best partner is strict and distinct, both sides
+are put in a seeded random order before solving, so remaining ties never follow index order. The screen
+keeps validity: with G, E the greedy and exact p, the reported p is E if G < SCREEN, else G; for a < SCREEN
+P(reported <= a) <= P(E <= a) = a, for a >= SCREEN P(reported <= a) <= P(G < SCREEN) + P(SCREEN <= G <= a)
+= a. (This covers tests against the identity: csu, csu_all, csh. match compares two matchings of the same
+units, which relabelling B leaves unchanged; its null rests on those matchings being unrelated: README.)
 """
 
 from __future__ import annotations
@@ -72,11 +67,8 @@ def check_method(name: str) -> str:
 
 # ----------------------------------------------------------------------------------------- similarities
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of `a` (n, d) with every row of `b` (m, d): (n, m).
-
-    Norms in float64, the product in float32 (float64 if an input is float64): half the time of a float64
-    product on a CPU, far less on most GPUs, and ~1e-7 relative error, far below what moves an assignment.
-    """
+    """Cosine similarity of every row of `a` (n, d) with every row of `b` (m, d): (n, m). Norms in float64, the
+    product in float32 (float64 if an input is): ~1e-7 relative error, far below what moves a matching."""
     dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
 
     def unit(x: torch.Tensor) -> torch.Tensor:  # rows scaled to norm 1
@@ -113,20 +105,24 @@ def usable(rows: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- solvers
-def _argmax_if_distinct(s: torch.Tensor) -> torch.Tensor | None:
-    """Each row's best column when all are distinct (then optimal for both solvers), else None. s (n, m)."""
-    best = s.argmax(dim=1)
-    return best if torch.unique(best).numel() == best.numel() else None
+def _distinct_best(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The pairs (rows, cols) that give every unit of the narrower side its best partner, when each best is
+    strictly better than the unit's other partners and all of them are distinct; else None. Such a matching
+    is the optimal assignment and the greedy one, and no tie decides it (the usual case for related layers)."""
+    dim = 1 if s.shape[0] <= s.shape[1] else 0
+    top, best = s.max(dim=dim)  # (k,), (k,)
+    if torch.unique(best).numel() != best.numel() or bool(((s == top.unsqueeze(dim)).sum(dim) > 1).any()):
+        return None
+    own = torch.arange(best.numel(), device=s.device)
+    return (own.cpu(), best.cpu()) if dim == 1 else (best.cpu(), own.cpu())
 
 
-def _lap(s: torch.Tensor) -> torch.Tensor:
-    """Exact maximum-similarity assignment, s (n, m), n <= m: cols (n,). float64 (scipy)."""
-    best = _argmax_if_distinct(s)
-    if best is not None:
-        return best.cpu()
-    cost = s.detach().to("cpu", torch.float64).contiguous().numpy()  # pair_units' own copy: negated in place
+def _lap(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact maximum-similarity assignment of s (n, m): pairs (rows, cols), min(n, m) of them. float64 (scipy)."""
+    cost = s.detach().to("cpu", torch.float64).numpy()  # pair_units' own copy: negated in place
     np.negative(cost, out=cost)  # maximise similarity = minimise -similarity, without a second copy
-    return torch.from_numpy(linear_sum_assignment(cost)[1])
+    rows, cols = linear_sum_assignment(cost)
+    return torch.from_numpy(rows), torch.from_numpy(cols)
 
 
 def _first_free(cand: torch.Tensor, free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,24 +138,22 @@ def _refill(s: torch.Tensor, cand: torch.Tensor, units: torch.Tensor, free_other
     cand[units] = masked.topk(cand.shape[1], dim=1).indices
 
 
-def _greedy(s: torch.Tensor, k: int = GREEDY_CANDIDATES) -> torch.Tensor:
-    """Greedy matching in global order of similarity, s (n, m), n <= m: cols (n,), on s's device.
+def _greedy(s: torch.Tensor, k: int = GREEDY_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy matching in global order of similarity of s (n, m): pairs (rows, cols), min(n, m) of them.
 
     Each round takes every mutual best pair (the largest value of its row and of its column among the units
     still free: exactly the pairs the greedy order takes next). Each unit keeps a list of its k best partners
-    and only looks past it when all of them are taken, so a round costs O((n + m) k), not O(n m)."""
-    best = _argmax_if_distinct(s)
-    if best is not None:
-        return best.cpu()
+    and only looks past it when all of them are taken, so a round costs O((n + m) k), not O(n m). Runs on
+    s's device."""
     n, m = s.shape
     dev = s.device
     row_cand = s.topk(min(k, m), dim=1).indices  # (n, k) columns, best first
     col_cand = s.topk(min(k, n), dim=0).indices.T.contiguous()  # (m, k) rows
     st = s.T  # (m, n) view: a column's similarities as a row
     free_r, free_c = torch.ones(n, dtype=torch.bool, device=dev), torch.ones(m, dtype=torch.bool, device=dev)
-    out = torch.empty(n, dtype=torch.long, device=dev)
+    out_r, out_c = [], []
     rows, cols = torch.arange(n, device=dev), torch.arange(m, device=dev)
-    while rows.numel():
+    while rows.numel() and cols.numel():
         rb, ok = _first_free(row_cand[rows], free_c)
         if not ok.all():
             _refill(s, row_cand, rows[~ok], free_c)
@@ -172,13 +166,14 @@ def _greedy(s: torch.Tensor, k: int = GREEDY_CANDIDATES) -> torch.Tensor:
         best_row[cols] = cb
         mutual = best_row[rb] == rows  # (r,)
         i, j = rows[mutual], rb[mutual]
-        out[i] = j
+        out_r.append(i)
+        out_c.append(j)
         free_r[i], free_c[j] = False, False
         rows, cols = rows[free_r[rows]], cols[free_c[cols]]
-    return out.cpu()
+    return torch.cat(out_r).cpu(), torch.cat(out_c).cpu()
 
 
-SOLVERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lap": _lap, "greedy": _greedy}
+SOLVERS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {"lap": _lap, "greedy": _greedy}
 
 
 # ---------------------------------------------------------------------------------------------- pairing
@@ -191,6 +186,7 @@ class Pairs:
     excluded_a: int  # degenerate units of A left out
     excluded_b: int
     b_complete: bool  # every usable unit of B is matched (else every usable unit of A)
+    immediate: bool = False  # every best partner was strict and distinct: both solvers give these pairs
 
     @property
     def skipped(self) -> bool:
@@ -210,17 +206,15 @@ def pair_units(sim: torch.Tensor, ok_a: torch.Tensor | None = None, ok_b: torch.
                solver: str = "lap", seed: Seed = 0) -> Pairs:
     """Match the usable units of A (rows of sim (n, m)) and B (columns): the narrower side into the wider.
 
-    Units whose similarities are not all finite are left out too (those with no finite value first). Both sides are
-    put in a seeded random order before solving, so ties never follow index order. A side with fewer than
-    MIN_UNITS usable units gives an empty (skipped) result."""
+    Units whose similarities are not all finite are left out too (those with no finite value first). Unless
+    every unit of the narrower side has a strict, distinct best partner (then that is the answer, no tie
+    involved), both sides are put in a seeded random order before solving, so ties never follow index order.
+    A side with fewer than MIN_UNITS usable units gives an empty (skipped) result."""
     n, m = sim.shape
     ia, ib = _indices(ok_a, n, sim.device), _indices(ok_b, m, sim.device)
-    g = np.random.default_rng(seed)
-    ia = ia[torch.from_numpy(g.permutation(len(ia))).to(sim.device)]
-    ib = ib[torch.from_numpy(g.permutation(len(ib))).to(sim.device)]
-    s = sim[ia[:, None], ib[None, :]]  # (n', m') a copy, in random order
-    for rule in (torch.Tensor.any, torch.Tensor.all):  # units with no finite value first, then with any other
-        if not torch.isfinite(s.sum()) and not torch.isfinite(s).all():
+    s = sim if len(ia) == n and len(ib) == m else sim.index_select(0, ia).index_select(1, ib)  # (n', m')
+    for rule in () if torch.isfinite(s.sum()) else (torch.Tensor.any, torch.Tensor.all):  # rows, columns
+        if not torch.isfinite(s).all():  # units with no finite value first, then those with any other
             keep = rule(torch.isfinite(s), dim=1)
             ia, s = ia[keep], s[keep]
             keep = rule(torch.isfinite(s), dim=0)
@@ -229,14 +223,15 @@ def pair_units(sim: torch.Tensor, ok_a: torch.Tensor | None = None, ok_b: torch.
     if min(len(ia), len(ib)) < MIN_UNITS:
         empty = np.zeros(0, dtype=np.int64)
         return Pairs(empty, empty, n - len(ia), m - len(ib), b_complete)
-    ia, ib = ia.cpu(), ib.cpu()
-    if b_complete:
-        rows = SOLVERS[solver](s.T)  # (m',): B unit t <-> A unit rows[t]
-        a, b = ia[rows], ib
-    else:
-        cols = SOLVERS[solver](s)  # (n',)
-        a, b = ia, ib[cols]
-    return Pairs(a.numpy(), b.numpy(), n - len(ia), m - len(ib), b_complete)
+    pairs = _distinct_best(s)
+    immediate = pairs is not None
+    if not immediate:  # ties could decide: solve in a seeded random order of both sides
+        g = np.random.default_rng(seed)
+        pa, pb = (torch.from_numpy(g.permutation(k)).to(s.device) for k in s.shape)
+        rows, cols = SOLVERS[solver](s.index_select(0, pa).index_select(1, pb))
+        pairs = pa.cpu()[rows], pb.cpu()[cols]
+    rows, cols = pairs  # (k,), (k,): unit rows[t] of s <-> unit cols[t]
+    return Pairs(ia.cpu()[rows].numpy(), ib.cpu()[cols].numpy(), n - len(ia), m - len(ib), b_complete, immediate)
 
 
 def screened(method: str, test: Callable[[str], tuple]) -> tuple[tuple, str]:
@@ -260,15 +255,10 @@ def permutation(sim: torch.Tensor, ok_a: torch.Tensor | None = None, ok_b: torch
     too few) are paired with the remaining ones in a seeded random order."""
     n = sim.shape[0]
     pairs = pair_units(sim, ok_a, ok_b, "lap" if check_method(method) == "exact" else "greedy", seed)
-    perm = torch.full((n,), -1, dtype=torch.long)
-    perm[torch.from_numpy(pairs.a)] = torch.from_numpy(pairs.b)
-    free_a = (perm < 0).nonzero()[:, 0]
-    used = torch.zeros(n, dtype=torch.bool)
-    used[torch.from_numpy(pairs.b)] = True
-    free_b = (~used).nonzero()[:, 0]
-    g = np.random.default_rng(seed)
-    perm[free_a] = free_b[torch.from_numpy(g.permutation(len(free_b)))]
-    return perm
+    perm = np.full(n, -1, dtype=np.int64)
+    perm[pairs.a] = pairs.b
+    perm[perm < 0] = np.random.default_rng(seed).permutation(np.setdiff1d(np.arange(n), pairs.b))
+    return torch.from_numpy(perm)
 
 
 # ---------------------------------------------------------------------------------------------- threads
