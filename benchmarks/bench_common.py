@@ -102,3 +102,17 @@ def pruned_copy(model, keep_layers: list[int], keep_frac: float):
                 sd[f"model.layers.{new}.{k}"] = v
     out.load_state_dict(sd, strict=False)  # a tied lm_head follows the embedding
     return out
+
+
+def publish(lines: list[str], head: str, started: float, markdown: str | None) -> str:
+    """The result table with its header line and duration: printed, and written to `markdown` (README embeds
+    that file between <!-- generated --> markers; tracing.docs copies it in)."""
+    import time
+
+    from tracing.docs import write_markdown
+
+    text = "\n".join(lines) + f"\n\n{head}; took {time.perf_counter() - started:.0f} s.\n"
+    print("\n" + text)
+    if markdown:
+        print(f"wrote {write_markdown(markdown, text)}")
+    return text

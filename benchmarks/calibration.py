@@ -101,12 +101,7 @@ def main() -> None:
     lines = ["| pairs | statistic | --matching | p < 0.05: fraction [95% CI] | p < 0.01: fraction [95% CI] | "
              "smallest log10 p | no p-value |", "|---|---|---|---|---|---|---|"]
     lines += [row(kind, stat, method, summarize(lps)) for (kind, stat, method), lps in results.items()]
-    text = "\n".join(lines) + f"\n\n{head}; took {time.perf_counter() - t0:.0f} s.\n"
-    print("\n" + text)
-    if args.markdown:
-        from tracing.docs import write_markdown
-
-        print(f"wrote {write_markdown(args.markdown, text)}")
+    bench_common.publish(lines, head, t0, args.markdown)
 
 
 if __name__ == "__main__":

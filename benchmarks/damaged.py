@@ -101,12 +101,7 @@ def main() -> None:
                 lines.append(f"| {name} | `{stat}{' --align' if align else ''}` | {fmt(cells[0])} | {fmt(cells[1])} | "
                              f"{extras['units_excluded']['ft']} | {extras['layers_skipped_degenerate']} |")
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + f"\n\n{head}; took {time.perf_counter() - t0:.0f} s.\n"
-    print("\n" + text)
-    if args.markdown:
-        from tracing.docs import write_markdown
-
-        print(f"wrote {write_markdown(args.markdown, text)}")
+    bench_common.publish(lines, head, t0, args.markdown)
 
 
 if __name__ == "__main__":

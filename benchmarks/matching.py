@@ -141,12 +141,7 @@ def main() -> None:
             cells.append(f"{dt:.2f} s" + ("" if same == 1 else f" (gap {gap:.1e}, same {same:.0%})"))
             print(f"{name:45s} {solver:16s} {cells[-1]}", flush=True)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + f"\n\n{head}; took {time.perf_counter() - t0:.0f} s.\n"
-    print("\n" + text)
-    if args.markdown:
-        from tracing.docs import write_markdown
-
-        print(f"wrote {write_markdown(args.markdown, text)}")
+    bench_common.publish(lines, head, t0, args.markdown)
 
 
 if __name__ == "__main__":

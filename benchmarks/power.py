@@ -86,12 +86,7 @@ def main() -> None:
             (fast, tf), (exact, te) = cells
             lines.append(f"| {name} | `{stat}` | {fast:.1f} | {exact:.1f} | {tf:.2f} s | {te:.2f} s |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + f"\n\n{head}; took {time.perf_counter() - t0:.0f} s.\n"
-    print("\n" + text)
-    if args.markdown:
-        from tracing.docs import write_markdown
-
-        print(f"wrote {write_markdown(args.markdown, text)}")
+    bench_common.publish(lines, head, t0, args.markdown)
 
 
 def _aligned(base, ft, method: str):

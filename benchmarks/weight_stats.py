@@ -119,12 +119,7 @@ def main() -> None:
                      f"{r['permuted_csu_s']:.2f} s ({r['permuted_csu_log10p']:.1f}) | {r['align_s']:.2f} s | "
                      f"{r['aligned_csu_s']:.2f} s ({r['aligned_csu_log10p']:.1f}) | {r['peak_rss_mib']} MiB "
                      f"({r['rss_models_mib']}) |")
-    text = "\n".join(lines) + f"\n\n{head}; took {time.perf_counter() - t0:.0f} s.\n"
-    print("\n" + text)
-    if args.markdown:
-        from tracing.docs import write_markdown
-
-        print(f"wrote {write_markdown(args.markdown, text)}")
+    bench_common.publish(lines, head, t0, args.markdown)
 
 
 if __name__ == "__main__":
