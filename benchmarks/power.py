@@ -1,6 +1,6 @@
 """Power of --matching fast against exact on hard derived pairs: log10 p side by side (lower = detected).
 
-    python benchmarks/power.py                                  # ~3 min on 2 cores
+    python benchmarks/power.py                                  # ~10 min on 2 cores
     python benchmarks/power.py --markdown docs/generated/power.md
 
 A small Llama (hidden 128, MLP 512, 2 layers, vocab 512) trained --steps steps on the project's text is the
@@ -28,7 +28,7 @@ STATS = ("csu --align", "csh --align", "match", "match_all")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300, help="training steps of the base (and the independent model)")
+    ap.add_argument("--steps", type=int, default=200, help="training steps of the base (and the independent model)")
     ap.add_argument("--markdown", help="write the table here (README embeds docs/generated/power.md)")
     args = ap.parse_args()
     head = bench_common.header()
@@ -64,7 +64,7 @@ def main() -> None:
         return m
 
     pairs = {f"noise {s:g}": lambda s=s: noisy(s) for s in (1, 2, 4)}
-    pairs |= {f"fine-tuned {n}": lambda n=n: train(copy.deepcopy(base), other_text, n, 5) for n in (300, 1000)}
+    pairs |= {f"fine-tuned {n}": lambda n=n: train(copy.deepcopy(base), other_text, n, 5) for n in (200, 600)}
     pairs["pruned 50%, healed 100"] = lambda: train(bench_common.pruned_copy(base, [0, 1], 0.5), other_text, 100, 6)
     pairs["independent"] = lambda: train(zoo.tiny_model("llama", seed=1, **shape), ids, args.steps, 1)
 
