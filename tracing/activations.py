@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from tracing.arch import ArchSpec
 from tracing.errors import TracingError
-from tracing.matching import available_ram, usable_from_range
+from tracing.matching import free_memory, usable_from_range
 
 BUDGET_FRACTION = 0.5  # of the free device memory (RAM on a CPU) that accumulators may take by default
 
@@ -97,11 +97,7 @@ def mlp_width(model: torch.nn.Module, spec: ArchSpec, layer: int = 0) -> int:
 def accumulator_budget(device: torch.device, override: int | None = None) -> int:
     """Bytes the Gram accumulators of one pass may take: `override` (--memory_budget), else BUDGET_FRACTION of
     the free memory of `device` (RAM for a CPU), which leaves the rest to the matchings that follow."""
-    if override is not None:
-        return int(override)
-    if device.type == "cuda":
-        return int(BUDGET_FRACTION * torch.cuda.mem_get_info(device)[0])
-    return int(BUDGET_FRACTION * available_ram())
+    return int(override) if override is not None else int(BUDGET_FRACTION * free_memory(device))
 
 
 def _width(model: torch.nn.Module, name: str) -> int:

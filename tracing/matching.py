@@ -59,10 +59,9 @@ Seed = int | tuple[int, ...]
 
 def check_method(name: str) -> str:
     """A --matching value, or a TracingError listing the valid ones."""
-    if name not in METHODS:
-        raise TracingError(f"unknown --matching '{name}'; valid: "
-                           + "; ".join(f"{k} ({v})" for k, v in METHODS.items()))
-    return name
+    if name in METHODS:
+        return name
+    raise TracingError(f"unknown --matching '{name}'; valid: " + "; ".join(f"{k} ({v})" for k, v in METHODS.items()))
 
 
 # ----------------------------------------------------------------------------------------- similarities
@@ -139,12 +138,10 @@ def _refill(s: torch.Tensor, cand: torch.Tensor, units: torch.Tensor, free_other
 
 
 def _greedy(s: torch.Tensor, k: int = GREEDY_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy matching in global order of similarity of s (n, m): pairs (rows, cols), min(n, m) of them.
+    """Greedy matching in global order of similarity of s (n, m), on s's device: pairs (rows, cols).
 
-    Each round takes every mutual best pair (the largest value of its row and of its column among the units
-    still free: exactly the pairs the greedy order takes next). Each unit keeps a list of its k best partners
-    and only looks past it when all of them are taken, so a round costs O((n + m) k), not O(n m). Runs on
-    s's device."""
+    Each round takes every mutual best pair among the free units (exactly the pairs the greedy order takes
+    next). Each unit keeps its k best partners in view and looks further only when all are taken."""
     n, m = s.shape
     dev = s.device
     row_cand = s.topk(min(k, m), dim=1).indices  # (n, k) columns, best first
@@ -286,25 +283,32 @@ def available_ram() -> int:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
         with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit = f.read().strip()
-            if limit.isdigit():
-                avail = min(avail, int(limit) - int(g.read().strip()))
+            limit, used = f.read().strip(), g.read().strip()
+        avail = min(avail, int(limit) - int(used)) if limit.isdigit() else avail
     except (OSError, StopIteration, ValueError):
         pass
     return max(avail, 0)
 
 
+def free_memory(device: torch.device | str | None = None) -> int:
+    """Bytes still free on `device`: a GPU's free memory, else available_ram()."""
+    device = torch.device(device or "cpu")
+    return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else available_ram()
+
+
 def map_in_threads(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
-                   item_bytes: int | None = None) -> Iterator[R]:
+                   item_bytes: int | None = None, device: torch.device | None = None) -> Iterator[R]:
     """fn(item) for each item, in order, with up to `workers` calls running at once (default_workers()),
-    and no more than half the available RAM holds (`item_bytes`: the memory one call needs).
+    and no more than half the free memory holds (`item_bytes`: what one call needs, in RAM and, when it
+    works on a GPU `device`, there too).
 
     For per-layer linear assignments: scipy's solver and torch release the GIL, so threads use every core
     without copying the matrices. Items are pulled in the caller's thread, at most `workers` ahead of the
     results, which bounds the memory held by pending matrices."""
     workers = workers or default_workers()
     if item_bytes:
-        workers = max(1, min(workers, available_ram() // 2 // item_bytes))
+        free = min(available_ram(), free_memory(device))
+        workers = max(1, min(workers, free // 2 // item_bytes))
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for item in items:

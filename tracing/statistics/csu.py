@@ -61,9 +61,11 @@ def csu(ctx: StatContext) -> StatResult:
         rows_b = ctx.spec_ft.neuron_rows(sd_b[key_b], key_b, mlp(i))  # (n_neurons, hidden)
         return {"layer": i, **match_rows(rows_a, rows_b, ctx.compute_device, ctx.matching, (ctx.seed, i))}
 
-    n = ctx.spec_base.neuron_rows(sd_a[ctx.spec_base.layers[0].up], ctx.spec_base.layers[0].up, mlp(0)).shape[0]
-    per_layer = list(tqdm(matching.map_in_threads(test_layer, layers, item_bytes=3 * n * n * 8), total=len(layers),
-                          desc="csu layers", disable=not ctx.progress))
+    key0 = ctx.spec_base.layers[0].up
+    n = ctx.spec_base.neuron_rows(sd_a[key0], key0, mlp(0)).shape[0]  # MLP width
+    results = matching.map_in_threads(test_layer, layers, item_bytes=3 * n * n * 8,
+                                      device=ctx.compute_device or sd_a[key0].device)
+    per_layer = list(tqdm(results, total=len(layers), desc="csu layers", disable=not ctx.progress))
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
                       extras={"layers_skipped_nan": n_nan, **matching_extras(ctx.matching, per_layer)})

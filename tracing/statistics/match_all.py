@@ -48,8 +48,8 @@ def holm_log10(log10ps: np.ndarray) -> np.ndarray:
 class _Layer:
     """Sampled activations of one layer (S, width) float32, their squared norms (float64) and usable units."""
 
-    def __init__(self, acts: dict, layer: int):
-        self.x = {p: acts[p, layer] for p in ("gate", "up")}
+    def __init__(self, acts: dict, layer: int, device: torch.device):
+        self.x = {p: acts[p, layer].to(device) for p in ("gate", "up")}  # products and screen run there
         self.sq = {p: x.double().square().sum(0) for p, x in self.x.items()}  # (width,)
         self.ok = usable(self.x["gate"].T) & usable(self.x["up"].T)  # (width,)
 
@@ -84,13 +84,14 @@ def match_all(ctx: StatContext) -> StatResult:
     acts_b = sample_activations(ctx.ft, ctx.spec_ft, blocks, layers=layers_b, positions=positions,
                                 batch_size=ctx.batch_size, counter=passes_b, progress=ctx.progress)
 
-    la, lb = [_Layer(acts_a, i) for i in layers_a], [_Layer(acts_b, j) for j in layers_b]
+    dev = ctx.compute_device or next(ctx.base.parameters()).device
+    la, lb = [_Layer(acts_a, i, dev) for i in layers_a], [_Layer(acts_b, j, dev) for j in layers_b]
     logp = np.zeros((len(layers_a), len(layers_b)))
     rho = np.zeros_like(logp)
     pairs = [(a, b) for a in range(len(layers_a)) for b in range(len(layers_b))]
     wa, wb = la[0].x["up"].shape[1], lb[0].x["up"].shape[1]
     results = map_in_threads(lambda ab: _pair(la[ab[0]], lb[ab[1]], ctx.matching, (ctx.seed, *ab)), pairs,
-                             item_bytes=6 * wa * wb * 8)
+                             item_bytes=6 * wa * wb * 8, device=dev)
     records = []
     for (a, b), rec in zip(pairs, tqdm(results, total=len(pairs), desc="match_all layer pairs",
                                        disable=not ctx.progress)):
