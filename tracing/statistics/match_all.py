@@ -56,8 +56,10 @@ class _Layer:
 
 def _pair(a: _Layer, b: _Layer, method: str, seed: tuple) -> dict:
     """match between a layer of A and a layer of B from their sampled activations: agreement_test's record."""
+    if b.ok.numel() < a.ok.numel():  # the narrower layer's units as rows: the faster orientation to match
+        a, b = b, a
     dtype = torch.float64 if method == "exact" else torch.float32  # exact: the original's float64 products
-    gram = {p: a.x[p].T.to(dtype) @ b.x[p].to(dtype) for p in ("gate", "up")}  # (width_A, width_B)
+    gram = {p: a.x[p].T.to(dtype) @ b.x[p].to(dtype) for p in ("gate", "up")}  # (width_a, width_b)
 
     def similarities(solver: str) -> tuple[torch.Tensor, torch.Tensor]:
         if solver == "greedy":  # cosines
