@@ -3,6 +3,7 @@
     python launch.py --config config/demo.yaml --cluster local --save results/demo_runs --stat csu --wait
     python launch.py --config config/llama7b.yaml --save results/llama7b --stat csu --align --dry_run
     python launch.py --config config/llama7b.yaml --save results/llama7b --status
+    python launch.py --config config/llama7b.yaml --save results/llama7b --stat csu --wait --max_wait 3600
     python -m tracing.aggregate results/llama7b --truth config/llama7b_tree.yaml
 
 Flags not listed here (--stat, --align, --dataset, ...) are main.py's and go to every job unchanged;
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from tracing import cluster
 from tracing.cli import parse_run_flags
-from tracing.config import SLURM_KEYS, load_config
-from tracing.errors import EXIT_FAILED, EXIT_OK, exit_on_error
+from tracing.errors import EXIT_FAILED, EXIT_OK, TracingError, exit_on_error
+from tracing.model_lists import SLURM_KEYS, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun pairs whose result is already ok")
     p.add_argument("--dry_run", action="store_true", help="print the plan, submit nothing")
     p.add_argument("--status", action="store_true", help="print done / running / failed counts and exit")
-    p.add_argument("--wait", action="store_true", help="block until every job ends, then print the status")
+    p.add_argument("--wait", action="store_true", help="block until every job ends (cancelled or never started "
+                   "counts as ended), printing pending reasons at most once a minute; then print the status")
+    p.add_argument("--max_wait", type=float, default=None, metavar="SECONDS",
+                   help="with --wait: stop waiting after this long and exit 1, naming the pairs still open")
     g = p.add_argument_group("resources (override the YAML's slurm: block)")
     for key, typ in (("partition", str), ("gpus_per_node", int), ("cpus_per_task", int), ("mem_gb", float),
                      ("timeout_min", int), ("account", str), ("qos", str), ("constraint", str),
@@ -50,8 +54,15 @@ def main(argv: list[str] | None = None) -> int:
             tasks = cluster.plan(load_config(args.config, args.flat), Path(args.save), flags)
             counts = cluster.print_status(Path(args.save), tasks)["counts"]
             return EXIT_FAILED if counts["failed"] else EXIT_OK
+        if args.max_wait is not None and (args.max_wait <= 0 or not args.wait):
+            raise TracingError("--max_wait takes a positive number of seconds and goes with --wait")
         out = cluster.launch(args.config, args.save, flags, cluster=args.cluster, flat=args.flat,
-                             force=args.force, dry_run=args.dry_run, wait=args.wait, slurm_overrides=overrides)
+                             force=args.force, dry_run=args.dry_run, wait=args.wait, slurm_overrides=overrides,
+                             max_wait=args.max_wait)
+        for t in out["open"]:
+            print(f"  open     {t.pair.base_name} vs {t.pair.ft_name}", file=sys.stderr)
+        if out["open"]:
+            return EXIT_FAILED
         if out["status"] is not None:  # waited (--wait, or the debug executor): a pair without an ok record fails
             counts = out["status"]["counts"]
             return EXIT_FAILED if counts["failed"] or counts["missing"] else EXIT_OK

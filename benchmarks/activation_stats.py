@@ -48,6 +48,7 @@ def build_pair(pair: str, n_layers: int):
     import torch
     import transformers
 
+    from tracing import zoo
     from tracing.arch import get_spec
     from tracing.transforms import rotate_residual
 
@@ -60,7 +61,7 @@ def build_pair(pair: str, n_layers: int):
         base = bench_common.heavy_tailed(base, seed=1)
         if pair == "trained-like":
             return base, bench_common.heavy_tailed(model(100), seed=101)
-        return base, bench_common.pruned_copy(base, [i for i in range(n_layers) if i % 3 != 2], 2 / 3)
+        return base, zoo.prune(base, [i for i in range(n_layers) if i % 3 != 2], 2 / 3)
     derived = copy.deepcopy(base)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -77,33 +77,6 @@ def heavy_tailed(model, seed: int, sigma_neuron: float = 1.0, sigma_resid: float
     return model
 
 
-def pruned_copy(model, keep_layers: list[int], keep_frac: float):
-    """A pruned copy of a Llama-family model without healing: the blocks `keep_layers` (renumbered), and in
-    each the `keep_frac` MLP neurons with the largest |gate|·|up|·|down| norms, in their original order."""
-    import torch
-    import transformers
-
-    cfg = copy.deepcopy(model.config)
-    width = int(cfg.intermediate_size * keep_frac)
-    cfg.num_hidden_layers, cfg.intermediate_size = len(keep_layers), width
-    out = transformers.AutoModelForCausalLM.from_config(cfg).to(model.dtype).eval()
-    sd = {k: v for k, v in model.state_dict().items() if ".layers." not in k}
-    with torch.no_grad():
-        for new, old in enumerate(keep_layers):
-            block = model.model.layers[old]
-            m = block.mlp
-            score = m.gate_proj.weight.norm(dim=1) * m.up_proj.weight.norm(dim=1) * m.down_proj.weight.norm(dim=0)
-            keep = score.argsort(descending=True)[:width].sort().values  # (width,)
-            for k, v in block.state_dict().items():
-                if k in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-                    v = v[keep]
-                elif k == "mlp.down_proj.weight":
-                    v = v[:, keep]
-                sd[f"model.layers.{new}.{k}"] = v
-    out.load_state_dict(sd, strict=False)  # a tied lm_head follows the embedding
-    return out
-
-
 def publish(lines: list[str], head: str, started: float, markdown: str | None) -> str:
     """The result table with its header line and duration: printed, and written to `markdown` (README embeds
     that file between <!-- generated --> markers; tracing.docs copies it in)."""

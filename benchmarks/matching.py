@@ -64,8 +64,8 @@ def cost_matrices(steps: int) -> dict:
     import transformers
 
     from tracing import zoo
-    from tracing.activations import layer_grams
     from tracing.arch import get_spec
+    from tracing.grams import layer_grams
     from tracing.matching import euclid_similarity
 
     tok = zoo.build_tokenizer(zoo.synthetic_text(6000, seed=0), vocab_size=512)

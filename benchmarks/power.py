@@ -65,7 +65,7 @@ def main() -> None:
 
     pairs = {f"noise {s:g}": lambda s=s: noisy(s) for s in (1, 2, 4)}
     pairs |= {f"fine-tuned {n}": lambda n=n: train(copy.deepcopy(base), other_text, n, 5) for n in (200, 600)}
-    pairs["pruned 50%, healed 100"] = lambda: train(bench_common.pruned_copy(base, [0, 1], 0.5), other_text, 100, 6)
+    pairs["pruned 50%, healed 100"] = lambda: train(zoo.prune(base, [0, 1], 0.5), other_text, 100, 6)
     pairs["independent"] = lambda: train(zoo.tiny_model("llama", seed=1, **shape), ids, args.steps, 1)
 
     lines = ["| derived pair | statistic | log10 p, fast | log10 p, exact | time fast | time exact |",

@@ -12,7 +12,7 @@ from tracing import zoo
 from tracing.arch import get_spec
 from tracing.errors import TracingError
 from tracing.statistics import StatContext, get_stat
-from tracing.statistics.match_all import holm_log10
+from tracing.statistics.pvalues import holm_log10
 from tracing.transforms import rotate_residual
 
 SHAPE = dict(vocab_size=256, hidden=32, layers=3, intermediate=96, heads=2, kv_heads=1)

@@ -7,9 +7,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from tracing import matching, zoo
-from tracing.activations import layer_grams, sample_activations, sample_positions
+from tracing.activations import sample_activations, sample_positions
 from tracing.arch import get_spec
 from tracing.errors import TracingError
+from tracing.grams import layer_grams
 from tracing.matching import euclid_similarity, pair_units
 
 

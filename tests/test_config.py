@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from tracing.config import RunConfig, load_config
+from tracing.config import RunConfig
 from tracing.errors import TracingError
+from tracing.model_lists import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,12 +12,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 # Lower layers never import higher ones (a layer may import itself: the cycle test keeps that acyclic).
 LAYERS = [
     ["errors", "naming", "matching", "plots", "zoo", "docs"],  # foundation: no model code
-    ["config", "results", "devices", "arch", "checkpoints", "lineage"],  # options, records, specs, where things live
-    ["perm", "data", "models", "evaluate", "activations", "transforms", "align"],  # tensors and models
+    ["config", "model_lists", "results", "result_folder", "devices", "arch", "checkpoints", "lineage", "hub"],
+    ["perm", "data", "models", "evaluate", "activations", "grams", "transforms", "align"],  # tensors and models
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs
-    ["cli"],  # main.py's flags
+    ["cli", "examples"],  # main.py's flags; README examples from code
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # optional heavy libraries a function may import when it needs them (each costs a second or more to import,

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import record_path
 
 from tracing import zoo
-from tracing.cli import main
-from tracing.naming import result_path
+from tracing.cli import main, parse_run_flags
+from tracing.config import RunConfig
 from tracing.statistics.pvalues import permtest_log10p
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +50,8 @@ def run(models, tmp_path, base, ft, *extra):
     argv = ["--base_model_id", models[base], "--ft_model_id", models[ft], "--save", str(tmp_path),
             "--no_progress", *extra]
     code = main(argv)
-    stat = extra[extra.index("--stat") + 1] if "--stat" in extra else "csu"
-    path = result_path(tmp_path, models[base], models[ft], stat)
-    record = pickle.loads(path.read_bytes()) if path.exists() else None
+    path = record_path(argv)
+    record = pickle.loads(path.read_bytes()) if path and path.exists() else None
     return code, record
 
 
@@ -64,7 +64,8 @@ def test_derived_pair_is_related_and_record_is_plain(models, tmp_path, monkeypat
     assert rec["aligned_log10_pvalue"] is None
     text = json.dumps(rec)  # plain data only: JSON-serialisable as is
     assert "secret" not in text
-    twin = json.loads(result_path(tmp_path, models["base"], models["derived"], "csu").with_suffix(".json").read_text())
+    argv = ["--base_model_id", models["base"], "--ft_model_id", models["derived"], "--save", str(tmp_path)]
+    twin = json.loads(record_path(argv).with_suffix(".json").read_text())
     assert twin["log10_pvalue"] == rec["log10_pvalue"]
     assert set(rec["git"]) >= {"commit", "dirty"}
 
@@ -209,8 +210,6 @@ def test_weight_only_runs_on_a_gpu_keep_the_models_in_cpu_memory(monkeypatch):
     import torch
 
     import tracing.pipeline
-    from tracing.cli import parse_run_flags
-    from tracing.config import RunConfig
     from tracing.pipeline import placement
     from tracing.statistics import get_stat
 

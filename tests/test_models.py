@@ -6,6 +6,7 @@ All checkpoints are written to tmp dirs from tiny zoo models; the hub is offline
 import io
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -92,7 +93,8 @@ def test_revision_is_split_off_hub_ids_only(tmp_path):
 
 def test_offline_hub_id_is_a_clear_error():
     with pytest.raises(TracingError, match=r"org-that-is-not/cached-model@v2 is neither a local directory.*"
-                                           r"HF_HUB_OFFLINE=0"):
+                                           r"nor in the Hugging Face cache; HF_HUB_OFFLINE=1 is set: pass a local "
+                                           r"path, or unset HF_HUB_OFFLINE to download"):
         load_model("org-that-is-not/cached-model@v2", progress=False)
 
 
@@ -159,6 +161,22 @@ def adapter(llama_dir, llama, tmp_path_factory):
     lora.save_pretrained(d)
     assert json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] == str(llama_dir)
     return d, expected
+
+
+def test_adapter_with_missing_weights_is_an_error_naming_them(adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "broken_adapter"
+    shutil.copytree(adapter[0], d)
+    weights = load_file(d / "adapter_model.safetensors")
+    lost = sorted(k for k in weights if "layers.0.mlp.up_proj.lora_B" in k)
+    save_file({k: v for k, v in weights.items() if k not in lost}, d / "adapter_model.safetensors")
+    with pytest.raises(TracingError, match=r"adapter .*broken_adapter is not what its adapter_config.json says: "
+                                           r"1 weights missing .*layers\.0\.mlp\.up_proj\.lora_B"):
+        load_model(str(d), progress=False)  # the LoRA update of that module would silently be a no-op
+    notes: list = []
+    load_model(str(d), progress=False, allow_keys=["*up_proj.lora_B*"], notes=notes)
+    assert len(notes) == 1 and "allowed by --allow_keys" in notes[0]
 
 
 def test_adapter_is_merged_into_its_base(adapter, tokenizer):

@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from tracing.errors import TracingError
-from tracing.results import error_line, git_info, load_record, new_record, save_record, scrub_args, to_plain
+from tracing.results import (
+    error_line,
+    finite_only,
+    git_info,
+    load_record,
+    new_record,
+    save_record,
+    scrub_args,
+    to_plain,
+)
 
 
 def test_git_info_names_the_code_commit():
@@ -103,3 +112,27 @@ def test_load_refuses_a_self_referencing_pickle(tmp_path):
 def test_error_line_is_the_last_non_blank_line():
     assert error_line("Traceback (most recent call last):\n  ...\nValueError: bad\n\n") == "ValueError: bad"
     assert error_line(" \n") is None and error_line(None) is None and error_line("") is None
+
+
+def test_non_finite_floats_are_written_as_null_with_their_paths(tmp_path):
+    rec = {"status": "ok", "value": float("nan"), "extras": {"losses": [1.0, float("inf")]},
+           "per_layer": [{"log10_pvalue": -3.0}, {"log10_pvalue": float("-inf")}]}
+    path = save_record(rec, tmp_path / "r.pkl")
+
+    def refuse(name):
+        raise ValueError(name)
+    twin = json.loads(path.with_suffix(".json").read_text(), parse_constant=refuse)  # strict JSON: no bare NaN
+    assert twin["value"] is None and twin["per_layer"][1]["log10_pvalue"] is None
+    assert twin["extras"]["losses"][1] is None
+    assert twin["nonfinite"] == {"value": "nan", "per_layer[1].log10_pvalue": "-inf", "extras.losses[1]": "inf"}
+    assert load_record(path) == twin
+    assert finite_only(twin) == twin  # idempotent: the paths found earlier are kept
+    assert rec["value"] != rec["value"]  # the caller's record is not changed
+
+
+def test_load_record_reads_older_pickles_that_hold_nan(tmp_path):
+    path = tmp_path / "old.pkl"  # written before records were strict: a bare NaN in the pickle
+    path.write_bytes(pickle.dumps({"schema": 1, "status": "ok", "log10_pvalue": float("nan"), "per_layer": []},
+                                  protocol=4))
+    rec = load_record(path)
+    assert rec["log10_pvalue"] is None and rec["nonfinite"] == {"log10_pvalue": "nan"} and rec["status"] == "ok"

@@ -6,9 +6,14 @@ Skipped, with the reason, when `sinfo` does not answer. The killed job is held d
 function waits for a gate file that never appears, so it is RUNNING (not finished) when it is cancelled.
 """
 
+import importlib
+import io
+import json
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from submitit.core.utils import UncompletedJobError
 
 from tracing import cluster, zoo
 from tracing.aggregate import aggregate
+from tracing.errors import TracingError
 from tracing.results import load_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,8 +122,9 @@ def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch, summary_lines)
         else:
             rec = load_record(t.result)
             assert rec["status"] == "ok" and rec["value"] > 0 and rec["versions"]["torch"]
+            assert rec["threads"] == 1  # cpus_per_task 1 on a 2-CPU node: the job used what it was given
     status = cluster.status_table(save)
-    assert status["counts"] == {"done": 5, "failed": 0, "running": 0, "missing": 1}
+    assert status["counts"] == {"done": 5, "running": 0, "pending": 0, "failed": 0, "missing": 1}
 
     t1 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(cfg), "--save", str(save),
@@ -127,7 +134,7 @@ def test_slurm_launch_kill_relaunch_aggregate(setup, monkeypatch, summary_lines)
     assert "5 already done, 1 to run on slurm" in proc.stdout
     summary_lines.append(f"Slurm: relaunch ran only the cancelled pair ({time.perf_counter() - t1:.1f} s): "
                          + next(line for line in proc.stdout.splitlines() if "submitted job array" in line))
-    assert "done 6  running 0  failed 0  missing 0" in proc.stdout
+    assert "done 6  running 0  pending 0  failed 0  missing 0" in proc.stdout
     assert load_record(tasks[held].result)["status"] == "ok"
 
     agg = aggregate(save, truth=tree, figures=False)
@@ -182,3 +189,105 @@ def test_slurm_preempted_job_is_requeued_and_finishes(setup, monkeypatch, summar
     assert "Requeued job" in out and out.count("model-tracing job: ok") == 1
     summary_lines.append(f"Slurm: job {job.job_id} got SIGUSR2 mid-run, was requeued by submitit "
                          "(Restarts=1) and wrote its record (status ok)")
+
+
+def test_slurm_preflight_refuses_a_request_that_can_never_run(setup, summary_lines):
+    """The default resources ask for a GPU this partition lacks, and more CPUs and memory than its node has:
+    each is refused before submission, in one line naming the flag and the largest value that fits;
+    a refusal that only sbatch can see (an unknown feature) is one line too. Nothing is queued."""
+    root, cfg, _ = setup
+    node = _scontrol_node()
+    cpus, mem_gb = int(node["CPUTot"]), int(node["RealMemory"]) // 1024
+    yaml = root / "defaults.yaml"
+    yaml.write_text("models: [%s, %s]\nmain: {stat: l2, device: cpu}\n" % (root / "a", root / "b"))
+    save = root / "refused"
+    for flags, *needles in [([], "--gpus_per_node 1 can never run", "pass --gpus_per_node 0"),
+                            (["--gpus_per_node", "0", "--cpus_per_task", "1", "--mem_gb", "1", "--constraint",
+                              "nosuchfeature"], "sbatch refused the job array", "--constraint")]:  # the CLI: exit 2
+        proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(yaml), "--save", str(save),
+                               "--cluster", "slurm", *flags], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert all(n in proc.stderr for n in needles), proc.stderr
+        summary_lines.append(f"Slurm preflight: launch.py {' '.join(flags) or '(default resources)'} -> exit 2: "
+                             f"{proc.stderr.strip()}")
+    for over, needle in (({"cpus_per_task": cpus + 6}, f"pass --cpus_per_task {cpus}"),  # in-process: same code
+                         ({"cpus_per_task": 1, "mem_gb": mem_gb + 57}, f"pass --mem_gb {mem_gb}")):
+        with pytest.raises(TracingError, match=needle) as err:
+            cluster.launch(yaml, save, {}, cluster="slurm", slurm_overrides={"gpus_per_node": 0, **over})
+        summary_lines.append(f"Slurm preflight: {over} -> {err.value}")
+    assert not (save / "launches.jsonl").exists()  # nothing was submitted
+
+
+def _scontrol_node() -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=30).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0]))
+
+
+def _pending_array(monkeypatch):
+    """Make the launch's job array pend (Slurm reason BeginTime): what any busy cluster does to a launch."""
+    module = importlib.import_module("tracing.cluster.submit")
+    real = module.executor_parameters
+
+    def later(*args, **kw):
+        return {**real(*args, **kw), "slurm_additional_parameters": {"begin": "now+1hour"}}
+
+    monkeypatch.setattr(module, "executor_parameters", later)
+
+
+def _our_jobs(save: Path) -> list[str]:
+    text = (save / "launches.jsonl").read_text() if (save / "launches.jsonl").exists() else ""
+    return [t["job_id"] for line in text.splitlines() for t in json.loads(line)["tasks"]]
+
+
+def _squeue(job_ids: list[str]) -> dict[str, str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T %r"], capture_output=True, text=True, timeout=30).stdout
+    return {f[0]: " ".join(f[1:]) for f in map(str.split, out.splitlines()) if f and f[0] in job_ids}
+
+
+def test_slurm_wait_ends_when_a_pending_array_is_cancelled(setup, monkeypatch, summary_lines):
+    """A pending array: --max_wait ends the wait with the pairs named as open, --status shows why they wait;
+    then a second launch waits, its pending array is cancelled (its tasks never start), and --wait returns."""
+    root, cfg, _ = setup
+    yaml = root / "pending.yaml"
+    yaml.write_text("models: [%s, %s, %s]\nslurm: {gpus_per_node: 0, cpus_per_task: 1, mem_gb: 1, timeout_min: 5}\n"
+                    "main: {stat: l2, device: cpu}\n" % (root / "a", root / "b", root / "c"))
+    _pending_array(monkeypatch)
+    save, out = root / "pending", io.StringIO()
+    t0 = time.perf_counter()
+    first = cluster.launch(yaml, save, {}, cluster="slurm", wait=True, max_wait=3, out=out)
+    assert len(first["open"]) == 3 and first["status"]["counts"]["pending"] == 3, out.getvalue()
+    assert "BeginTime" in out.getvalue()  # the wait said why
+    status = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(yaml), "--save", str(save),
+                             "--status"], capture_output=True, text=True, timeout=120, cwd=root.parent)
+    assert "pending 3" in status.stdout and status.stdout.count("| BeginTime") == 3, status.stdout
+    subprocess.run(["scancel", first["jobs"][0].job_id.split("_")[0]], check=True)
+    summary_lines.append(f"Slurm: --wait --max_wait 3 on a pending array returned after "
+                         f"{time.perf_counter() - t0:.1f} s with 3 pairs open; --status: "
+                         + status.stdout.splitlines()[0].split(": ", 1)[1])
+
+    cancelled: list[str] = []
+
+    def cancel_when_pending():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ids = [j for j in _our_jobs(save) if j not in first_ids]
+            queued = _squeue(ids)
+            if ids and len(queued) == len(ids) and all(s.startswith("PENDING") for s in queued.values()):
+                cancelled.append(ids[0].split("_")[0])
+                subprocess.run(["scancel", cancelled[0]], check=True)
+                return
+            time.sleep(0.3)
+
+    first_ids = {j.job_id for j in first["jobs"]}
+    canceller = threading.Thread(target=cancel_when_pending, daemon=True)
+    canceller.start()
+    t1, out = time.perf_counter(), io.StringIO()
+    second = cluster.launch(yaml, save, {}, cluster="slurm", wait=True, max_wait=300, out=out)
+    waited = time.perf_counter() - t1
+    canceller.join(timeout=10)
+    assert cancelled and second["open"] == [], out.getvalue()  # ended by the cancel, not by max_wait
+    assert second["status"]["counts"]["missing"] == 3 and "all jobs ended" in out.getvalue()
+    assert _squeue([j.job_id for j in second["jobs"]]) == {}
+    summary_lines.append(f"Slurm: pending array {cancelled[0]} cancelled while --wait ran: --wait returned "
+                         f"{waited:.1f} s after submission (3 tasks never started)")

@@ -124,7 +124,8 @@ def test_csu_all_localizes_layers_of_a_deeper_derived_model(tokenizer, pairs):
         deeper.model.layers[i + 1].load_state_dict(base.model.layers[i].state_dict())
     res = run("csu_all", base, deeper)
     assert res.log10_pvalue < -6
-    assert [(r["layer"], r["best_ft_layer"]) for r in res.per_layer] == [(0, 1), (1, 2)]
+    assert res.extras["mapping"] == [None, 0, 1]  # ft layer j <- base layer mapping[j] (Holm-corrected)
+    assert [(r["layer_ft"], r["layer_base"]) for r in res.per_layer] == [(0, None), (1, 0), (2, 1)]
     up = res.extras["log10p"]["mlp.up_proj.weight"]  # (2 base layers, 3 ft layers)
     assert len(up) == 2 and len(up[0]) == 3
     assert up[0][1] < -6 and up[0][0] > -3 and up[1][0] > -3

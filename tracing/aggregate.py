@@ -21,24 +21,16 @@ import pandas as pd
 from tracing import plots
 from tracing.errors import TracingError, exit_on_error
 from tracing.lineage import load_tree, related
-from tracing.naming import AGGREGATE_SUBDIR, SUBMITIT_SUBDIR
-from tracing.results import error_line, load_record
+from tracing.naming import AGGREGATE_SUBDIR
+from tracing.result_folder import read_records, record_key
+from tracing.results import check_writable, error_line
 from tracing.statistics import get_stat
 
 COLUMNS = ["base", "ft", "stat", "status", "value", "log10_pvalue", "aligned_value", "aligned_log10_pvalue",
-           "base_loss", "ft_loss", "base_ppl", "ft_ppl", "wall_time_s", "commit", "dirty", "finished", "error",
+           "base_loss", "ft_loss", "base_ppl", "ft_ppl", "wall_time_s", "key", "commit", "dirty", "finished", "error",
            "file"]
 # (variant, value column, log10 p column) of the two results every record can carry
 VARIANTS = (("non-aligned", "value", "log10_pvalue"), ("aligned", "aligned_value", "aligned_log10_pvalue"))
-
-
-def result_files(folder: str | Path) -> list[Path]:
-    """Result pickles under `folder`, skipping submitit's job folders (their pickles are not records)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise TracingError(f"results folder {folder} does not exist; pass the --save folder of main.py/launch.py")
-    files = [p for ext in ("*.pkl", "*.p") for p in folder.rglob(ext)]
-    return sorted(p for p in files if SUBMITIT_SUBDIR not in p.relative_to(folder).parts)
 
 
 def _row(rec: dict, path: Path) -> dict:
@@ -47,22 +39,24 @@ def _row(rec: dict, path: Path) -> dict:
     row = {k: rec.get(k) for k in COLUMNS}
     row.update(base=rec.get("base_model_id", args.get("base_model_id")),
                ft=rec.get("ft_model_id", args.get("ft_model_id")), stat=rec.get("stat", args.get("stat")),
-               commit=git.get("commit"), dirty=git.get("dirty"), file=str(path), error=error_line(rec.get("error")))
+               commit=git.get("commit"), dirty=git.get("dirty"), file=str(path), error=error_line(rec.get("error")),
+               key=(record_key(rec) or [None] * 4)[3])
     return row
 
 
 def load_results(folder: str | Path) -> tuple[pd.DataFrame, list[str], list[dict]]:
-    """(table with one row per readable record, one problem line per skipped file, the records)."""
-    rows, problems, records = [], [], []
-    for path in result_files(folder):
-        try:
-            rec = load_record(path)
-        except TracingError as e:
-            problems.append(str(e))
-            continue
-        rows.append(_row(rec, path))
-        records.append(rec)
-    return pd.DataFrame(rows, columns=COLUMNS), problems, records
+    """(table with one row per result, one problem line per skipped file, the records).
+
+    A result stored twice (a copied folder, a failed rerun beside its ok record) is one row: the ok record,
+    else the newest (results.read_records); a problem line says how many records were set aside."""
+    if not Path(folder).is_dir():
+        raise TracingError(f"results folder {folder} does not exist; pass the --save folder of main.py/launch.py")
+    found, problems, superseded = read_records(folder)
+    if superseded:
+        problems.append(f"{superseded} record(s) of results already counted (same pair, statistic and flags: "
+                        "a copy, or a failed rerun beside an ok record) left out")
+    rows = [_row(rec, path) for path, rec in found]
+    return pd.DataFrame(rows, columns=COLUMNS), problems, [rec for _, rec in found]
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -140,9 +134,10 @@ def score(df: pd.DataFrame, tree: dict[str, str], threshold: float) -> pd.DataFr
 def aggregate(folder: str | Path, out: str | Path | None = None, truth: str | Path | None = None,
               threshold: float = -2.0, figures: bool = True) -> dict:
     """Write the table, figures and (with a truth tree) the scores; returns paths, the frames and problems."""
+    if not Path(folder).is_dir():
+        raise TracingError(f"results folder {folder} does not exist; pass the --save folder of main.py/launch.py")
+    out = check_writable(Path(out) if out else Path(folder) / AGGREGATE_SUBDIR, "--out")  # before any work
     df, problems, records = load_results(folder)
-    out = Path(out) if out else Path(folder) / AGGREGATE_SUBDIR
-    out.mkdir(parents=True, exist_ok=True)
     written = {"csv": out / "results.csv", "md": out / "results.md"}
     df.to_csv(written["csv"], index=False)
     written["md"].write_text(to_markdown(df.drop(columns=["file", "commit", "dirty", "finished"])))
@@ -158,11 +153,9 @@ def aggregate(folder: str | Path, out: str | Path | None = None, truth: str | Pa
                 cells = [(b, f, float(v)) for b, f, v in zip(sub["base"], sub["ft"], sub[col]) if v is not None
                          and not (isinstance(v, float) and math.isnan(v))]
                 name = f"heatmap_{'aligned_' if variant == 'aligned' else ''}{stat}.png"
-                written[name] = Path(plots.pair_heatmap(cells, str(out / name), f"{stat} {variant}: {label}", label))
-        curves = [(f"{r.get('base_model_id')} vs {r.get('ft_model_id')}", r["extras"]["alphas"],
-                   r["extras"]["losses"]) for r in records
-                  if r.get("status") == "ok" and isinstance(r.get("extras"), dict)
-                  and r["extras"].get("alphas") and r["extras"].get("losses")]
+                written[name] = Path(plots.pair_heatmap(cells, str(out / name), f"{stat} {variant}: {label}", label,
+                                                        threshold=threshold if col == pcol else None))
+        curves = _mode_curves(records)
         if curves:
             written["mode_curves.png"] = Path(plots.loss_vs_alpha(curves, str(out / "mode_curves.png")))
     if truth:
@@ -172,6 +165,19 @@ def aggregate(folder: str | Path, out: str | Path | None = None, truth: str | Pa
         written["scores_md"].write_text(to_markdown(scores))
         result["scores"] = scores
     return result
+
+
+def _mode_curves(records: list[dict]) -> list[tuple[str, list, list, bool]]:
+    """(pair label, alphas, losses, aligned) of every ok mode curve, the aligned one beside the plain one."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    names = plots.short_names([m for r in ok for m in (str(r.get("base_model_id")), str(r.get("ft_model_id")))])
+    curves = []
+    for r in ok:
+        for aligned, extras in ((False, r.get("extras")), (True, r.get("aligned_extras"))):
+            if isinstance(extras, dict) and extras.get("alphas") and extras.get("losses"):
+                label = f"{names[str(r.get('base_model_id'))]} vs {names[str(r.get('ft_model_id'))]}"
+                curves.append((label, extras["alphas"], extras["losses"], aligned))
+    return curves
 
 
 def main(argv: list[str] | None = None) -> int:

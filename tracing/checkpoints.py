@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +23,10 @@ from pathlib import Path
 import huggingface_hub.utils as hub_utils
 import transformers
 from huggingface_hub import errors as he
+from safetensors import SafetensorError
 
 from tracing.errors import TracingError
+from tracing.hub import fix, offline_reason
 
 
 # ---------------------------------------------------------------------- where the checkpoint lives
@@ -51,8 +55,10 @@ def split_revision(name: str) -> tuple[str, str | None]:
 
 
 def not_found(name: str) -> TracingError:
-    return TracingError(f"{name} is neither a local directory, a .gguf file nor a reachable hub id "
-                        f"(offline? set HF_HUB_OFFLINE=0 or pass a local path)")
+    """`name` is no local checkpoint and cannot be had from the hub; the fix depends on why (hub.fix)."""
+    reason = offline_reason()
+    where = "a hub repository" if reason is None else "in the Hugging Face cache"
+    return TracingError(f"{name} is neither a local directory, a .gguf file nor {where}; {fix(reason)}")
 
 
 def _looks_local(name: str) -> bool:
@@ -86,9 +92,12 @@ def locate(name: str, revision: str | None = None) -> Location:
         raise TracingError(f"{path} is a file but not a .gguf file: pass its directory (with config.json)")
     if base.endswith(".gguf") and base.count("/") >= 2 and not base.startswith(("/", ".", "~")):
         org, repo, file = base.split("/", 2)  # org/repo/file.gguf: a GGUF file inside a hub repo
+        offline_reason()  # without a network the hub client goes offline now: cached files only, no retries
         return Location("gguf", f"{org}/{repo}", rev, gguf_file=file)
     if _looks_local(base) or base.endswith(".gguf"):
-        raise not_found(name)
+        raise TracingError(f"{name} is neither a local directory nor a .gguf file (no such path): pass an "
+                           f"existing path, or a hub id as org/name")
+    offline_reason()
     return Location("hub", base, rev)
 
 
@@ -171,4 +180,20 @@ def hub_error(exc: BaseException, src: Location, name: str, token: str | None) -
         return not_found(name)
     if "trust_remote_code" in str(exc):
         return TracingError(f"{name} ships its own model code: pass --trust_remote_code if you trust it")
+    return None
+
+
+def corrupt_error(exc: BaseException, name: str, file: str = "a JSON file") -> TracingError | None:
+    """A checkpoint file that exists but cannot be parsed (invalid JSON `file`, truncated or corrupt weights)
+    as a one-line TracingError naming the file and the fix (None: not that kind of failure)."""
+    chain = list(_chain(exc))
+    text = " ".join(str(x).splitlines()[0] for x in chain if str(x))
+    if any(isinstance(x, json.JSONDecodeError) for x in chain) or "not a valid JSON file" in text:
+        detail = next((str(x) for x in chain if isinstance(x, json.JSONDecodeError)), "invalid JSON")
+        return TracingError(f"{name}: {file} is not valid JSON ({detail}): repair it or save the checkpoint again")
+    if any(isinstance(x, (SafetensorError, pickle.UnpicklingError, EOFError)) for x in chain) \
+            or "PytorchStreamReader" in text or "header" in text and "safetensors" in text.lower():
+        first = text.split(" (", 1)[0][:160]
+        return TracingError(f"{name}: a weight file is truncated or corrupt ({first}): download or save the "
+                            f"checkpoint again")
     return None

@@ -14,11 +14,12 @@ import dataclasses
 import os
 import sys
 
-from tracing import naming
-from tracing.config import FIELDS, RunConfig, parse_alphas, parse_layers
+from tracing.config import FIELDS, RunConfig, parse_alphas, parse_keys, parse_layers
 from tracing.demo import run_demo
+from tracing.devices import threads
 from tracing.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TracingError, exit_on_error
 from tracing.pipeline import check, run_pair, summary
+from tracing.results import outcome_path
 
 
 def _type(parse):
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add(g, "device", "auto|cpu|cuda|cuda:N")
     p.add(g, "device_map", "'auto' shards big models over all GPUs (accelerate)")
     p.add(g, "trust_remote_code", "run model code from the checkpoint", action="store_true")
+    p.add(g, "allow_keys", "weights that may be missing from or unexpected in a checkpoint (names or glob "
+          "patterns, comma-separated, e.g. lm_head.weight); any other is an error", type=_type(parse_keys))
 
     g = p.add_argument_group("statistic")
     p.add(g, "stat", "statistic name (see README); unknown names list the valid ones")
@@ -93,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add(g, "save", "directory for the result (or a .p/.pkl file path)")
     p.add(g, "seed", "seeds permutations, rotations, random data", type=int)
     p.add(g, "no_progress", "no progress bars", action="store_true")
+    p.add(g, "threads", "torch threads and assignment workers (default: the CPUs this process may use: "
+          "its affinity, at most $SLURM_CPUS_PER_TASK in a Slurm job)", type=int)
     g.add_argument("--demo", action="store_true", help="build small models offline and print verdicts")
     return p
 
@@ -123,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         cfg = RunConfig.from_dict(flags, "main.py")
         check(cfg)  # nothing is written for an error found here
-        record = run_pair(cfg, token)
-        path = naming.result_path(cfg.save, cfg.base_model_id, cfg.ft_model_id, cfg.stat)
+        with threads(cfg.threads):
+            record = run_pair(cfg, token)
+        path = outcome_path(cfg.result_path(), record["status"])
         for note in record["notes"]:
             print(f"note: {note}", file=sys.stderr)
         if record["status"] == "ok":

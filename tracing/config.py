@@ -1,11 +1,10 @@
-"""Typed options: `RunConfig` for one run of main.py, and the YAML model lists of launch.py.
+"""Typed options: `RunConfig`, the options of one run of main.py (launch.py's YAML lists: tracing/model_lists.py).
 
     cfg = RunConfig(base_model_id="A", ft_model_id="B", stat="csu", align=True)
     cfg = RunConfig.from_dict({"base_model_id": "A", "ft_model_id": "B", "alphas": "0,0.5,1"}, "main:")
     cfg.command_line()     # 'python main.py --base_model_id A --ft_model_id B --stat csu --align'
-    lc = load_config("config/demo.yaml")   # pairs, slurm: block, main: block (checked against RunConfig)
 
-Both are plain data: no argparse, no Slurm, no torch. The Hugging Face token is never part of a RunConfig;
+Plain data: no argparse, no Slurm, no torch. The Hugging Face token is never part of a RunConfig;
 it comes from $HF_TOKEN (or main.py's --token) and goes straight to the model loader.
 """
 
@@ -14,13 +13,11 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tracing import matching
+from tracing import matching, naming
 from tracing.errors import TracingError
 from tracing.naming import GENERATED_DIR, RESULTS_DIR
 
@@ -29,25 +26,33 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
 
 
 def parse_alphas(text: str) -> tuple[float, ...]:
-    """'0,0.25,1' -> (0.0, 0.25, 1.0)."""
+    """'0,0.25,1' -> (0.0, 0.25, 1.0); no number at all (',') is an error, never a silent default."""
     try:
-        return tuple(float(x) for x in str(text).split(",") if x.strip())
+        out = tuple(float(x) for x in str(text).split(",") if x.strip())
     except ValueError:
         raise TracingError(f"--alphas takes comma-separated numbers, got '{text}'") from None
+    if not out:
+        raise TracingError(f"--alphas '{text}' holds no number: give values in [0, 1], e.g. 0,0.5,1")
+    return out
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    """'0,2,5-7' -> (0, 2, 5, 6, 7)."""
+    """'0,2,5-7' -> (0, 2, 5, 6, 7); an empty range ('2-0') or no index at all (',') is an error."""
     out: list[int] = []
     try:
         for part in str(text).split(","):
             if "-" in part.strip()[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise TracingError(f"--layers range '{part.strip()}' is empty: write the lower index first "
+                                       f"({hi}-{lo})")
+                out.extend(range(lo, hi + 1))
             elif part.strip():
                 out.append(int(part))
     except ValueError:
         raise TracingError(f"--layers takes indices like '0,2,5-7', got '{text}'") from None
+    if not out:
+        raise TracingError(f"--layers '{text}' names no layer: give indices like '0,2,5-7' (or leave it out)")
     return tuple(out)
 
 
@@ -58,6 +63,14 @@ def parse_bytes(text: str | int) -> int:
     if not m or m[2] not in _UNITS or float(m[1]) * _UNITS[m[2]] < 1:
         raise TracingError(f"--memory_budget takes a positive size like 8GiB, 500MB or 2e9 (bytes), got '{text}'")
     return int(float(m[1]) * _UNITS[m[2]])
+
+
+def parse_keys(text: str) -> tuple[str, ...]:
+    """'lm_head.weight,*.inv_freq' -> ('lm_head.weight', '*.inv_freq'): weight names or glob patterns."""
+    out = tuple(x.strip() for x in str(text).split(",") if x.strip())
+    if not out:
+        raise TracingError(f"--allow_keys '{text}' names no weight: give names or glob patterns, e.g. lm_head.weight")
+    return out
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     device_map: str | None = None  # "auto": shard over all GPUs (accelerate)
     trust_remote_code: bool = False
+    allow_keys: tuple[str, ...] | None = None  # weights that may be missing from / unexpected in a checkpoint
     # statistic
     stat: str = "csu"
     permute: bool = False  # randomly permute ft's hidden units first
@@ -104,10 +118,11 @@ class RunConfig:
     save: str = str(RESULTS_DIR)  # folder, or an explicit .p/.pkl path
     seed: int = 0
     no_progress: bool = False
+    threads: int | None = None  # torch threads and assignment workers; None: the CPUs this process may use
 
     def __post_init__(self) -> None:
         for name in FIELDS:
-            object.__setattr__(self, name, _coerce(name, getattr(self, name)))
+            object.__setattr__(self, name, coerce(name, getattr(self, name)))
         self._check()
 
     def _check(self) -> None:
@@ -121,6 +136,8 @@ class RunConfig:
         if self.block_size < 1 or self.batch_size < 1:
             raise TracingError("--block_size and --batch_size must be positive")
         matching.check_method(self.matching)
+        if self.threads is not None and self.threads < 1:
+            raise TracingError(f"--threads must be >= 1, got {self.threads}")
         if self.compare and "=" not in self.compare:
             raise TracingError(f"--compare takes 'word=other', got '{self.compare}'")
 
@@ -139,6 +156,18 @@ class RunConfig:
         """Flag name -> value, plain data (tuples as lists): what a record stores under "args"."""
         return {name: list(v) if isinstance(v, tuple) else v for name, v in vars(self).items()}
 
+    def key_flags(self) -> dict[str, Any]:
+        """The options that define this run's numbers beyond pair and statistic: fields off their default,
+        except NOT_IN_KEY. Their hash, result_key(), names the record file; the record stores both."""
+        skip = {*NOT_IN_KEY, "base_model_id", "ft_model_id", "stat"}
+        return {k: v for k, v in self.to_dict().items() if k not in skip and v != FIELDS[k].default}
+
+    def result_key(self) -> str:
+        return naming.result_key(self.key_flags())
+
+    def result_path(self) -> Path:
+        return naming.result_path(self.save, self.base_model_id, self.ft_model_id, self.stat, self.result_key())
+
     def command_line(self) -> str:
         """The main.py command that repeats this run (flags at their default are left out)."""
         argv = ["python", "main.py"]
@@ -154,11 +183,15 @@ class RunConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
+# Fields that never change a result's numbers (runs differing only in them share one record file): where it
+# is written, progress bars, CPU threads, permission to run shipped code, GPU sharding, accumulator memory.
+NOT_IN_KEY = ("save", "no_progress", "threads", "trust_remote_code", "device_map", "memory_budget")
 _KIND = {name: f.type.split(" |")[0] for name, f in FIELDS.items()}  # "bool", "int", "float", "str", "tuple[..]"
-_PARSERS = {"alphas": parse_alphas, "layers": parse_layers, "memory_budget": parse_bytes}
+PER_PAIR = ("base_model_id", "ft_model_id", "save")  # set by launch.py for each pair, never in a YAML main:
+_PARSERS = {"alphas": parse_alphas, "layers": parse_layers, "allow_keys": parse_keys, "memory_budget": parse_bytes}
 
 
-def _coerce(name: str, value: Any) -> Any:
+def coerce(name: str, value: Any) -> Any:
     """A value from YAML or the command line as the field's type; a one-line TracingError otherwise."""
     kind = _KIND[name]
     if value is None:
@@ -183,135 +216,3 @@ def _coerce(name: str, value: Any) -> Any:
             return str(value)
     what = {"int": "an integer", "float": "a number"}.get(kind, "a string")
     raise TracingError(f"--{name} must be {what}, got {value!r}")
-
-
-# ---------------------------------------------------------------------------------------- YAML model lists
-
-MODEL_KEYS = {"all": ("models",), "split": ("base_models", "ft_models"),
-              "specified": ("models_1", "models_2", "names_1", "names_2")}
-SLURM_KEYS = ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "account", "qos",
-              "constraint", "array_parallelism", "nodes")
-TOP_KEYS = ("models", "base_models", "ft_models", "models_1", "models_2", "names_1", "names_2", "slurm", "main")
-PER_PAIR = ("base_model_id", "ft_model_id", "save")  # set by launch.py for each pair, never in main:
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One job: base and fine-tuned model ids as given in the YAML, plus display names."""
-
-    base: str
-    ft: str
-    base_name: str
-    ft_name: str
-
-
-@dataclass
-class LaunchConfig:
-    pairs: list[Pair]
-    flat: str
-    slurm: dict = field(default_factory=dict)
-    main: dict = field(default_factory=dict)  # RunConfig options shared by every pair
-    source: str = ""
-    duplicates: int = 0
-
-
-def read_yaml(path: Path, what: str = "config") -> Any:
-    """yaml.safe_load of a file; unreadable or malformed YAML is a TracingError naming the file (and line)."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise TracingError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise TracingError(f"malformed YAML in {where}: {problem}; fix the syntax on that line") from None
-
-
-def _model_list(doc: dict, key: str, path: Path) -> list[str]:
-    value = doc.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
-        raise TracingError(f"{path}: '{key}' must be a list of model ids (strings)")
-    return [str(v).strip() for v in value]
-
-
-def infer_flat(doc: Any) -> str:
-    """The pairing a YAML document asks for, from its keys: 'all', 'split' or 'specified'."""
-    if isinstance(doc, list) or "models" in doc:
-        return "all"
-    if "base_models" in doc or "ft_models" in doc:
-        return "split"
-    if "models_1" in doc or "models_2" in doc:
-        return "specified"
-    return "all"
-
-
-def _raw_pairs(doc: dict, flat: str, path: Path) -> list[tuple[str, str, str, str]]:
-    if flat == "all":
-        models = _model_list(doc, "models", path)
-        return [(a, b, a, b) for i, a in enumerate(models) for b in models[i + 1:]]
-    if flat == "split":
-        bases, fts = _model_list(doc, "base_models", path), _model_list(doc, "ft_models", path)
-        return [(a, b, a, b) for a in bases for b in fts]
-    m1, m2 = _model_list(doc, "models_1", path), _model_list(doc, "models_2", path)
-    n1, n2 = _model_list(doc, "names_1", path) or m1, _model_list(doc, "names_2", path) or m2
-    if not (len(m1) == len(m2) == len(n1) == len(n2)):
-        raise TracingError(f"{path}: models_1, models_2 (and names_1, names_2) must have the same length, "
-                           f"got {len(m1)}, {len(m2)}, {len(n1)}, {len(n2)}")
-    return list(zip(m1, m2, n1, n2))
-
-
-def load_config(path: str | Path, flat: str | None = None) -> LaunchConfig:
-    """Parse and validate a model-list YAML (flat list | base_models x ft_models | models_1/models_2 pairs).
-
-    A bare top-level list (the original tool's format) is a flat list. Duplicate pairs are kept once;
-    a pair of a model with itself is dropped. The main: block is checked against RunConfig's fields.
-    """
-    path = Path(path)
-    doc = read_yaml(path)
-    if doc is None:
-        raise TracingError(f"{path} is empty; list models under 'models:' (see config/demo.yaml)")
-    if isinstance(doc, list):
-        doc = {"models": doc}
-    if not isinstance(doc, dict):
-        raise TracingError(f"{path}: expected a mapping with 'models:' (or a list of model ids)")
-    unknown = sorted(set(map(str, doc)) - set(TOP_KEYS))
-    if unknown:
-        raise TracingError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(TOP_KEYS)}")
-    flat = flat or infer_flat(doc)
-    if flat not in MODEL_KEYS:
-        raise TracingError(f"--flat must be one of {', '.join(MODEL_KEYS)}, got '{flat}'")
-    raw = _raw_pairs(doc, flat, path)
-    if any(not m for pair in raw for m in pair[:2]):
-        raise TracingError(f"{path}: empty model id in the model list")
-
-    seen, pairs = set(), []
-    for base, ft, bn, fn in raw:
-        key = frozenset((base, ft)) if flat == "all" else (base, ft)  # flat lists pair models unordered
-        if base == ft or key in seen:
-            continue
-        seen.add(key)
-        pairs.append(Pair(base, ft, str(bn), str(fn)))
-    if not pairs:
-        keys = " / ".join(MODEL_KEYS[flat][:2])
-        raise TracingError(f"{path}: no model pairs (flat={flat}); list at least two models under {keys}")
-
-    slurm = doc.get("slurm") or {}
-    main = doc.get("main") or {}
-    if not isinstance(slurm, dict) or not isinstance(main, dict):
-        raise TracingError(f"{path}: 'slurm:' and 'main:' must be mappings of name: value")
-    bad = sorted(set(slurm) - set(SLURM_KEYS))
-    if bad:
-        raise TracingError(f"{path}: unknown slurm key(s) {', '.join(bad)}; valid: {', '.join(SLURM_KEYS)}")
-    valid = sorted(set(FIELDS) - set(PER_PAIR))
-    bad = sorted(set(map(str, main)) - set(valid))
-    if bad:
-        raise TracingError(f"{path}: unknown main key(s) {', '.join(bad)}; valid: {', '.join(valid)}")
-    for key, value in main.items():  # types now, not on the cluster
-        _coerce(key, value)
-    return LaunchConfig(pairs=pairs, flat=flat, slurm=dict(slurm), main=dict(main), source=str(path),
-                        duplicates=len(raw) - len(pairs))

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tracing.errors import TracingError
+from tracing.hub import offline_reason, set_by_user
 from tracing.naming import GENERATED_DIR, generated_path
 
 WIKITEXT = ("Salesforce/wikitext", "wikitext-103-raw-v1")
@@ -69,13 +70,16 @@ def load_texts(dataset: str, *, split: str = "test", seed: int = 0, model_ids: S
 def _wikitext(split: str) -> list[str]:
     import datasets
 
+    reason = offline_reason(datasets=True)  # no network: datasets goes offline at once instead of retrying for a minute
     try:
         rows = datasets.load_dataset(*WIKITEXT, split=split)["text"]
     except Exception as e:  # offline, no cache, hub down: all end here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TracingError(f"cannot load WikiText-103 ({split} split) from the hub or the datasets cache "
-                           f"({first}): pass a local .txt/.jsonl/.parquet file with --dataset PATH "
-                           f"(or --dataset random)") from None
+        why = f"not in the datasets cache and {reason}" if reason else first
+        user = set_by_user(datasets=True)
+        unset = f", or unset {user.split('=')[0]} to download it" if reason and user else ""
+        raise TracingError(f"cannot load WikiText-103 ({split} split): {why}: pass a local .txt/.jsonl/.parquet "
+                           f"file with --dataset PATH (or --dataset random){unset}") from None
     return _wikitext_articles(rows)
 
 
@@ -100,7 +104,12 @@ def _local(path: Path) -> list[str]:
     if suffix == ".parquet":
         import pandas as pd
 
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as e:  # pyarrow: ArrowInvalid, OSError, ... for a damaged or foreign file
+            first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+            raise TracingError(f"cannot read {path} as parquet ({first}): pass a valid .parquet file with a 'text' "
+                               f"column, or a .txt/.jsonl file") from None
         if "text" not in frame.columns:
             raise TracingError(f"{path} has no 'text' column (columns: {', '.join(map(str, frame.columns))}): "
                                f"rename the text column to 'text'")

@@ -6,14 +6,20 @@
 
 The models and text are kept under results/demo/ and reused. Every row of the table is a real run of
 the single-pair pipeline (`tracing.pipeline.run_pair`), whose records land in results/demo/results/.
+
+Deterministic: everything runs on one CPU thread with deterministic algorithms, so the models, and with them
+every number of the table, are the same from one run (and one machine of the same CPU kind) to the next.
+README's table is this module's output (`python -m tracing.docs --regenerate demo`), checked by a test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +28,7 @@ from tqdm import tqdm
 from tracing import zoo
 from tracing.arch import get_spec
 from tracing.config import RunConfig
+from tracing.devices import threads
 from tracing.naming import DEMO_DIR
 from tracing.perm import apply_perm, random_perm
 from tracing.pipeline import run_pair
@@ -30,6 +37,19 @@ RECIPE = dict(version=1, family="llama", hidden=96, layers=3, intermediate=256, 
               train_steps=120, finetune_steps=30, lr=3e-3)
 ALPHA = 0.01  # verdict threshold on p
 MODE_PERMS = 99  # PERMTEST permutations for mode: the smallest attainable p is 1 / (99 + 1) = ALPHA
+Row = tuple  # (pair, statistic, log10 p or None, note or None)
+
+
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """One CPU thread (reductions always in the same order) and deterministic algorithms, restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with threads(1):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _train_models(root: Path, progress: bool) -> None:
@@ -64,12 +84,14 @@ def _fit(model, ids, steps, seed, bar, lr=RECIPE["lr"]):
 
 def ensure_demo_models(root: Path = DEMO_DIR, progress: bool = True) -> Path:
     """Build the demo models unless an identical recipe is already on disk."""
+    root = Path(root)
     recipe = root / "recipe.json"
     if recipe.exists() and json.loads(recipe.read_text()) == RECIPE and all(
             (root / n / "config.json").exists() for n in ("base", "derived", "independent")):
         return root
     root.mkdir(parents=True, exist_ok=True)
-    _train_models(root, progress)
+    with deterministic():
+        _train_models(root, progress)
     return root
 
 
@@ -80,29 +102,41 @@ def _run(cfg: RunConfig) -> dict:
     return record
 
 
-def run_demo(progress: bool = True) -> int:
-    t0 = time.perf_counter()
-    root = ensure_demo_models(progress=progress)
-    out = root / "results"
-    rows = []
-    for pair in ("derived", "independent"):
-        common = RunConfig(base_model_id=str(root / "base"), ft_model_id=str(root / pair), device="cpu",
-                           save=str(out), no_progress=not progress, align=True)
-        csu = _run(common.replace(stat="csu"))
-        rows.append((pair, "csu", csu["log10_pvalue"]))
-        rows.append((pair, "csu --align", csu["aligned_log10_pvalue"]))
-        mode = _run(common.replace(stat="mode", num_perm=MODE_PERMS, dataset=str(root / "text.txt"), block_size=64,
-                                   max_blocks=8, batch_size=8))
-        rows.append((pair, "mode", mode["log10_pvalue"],
-                     f"PERMTEST, {MODE_PERMS} permutations; loss barrier {mode['extras']['barrier']:+.3f} nats"))
-        rows.append((pair, "mode --align", None, f"loss barrier {mode['aligned_extras']['barrier']:+.3f} nats"))
-    print()
-    print(f"{'pair':<22} {'statistic':<14} {'log10 p':>9}  verdict")
-    for pair, stat, log10p, *note in rows:
+def demo_rows(root: Path = DEMO_DIR, progress: bool = True) -> list[Row]:
+    """Build (or reuse) the demo models under `root` and run both pairs: the rows of the verdict table."""
+    root = ensure_demo_models(root, progress=progress)
+    rows: list[Row] = []
+    with deterministic():
+        for pair in ("derived", "independent"):
+            common = RunConfig(base_model_id=str(root / "base"), ft_model_id=str(root / pair), device="cpu",
+                               save=str(root / "results"), no_progress=not progress, align=True)
+            csu = _run(common.replace(stat="csu"))
+            rows.append((pair, "csu", csu["log10_pvalue"], None))
+            rows.append((pair, "csu --align", csu["aligned_log10_pvalue"], None))
+            mode = _run(common.replace(stat="mode", num_perm=MODE_PERMS, dataset=str(root / "text.txt"),
+                                       block_size=64, max_blocks=8, batch_size=8))
+            rows.append((pair, "mode", mode["log10_pvalue"], f"PERMTEST, {MODE_PERMS} permutations; loss barrier "
+                                                             f"{mode['extras']['barrier']:+.3f} nats"))
+            rows.append((pair, "mode --align", None, f"loss barrier {mode['aligned_extras']['barrier']:+.3f} nats"))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """The verdict table as `python main.py --demo` prints it (and README shows it)."""
+    lines = [f"{'pair':<22} {'statistic':<14} {'log10 p':>9}  verdict"]
+    for pair, stat, log10p, note in rows:
         if log10p is None:  # mode after --align: no valid p-value, the barrier is the evidence
             shown, verdict = "-", "no p-value"
         else:
             shown, verdict = f"{log10p:.2f}", "related" if log10p <= math.log10(ALPHA) else "unrelated"
-        print(f"{'base vs ' + pair:<22} {stat:<14} {shown:>9}  {verdict}{'  (' + note[0] + ')' if note else ''}")
-    print(f"\n(related = p <= {ALPHA}; records in {out}; {time.perf_counter() - t0:.0f} s)")
+        lines.append(f"{'base vs ' + pair:<22} {stat:<14} {shown:>9}  {verdict}{'  (' + note + ')' if note else ''}")
+    return "\n".join(lines) + f"\n\n(related = p <= {ALPHA})"
+
+
+def run_demo(progress: bool = True, root: Path = DEMO_DIR) -> int:
+    t0 = time.perf_counter()
+    rows = demo_rows(root, progress)
+    print()
+    print(format_table(rows))
+    print(f"records in {Path(root) / 'results'}; {time.perf_counter() - t0:.0f} s")
     return 0

@@ -3,12 +3,18 @@
     dev = resolve_device("auto")          # cuda if available, else cpu
     dtype = resolve_dtype(None, dev)      # bf16 on GPU (fp16 before Ampere), fp32 on CPU
     model_device(model)                   # where a loaded model's inputs go
+    with threads(None): ...               # torch threads and assignment workers = the CPUs we may use
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 
+from tracing import matching
 from tracing.errors import TracingError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -62,3 +68,30 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model's inputs go (the first shard's device under device_map)."""
     dev = getattr(model, "device", None)
     return torch.device(dev) if dev is not None else next(model.parameters()).device
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: the affinity mask, and inside a Slurm job at most its SLURM_CPUS_PER_TASK
+    (Slurm without a task plugin binds nothing, so the mask alone would claim the whole node)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        n = min(n, int(slurm))
+    return max(1, n)
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[int]:
+    """`--threads` for the duration of a run: torch's intra-op threads and tracing.matching's assignment
+    workers. None: usable_cpus() for torch, and matching's own default capped at the same count.
+    Yields torch's thread count; torch's count is restored afterwards and matching's default comes back."""
+    before = torch.get_num_threads()
+    cpus = n or usable_cpus()
+    torch.set_num_threads(cpus)
+    matching.set_workers(None)
+    matching.set_workers(n or min(cpus, matching.default_workers()))
+    try:
+        yield cpus
+    finally:
+        torch.set_num_threads(before)
+        matching.set_workers(None)

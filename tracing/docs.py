@@ -3,6 +3,7 @@
     python benchmarks/weight_stats.py --markdown docs/generated/weight_stats.md   # a script writes a table
     python -m tracing.docs                                                          # README takes it in
     python -m tracing.docs --check                                                  # exit 1 if README is stale
+    python -m tracing.examples                      # regenerates the demo, report and launch files, then README
 
 A block in README reads
 

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tracing.config import load_config
 from tracing.errors import TracingError, exit_on_error
+from tracing.model_lists import load_config
 from tracing.models import load_model
 from tracing.naming import GENERATED_DIR, generated_path
-from tracing.results import atomic_write
+from tracing.results import atomic_write, check_writable
 
 
 @torch.no_grad()
@@ -63,6 +63,9 @@ def generate_for(model_id: str, save: str | Path, n: int = 32, max_new_tokens: i
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise TracingError("--n, --max_new_tokens and --batch_size must be positive")
     model, tokenizer = load_model(model_id, dtype=dtype, device=device, token=os.environ.get("HF_TOKEN"))
+    if tokenizer is None:
+        raise TracingError(f"{model_id} has no tokenizer, so no text can be sampled from it: save its tokenizer "
+                           f"next to the model (tokenizer.save_pretrained)")
     model.eval()
     texts = sample_texts(model, tokenizer, n, max_new_tokens, seed=seed, batch_size=batch_size, progress=progress)
     return write_texts(path, model_id, seed, max_new_tokens, texts), True
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def run() -> int:
+        check_writable(args.save, "--save")  # before any model is loaded
         if args.config:
             pairs = load_config(args.config).pairs
             ids = list(dict.fromkeys(m for pair in pairs for m in (pair.base, pair.ft)))

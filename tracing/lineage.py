@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tracing.config import read_yaml
 from tracing.errors import TracingError
+from tracing.model_lists import read_yaml
 
 
 def _walk(items: Any, root: str | None, out: dict[str, str], path: Path) -> None:

@@ -12,9 +12,13 @@ ever handed to the hub client, and is scrubbed from every exception and log line
 
 from __future__ import annotations
 
+import ast
+import fnmatch
 import json
 import logging
 import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
 from tracing.arch import get_spec
-from tracing.checkpoints import Location, guard, hub_error, locate, not_found
+from tracing.checkpoints import Location, corrupt_error, guard, hub_error, locate, not_found
 from tracing.devices import resolve_device, resolve_dtype
 from tracing.errors import TracingError
 
@@ -37,7 +41,7 @@ def _read_config(src: Location, name: str, *, token, trust_remote_code: bool):
     try:
         return transformers.AutoConfig.from_pretrained(src.path, **kw)
     except (OSError, ValueError, KeyError) as e:
-        err = hub_error(e, src, name, token)
+        err = hub_error(e, src, name, token) or corrupt_error(e, name, "config.json")
         if err is not None:
             raise err from None
         if src.gguf_file:
@@ -49,14 +53,20 @@ def _read_config(src: Location, name: str, *, token, trust_remote_code: bool):
 
 def _read_adapter_config(src: Location, name: str, token) -> dict:
     if src.kind == "adapter":
-        return json.loads((Path(src.path) / "adapter_config.json").read_text())
+        try:
+            return json.loads((Path(src.path) / "adapter_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise corrupt_error(e, name, "adapter_config.json") from None
     try:
         f = cached_file(src.path, "adapter_config.json", revision=src.revision, token=token,
                         _raise_exceptions_for_missing_entries=False,
                         _raise_exceptions_for_connection_errors=False)  # offline: the config read decides
     except OSError as e:
         raise (hub_error(e, src, name, token) or not_found(name)) from None
-    return json.loads(Path(f).read_text()) if f else {}
+    try:
+        return json.loads(Path(f).read_text()) if f else {}
+    except json.JSONDecodeError as e:
+        raise corrupt_error(e, name, "adapter_config.json") from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -84,9 +94,52 @@ def _load_tokenizer(where: str, *, revision=None, token=None, trust_remote_code=
     return None
 
 
+def check_loading_info(name: str, info: dict, allow_keys: Sequence[str] = (), notes: list | None = None,
+                       config_file: str = "config.json") -> None:
+    """A checkpoint must be what its config says: weights missing from it (transformers would initialise them
+    at random), unexpected ones (never loaded) or of another shape are a TracingError naming them, unless
+    each matches a glob pattern of `allow_keys` (--allow_keys); allowed ones are noted in `notes`."""
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        key, ckpt, model = mismatched[0]
+        raise TracingError(f"{name}: {len(mismatched)} weights have other shapes than its config.json says, e.g. "
+                           f"{key} {tuple(ckpt)} in the checkpoint vs {tuple(model)}: the config does not belong "
+                           f"to these weights; fix config.json")
+    kinds = {"missing from the checkpoint (would be randomly initialised)": sorted(info.get("missing_keys") or ()),
+             "unexpected (in the checkpoint, never loaded)": sorted(info.get("unexpected_keys") or ())}
+    bad = []
+    for what, keys in kinds.items():
+        refused = [k for k in keys if not any(fnmatch.fnmatchcase(k, p) for p in allow_keys)]
+        if refused:
+            more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+            bad.append(f"{len(refused)} weights {what}: {', '.join(refused[:3])}{more}")
+        if len(refused) < len(keys) and notes is not None:
+            allowed = sorted(set(keys) - set(refused))
+            notes.append(f"{name}: {len(allowed)} weights {what}, allowed by --allow_keys: {', '.join(allowed[:5])}")
+    if bad:
+        raise TracingError(f"{name} is not what its {config_file} says: {'; '.join(bad)}; pass the right checkpoint, "
+                           f"or --allow_keys with these names (glob patterns) if that is expected")
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest input the model takes (max_position_embeddings; GPT-2's n_positions), None if unknown."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_block_size(block_size: int, models: dict[str, PreTrainedModel]) -> None:
+    """A token block longer than a model's context is a TracingError naming --block_size."""
+    for who, model in models.items():
+        n = context_length(model)
+        if n is not None and block_size > n:
+            raise TracingError(f"--block_size {block_size} is longer than the {who} model's context ({n} positions, "
+                               f"max_position_embeddings): pass --block_size {n} or less")
+
+
 def _from_pretrained(src: Location, config, *, dtype, device, device_map, token, trust_remote_code):
+    """(model, loading info): shape mismatches are reported in the info (and refused by check_loading_info)."""
     kw = dict(config=config, revision=src.revision, token=token, trust_remote_code=trust_remote_code,
-              dtype=dtype)
+              dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     if src.gguf_file:
         kw["gguf_file"] = src.gguf_file
     if device_map is not None:
@@ -99,12 +152,15 @@ def _from_pretrained(src: Location, config, *, dtype, device, device_map, token,
 # ---------------------------------------------------------------------- the entry point
 def load_model(name: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "auto",
                device_map: str | dict | None = None, trust_remote_code: bool = False, token: str | None = None,
-               adapter_base: str | None = None, revision: str | None = None,
-               progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+               adapter_base: str | None = None, revision: str | None = None, progress: bool = True,
+               allow_keys: Sequence[str] = (), notes: list | None = None,
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """(model in eval mode, tokenizer or None) for a hub id[@revision], local dir, PEFT adapter or .gguf.
 
     Raises TracingError (one line naming the fix) for a missing model, an unreachable adapter base,
-    a gated repository without access, or an architecture tracing.arch does not support.
+    a gated repository without access, an architecture tracing.arch does not support, or a checkpoint
+    whose weights do not fit its config (missing, unexpected or mis-shaped weights: check_loading_info;
+    `allow_keys` glob patterns accept named missing / unexpected ones, each noted in `notes`).
     """
     token = token or os.environ.get("HF_TOKEN") or None
     dev = resolve_device(device)
@@ -117,20 +173,24 @@ def load_model(name: str, *, dtype: str | torch.dtype | None = None, device: str
         adapter = _read_adapter_config(src, name, token) if src.kind in ("adapter", "hub") else {}
         if adapter:
             return _load_adapter(name, src, adapter, adapter_base, dtype=torch_dtype, device=dev,
-                                 device_map=device_map, progress=progress, **common)
+                                 device_map=device_map, progress=progress, allow_keys=allow_keys, notes=notes,
+                                 **common)
         config = _read_config(src, name, **common)
         get_spec(config)  # unsupported architecture: fail before any weights are fetched
         try:
-            model = _from_pretrained(src, config, dtype=torch_dtype, device=dev, device_map=device_map, **common)
-        except (OSError, ValueError) as e:
-            raise (hub_error(e, src, name, token) or e) from None
+            model, info = _from_pretrained(src, config, dtype=torch_dtype, device=dev, device_map=device_map,
+                                           **common)
+        except Exception as e:  # hub failures and damaged files become one line; anything else stays a bug
+            err = hub_error(e, src, name, token) if isinstance(e, (OSError, ValueError)) else None
+            raise (err or corrupt_error(e, name) or e) from None
+        check_loading_info(name, info, allow_keys, notes)
         tok = _load_tokenizer(src.path, revision=src.revision, gguf_file=src.gguf_file, **common)
     log.info("loaded %s (%s, %s, %s)", name, config.model_type, torch_dtype, dev)
     return model.eval(), tok
 
 
 def _load_adapter(name: str, src: Location, adapter: dict, adapter_base: str | None, *, dtype, device,
-                  device_map, token, trust_remote_code, progress):
+                  device_map, token, trust_remote_code, progress, allow_keys, notes):
     """Load the adapter's base (recorded path, else `adapter_base`), apply the adapter, merge it."""
     import peft
 
@@ -158,9 +218,20 @@ def _load_adapter(name: str, src: Location, adapter: dict, adapter_base: str | N
     if recorded and base_name != recorded:
         log.warning("adapter %s: recorded base %s is not reachable; using %s", name, recorded, base_name)
     base, base_tok = load_model(base_name, dtype=dtype, device=device, device_map=device_map,
-                                trust_remote_code=trust_remote_code, token=token, progress=progress)
+                                trust_remote_code=trust_remote_code, token=token, progress=progress,
+                                allow_keys=allow_keys, notes=notes)
     try:
-        merged = peft.PeftModel.from_pretrained(base, src.path, revision=src.revision, token=token)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = peft.PeftModel.from_pretrained(base, src.path, revision=src.revision, token=token)
+        for w in caught:  # peft only warns when adapter weights are missing (they stay at their init: no-ops)
+            text = str(w.message)
+            if "missing adapter keys while loading the checkpoint: " in text:
+                missing = ast.literal_eval(text.split("checkpoint: ", 1)[1].rstrip("."))
+                check_loading_info(f"adapter {name}", {"missing_keys": missing}, allow_keys, notes,
+                                   "adapter_config.json")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         merged = merged.merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         err = hub_error(e, src, name, token)

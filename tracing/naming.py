@@ -1,15 +1,17 @@
 """Every file name the project decides: result records, generated texts, figures, default folders.
 
-    result_path("results", "meta-llama/Llama-2-7b-hf", "lmsys/vicuna-7b-v1.5", "csu")
-        # results/meta-llama__Llama-2-7b-hf__vs__lmsys__vicuna-7b-v1.5__csu.pkl
+    result_path("results", "meta-llama/Llama-2-7b-hf", "lmsys/vicuna-7b-v1.5", "csu", "3f2a9c1b")
+        # results/meta-llama__Llama-2-7b-hf__vs__lmsys__vicuna-7b-v1.5__csu__3f2a9c1b.pkl
     generated_path("results/generated", "org/model")   # results/generated/org__model_gentext.json
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 RESULTS_DIR = Path("results")  # main.py / launch.py --save
 GENERATED_DIR = RESULTS_DIR / "generated"  # generate.py --save, main.py --generated_dir
@@ -38,12 +40,24 @@ def pair_name(base_id: str, ft_id: str, stat: str) -> str:
     return f"{safe_name(base_id)}__vs__{safe_name(ft_id)}__{safe_name(stat)}"
 
 
-def result_path(save: str | Path, base_id: str, ft_id: str, stat: str) -> Path:
-    """`--save` is a directory (file name derived from the pair) or an explicit .p/.pkl path."""
+def result_key(flags: dict[str, Any]) -> str:
+    """8 hex digits naming the options that define a result (RunConfig.key_flags(): {} for all defaults)."""
+    return hashlib.sha1(json.dumps(flags, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def result_path(save: str | Path, base_id: str, ft_id: str, stat: str, key: str | None = None) -> Path:
+    """`--save` is a directory (file name from the pair, the statistic and `key`, the short hash of the flags
+    that change the numbers: RunConfig.result_key) or an explicit .p/.pkl path, used as is."""
     save = Path(save)
     if save.suffix in RECORD_SUFFIXES:
         return save
-    return save / f"{pair_name(base_id, ft_id, stat)}.pkl"
+    return save / f"{pair_name(base_id, ft_id, stat)}{f'__{key}' if key else ''}.pkl"
+
+
+def failed_path(path: str | Path) -> Path:
+    """Where a failed run's record goes when `path` already holds an ok record of the same configuration."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.failed{path.suffix}")
 
 
 def generated_path(generated_dir: str | Path, model_id: str) -> Path:
@@ -51,9 +65,10 @@ def generated_path(generated_dir: str | Path, model_id: str) -> Path:
     return Path(generated_dir) / f"{safe_name(model_id)}_gentext.json"
 
 
-def heatmap_name(base_id: str, ft_id: str) -> str:
-    """match_all's layer x layer figure: one file per pair in a shared folder (unnamed in-memory models: one)."""
-    return f"{pair_name(base_id, ft_id, 'match_all')}_heatmap.png" if base_id and ft_id else "match_all_heatmap.png"
+def heatmap_name(base_id: str, ft_id: str, stat: str = "match_all") -> str:
+    """A localized test's layer x layer figure: one file per pair and statistic in a shared folder (unnamed
+    in-memory models: one per statistic)."""
+    return f"{pair_name(base_id, ft_id, stat)}_heatmap.png" if base_id and ft_id else f"{stat}_heatmap.png"
 
 
 def job_name(base_name: str, ft_name: str) -> str:

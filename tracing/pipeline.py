@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracing import naming
 from tracing.align import align_weights
 from tracing.arch import get_spec
 from tracing.config import RunConfig
@@ -27,10 +26,10 @@ from tracing.data import load_blocks
 from tracing.devices import resolve_device, resolve_dtype
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss, perplexity
-from tracing.models import load_model
+from tracing.models import check_block_size, load_model
 from tracing.perm import apply_perm, random_perm
 from tracing.report import read_prompts, write_report
-from tracing.results import new_record, save_record, to_plain
+from tracing.results import check_writable, finite_only, new_record, save_outcome, to_plain
 from tracing.statistics import StatContext, StatInfo, StatResult, get_stat
 from tracing.statistics.common import check_same_shapes
 from tracing.statistics.permtest import permtest
@@ -66,10 +65,11 @@ def placement(cfg: RunConfig, info: StatInfo) -> tuple[str | torch.device, torch
     return ("cpu", dev) if dev.type == "cuda" else (cfg.device, None)
 
 
-def _load_pair(cfg: RunConfig, device: str | torch.device, token: str | None):
+def _load_pair(cfg: RunConfig, device: str | torch.device, token: str | None, notes: list):
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # the GPU's dtype also when kept on the CPU
     kw = dict(dtype=dtype, device=device, device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code,
-              token=token, adapter_base=cfg.adapter_base, progress=not cfg.no_progress)
+              token=token, adapter_base=cfg.adapter_base, progress=not cfg.no_progress,
+              allow_keys=cfg.allow_keys or (), notes=notes)
     base, tok_base = load_model(cfg.base_model_id, **kw)
     ft, tok_ft = load_model(cfg.ft_model_id, **kw)
     return base, tok_base, ft, tok_ft
@@ -88,7 +88,7 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
     load_on, compute_device = placement(cfg, info)
     if compute_device is not None:
         record["compute_device"] = str(compute_device)
-    base, tok_base, ft, tok_ft = _load_pair(cfg, load_on, token)
+    base, tok_base, ft, tok_ft = _load_pair(cfg, load_on, token, record["notes"])
     spec_base, spec_ft = get_spec(base.config), get_spec(ft.config)
     if info.same_shape or cfg.align:
         check_same_shapes(spec_base, base.state_dict(), spec_ft, ft.state_dict(), info.name,
@@ -101,17 +101,20 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
 
     blocks = None
     if info.needs_data or cfg.eval:
+        check_block_size(cfg.block_size, {"base": base, "fine-tuned": ft})
         vocab = min(base.get_input_embeddings().num_embeddings, ft.get_input_embeddings().num_embeddings)
         blocks = load_blocks(cfg.dataset, tok_base, cfg.block_size, max_blocks=cfg.max_blocks, seed=cfg.seed,
                              vocab_size=vocab, model_ids=(cfg.base_model_id, cfg.ft_model_id),
                              generated_dir=cfg.generated_dir, progress=not cfg.no_progress)
         record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
 
-    out_dir = cfg.report or str(naming.result_path(cfg.save, cfg.base_model_id, cfg.ft_model_id, cfg.stat).parent)
+    out_dir = cfg.report or str(cfg.result_path().parent)
     ctx = StatContext.for_run(cfg, base=base, ft=ft, spec_base=spec_base, spec_ft=spec_ft, blocks=blocks,
                               tokenizer_base=tok_base, tokenizer_ft=tok_ft, out_dir=out_dir,
                               compute_device=compute_device)
-    _fill(record, "", compute(info, ctx, cfg.num_perm))
+    res = compute(info, ctx, cfg.num_perm)
+    _fill(record, "", res)  # also when it is no number: a failed record shows what was computed
+    res.require_number(info.name)
     if cfg.align:
         apply_perm(ft, spec_ft, align_weights(base, ft, spec_base, progress=ctx.progress, device=compute_device,
                                               method=cfg.matching, seed=cfg.seed))
@@ -121,6 +124,7 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
             record["notes"].append("--num_perm applies to the non-aligned statistic only; PERMTEST is not valid "
                                    "after --align (alignment picks the permutation of ft that looks most like base)")
         _fill(record, "aligned_", aligned)
+        aligned.require_number(f"{info.name} after --align")
 
     if cfg.eval:
         for name, model in (("base", base), ("ft", ft)):
@@ -137,11 +141,16 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
 
 
 def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
-    """Run one pair, write its record (ok or failed) and return it. `token`: default $HF_TOKEN, never stored."""
+    """Run one pair, write its record (ok or failed) and return it. `token`: default $HF_TOKEN, never stored.
+
+    The record goes to cfg.result_path() (a failed run beside an ok record there, never over it); a --save
+    that cannot take a file is a TracingError before any model is loaded."""
     t0 = time.perf_counter()
-    path = naming.result_path(cfg.save, cfg.base_model_id, cfg.ft_model_id, cfg.stat)
+    path = cfg.result_path()
+    check_writable(path.parent)
     record = new_record(cfg.to_dict())
     record.update(stat=get_stat(cfg.stat).name, base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id,
+                  key=cfg.result_key(), key_flags=cfg.key_flags(), threads=torch.get_num_threads(),
                   command=cfg.command_line(), error=None, error_kind=None, value=None, log10_pvalue=None,
                   aligned_value=None, aligned_log10_pvalue=None, base_loss=None, ft_loss=None, base_ppl=None,
                   ft_ppl=None, notes=[])
@@ -155,7 +164,8 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
                       traceback=traceback.format_exc())
     record["wall_time_s"] = time.perf_counter() - t0
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    save_record(record, path)
+    record = finite_only(record)  # what is saved: NaN / inf as None, listed under "nonfinite"
+    save_outcome(record, path)
     return record
 
 

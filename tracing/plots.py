@@ -29,14 +29,16 @@ def _save(fig, path: str) -> str:
 
 
 # ---- activation statistics (match_all) ----
-def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mapping=None) -> str:
-    """Heatmap of -log10 p for every (layer of A, layer of B); the inferred mapping is marked with dots."""
+def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mapping=None,
+                      stat: str = "match_all") -> str:
+    """Heatmap of -log10 p for every (layer of A, layer of B) of a localized test (match_all, csu_all, ...);
+    the inferred mapping is marked with dots, untested pairs stay blank."""
     m = -np.asarray(log10p, dtype=float)  # (L_A, L_B), larger = stronger evidence of derivation
     layers_base = list(range(m.shape[0])) if layers_base is None else list(layers_base)
     layers_ft = list(range(m.shape[1])) if layers_ft is None else list(layers_ft)
     fig, ax = _subplots((max(4.5, 2.0 + 0.3 * m.shape[1]), max(3.5, 1.2 + 0.3 * m.shape[0])))
     im = ax.imshow(m, cmap="viridis", aspect="auto", origin="upper")
-    fig.colorbar(im, ax=ax, label="-log10 p (match)")
+    fig.colorbar(im, ax=ax, label=f"-log10 p ({stat})")
     for j, i in enumerate(mapping or []):
         if i is not None:
             ax.plot(j, layers_base.index(i), "r.", markersize=6)
@@ -46,13 +48,43 @@ def match_all_heatmap(log10p, path: str, layers_base=None, layers_ft=None, mappi
     step_a = max(1, len(layers_base) // 16)
     ax.set_xticks(range(0, len(layers_ft), step_b), [str(x) for x in layers_ft[::step_b]])
     ax.set_yticks(range(0, len(layers_base), step_a), [str(x) for x in layers_base[::step_a]])
-    ax.set_title("match_all: localized testing")
+    ax.set_title(f"{stat}: localized testing")
     return _save(fig, path)
 
 
 # ---- aggregation (heatmaps, loss-vs-alpha) ----
-def pair_heatmap(cells, path: str, title: str, label: str = "log10 p") -> str:
-    """Model x model heatmap from (base, ft, value) cells; each pair is drawn in both triangles."""
+def short_names(model_ids, max_len: int = 28) -> dict[str, str]:
+    """Distinct labels for model ids: the last path component, with as many parent components as it takes to
+    tell two ids apart ('runs/a/base' and 'runs/b/base' -> 'a/base', 'b/base')."""
+    ids = list(dict.fromkeys(model_ids))
+    parts = {m: [p for p in str(m).rstrip("/").split("/") if p] or [str(m)] for m in ids}
+    depth = dict.fromkeys(ids, 1)
+    while True:
+        label = {m: "/".join(parts[m][-depth[m]:]) for m in ids}
+        clash = [m for m in ids if list(label.values()).count(label[m]) > 1 and depth[m] < len(parts[m])]
+        if not clash:
+            break
+        for m in clash:
+            depth[m] += 1
+    return {m: (v if len(v) <= max_len else "…" + v[-(max_len - 1):]) for m, v in label.items()}
+
+
+def threshold_scale(values, threshold: float) -> dict:
+    """imshow's cmap and norm for log10 p: diverging, white at `threshold`, red below (significant), blue above."""
+    import matplotlib  # loads matplotlib.colors
+
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    lo = min(float(finite.min()) if finite.size else threshold, threshold - 1.0)
+    hi = max(float(finite.max()) if finite.size else 0.0, threshold + 1.0, 0.0)
+    return {"cmap": "RdBu", "norm": matplotlib.colors.TwoSlopeNorm(vmin=lo, vcenter=threshold, vmax=hi)}
+
+
+def pair_heatmap(cells, path: str, title: str, label: str = "log10 p", threshold: float | None = None) -> str:
+    """Model x model heatmap from (base, ft, value) cells; each pair is drawn in both triangles.
+
+    With a `threshold` (log10 p heatmaps) the colour scale is diverging and centred on it: white at the
+    threshold, red for significant cells (below it), blue for the rest, so no insignificant cell looks related."""
     models = sorted({m for b, f, _ in cells for m in (b, f)})
     index = {m: i for i, m in enumerate(models)}
     m = np.full((len(models), len(models)), np.nan)  # (n_models, n_models)
@@ -60,26 +92,35 @@ def pair_heatmap(cells, path: str, title: str, label: str = "log10 p") -> str:
         m[index[b], index[f]] = v
         if np.isnan(m[index[f], index[b]]):
             m[index[f], index[b]] = v
-    short = [x.rstrip("/").split("/")[-1][:28] for x in models]
+    names = short_names(models)
     size = 2.5 + 0.45 * len(models)
     fig, ax = _subplots((size + 1.5, size))
-    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis_r" if "log10" in label else "viridis", aspect="equal")
+    if threshold is None:
+        im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", aspect="equal")
+    else:
+        im = ax.imshow(np.ma.masked_invalid(m), aspect="equal", **threshold_scale(m, threshold))
+        label = f"{label} (related below {threshold:g})"
     fig.colorbar(im, ax=ax, label=label)
     if len(models) <= 12:
         for (r, c), v in np.ndenumerate(m):
             if not np.isnan(v):
-                ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7, color="white")
-    ax.set_xticks(range(len(models)), short, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(models)), short, fontsize=7)
+                ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7,
+                        color="black" if threshold is not None else "white")
+    ax.set_xticks(range(len(models)), [names[x] for x in models], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(models)), [names[x] for x in models], fontsize=7)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
 def loss_vs_alpha(curves, path: str) -> str:
-    """Mode connectivity: one line per pair, (name, alphas, losses); a bump in the middle is a loss barrier."""
+    """Mode connectivity: one line per curve, (name, alphas, losses, aligned); aligned curves are dashed in the
+    colour of their pair. A bump in the middle is a loss barrier."""
     fig, ax = _subplots((6, 3.6))
-    for name, alphas, losses in curves:
-        ax.plot(alphas, losses, marker="o", markersize=3, label=name[:60])
+    colours: dict[str, str] = {}
+    for name, alphas, losses, aligned in curves:
+        line, = ax.plot(alphas, losses, marker="o", markersize=3, color=colours.get(name),
+                        linestyle="--" if aligned else "-", label=(name + (" (aligned)" if aligned else ""))[:70])
+        colours.setdefault(name, line.get_color())
     ax.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
     ax.set_ylabel("loss of (1 - alpha) base + alpha ft")
     ax.set_title("mode connectivity")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import platform
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tracing.errors import TracingError
+from tracing.naming import failed_path
 
 SCHEMA = 1
 PLAIN_SCALARS = (str, int, float, bool, type(None))
@@ -152,19 +154,78 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def finite_only(record: dict) -> dict:
+    """A copy of `record` in which every NaN / inf float is None, its JSON path and value listed under
+    `nonfinite`, e.g. {"per_layer[1].log10_pvalue": "nan"}: strict JSON, and nothing lost.
+
+    Idempotent: a record that is already finite comes back equal (paths found earlier are kept)."""
+    found: dict[str, str] = dict(record.get("nonfinite") or {})
+
+    def walk(obj: Any, path: str) -> Any:
+        if isinstance(obj, float) and not math.isfinite(obj):
+            found[path] = str(obj)  # "nan", "inf", "-inf"
+            return None
+        if isinstance(obj, dict):
+            return {k: walk(v, f"{path}.{k}" if path else k) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return obj
+
+    out = walk({k: v for k, v in record.items() if k != "nonfinite"}, "")
+    if found:
+        out["nonfinite"] = found
+    return out
+
+
 def save_record(record: dict, path: str | Path) -> Path:
     """Write `record` to `path` (.pkl, protocol 4) and its JSON twin (.json), each atomically.
 
     The JSON is written first, the pickle last: the pickle's presence means the run is complete.
-    Non-finite floats are kept in the pickle and written as NaN/Infinity in the JSON.
+    Both hold `finite_only(record)`: strict JSON (no NaN / Infinity), the same content in both files.
     """
     _check_plain(record)
+    record = finite_only(record)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=1, allow_nan=True)
+    text = json.dumps(record, indent=1, allow_nan=False)
     atomic_write(path.with_suffix(".json"), text.encode())
     atomic_write(path, pickle.dumps(record, protocol=4))
     return path
+
+
+def check_writable(folder: str | Path, flag: str = "--save") -> Path:
+    """Make `folder` (parents too) and prove a file can be written there, before any work is done.
+
+    A folder that cannot take a file is a TracingError naming `flag`, so no result is computed and then lost."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise TracingError(f"cannot write to {folder} ({e.strerror or type(e).__name__}): pass {flag} a "
+                           "writable folder") from None
+    return folder
+
+
+def _holds_ok(path: Path) -> bool:
+    try:
+        return path.is_file() and load_record(path).get("status") == "ok"
+    except TracingError:
+        return False
+
+
+def outcome_path(path: str | Path, status: str) -> Path:
+    """Where a run's record belongs: `path`, except that a failed run never replaces an ok record of the
+    same configuration: it goes beside it (naming.failed_path), and the ok record stays."""
+    path = Path(path)
+    return failed_path(path) if status != "ok" and _holds_ok(path) else path
+
+
+def save_outcome(record: dict, path: str | Path) -> Path:
+    """save_record at outcome_path(path, record["status"]); returns the path written."""
+    return save_record(record, outcome_path(path, str(record.get("status"))))
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -179,7 +240,10 @@ class _Refused(Exception):
 
 
 def load_record(path: str | Path) -> dict:
-    """Load a result pickle safely: anything but plain builtins is refused with TracingError, never run."""
+    """Load a result pickle safely: anything but plain builtins is refused with TracingError, never run.
+
+    Records written before results were strict JSON may hold NaN / inf floats: they load as `finite_only`
+    gives them (None, with the paths under `nonfinite`), so every record reads the same way."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -201,7 +265,7 @@ def load_record(path: str | Path) -> dict:
         raise TracingError(f"refusing to load {path}: {e}") from None
     except RecursionError:  # a self-referencing or absurdly deep structure: no record looks like that
         raise TracingError(f"refusing to load {path}: it nests too deeply (or refers to itself)") from None
-    return obj
+    return finite_only(obj)
 
 
 def _tuples_to_lists(obj: Any) -> Any:

@@ -15,20 +15,22 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
-from tracing import naming
 from tracing.cluster.status import record_status
 from tracing.config import RunConfig
+from tracing.devices import threads
 from tracing.pipeline import run_pair
-from tracing.results import new_record, save_record
+from tracing.results import new_record, save_outcome
 
 
 def run_main(cfg: RunConfig) -> dict:
-    """What a job runs: the single-pair pipeline, in-process. Exposed so tests can wrap it."""
-    return run_pair(cfg)
+    """What a job runs: the single-pair pipeline, in-process, with --threads (default: the job's
+    SLURM_CPUS_PER_TASK, i.e. the YAML's cpus_per_task). Exposed so tests can wrap it."""
+    with threads(cfg.threads):
+        return run_pair(cfg)
 
 
 def result_of(cfg: RunConfig) -> Path:
-    return naming.result_path(cfg.save, cfg.base_model_id, cfg.ft_model_id, cfg.stat)
+    return cfg.result_path()
 
 
 def _failed_record(cfg: RunConfig, error: str) -> None:
@@ -36,8 +38,9 @@ def _failed_record(cfg: RunConfig, error: str) -> None:
     rec = new_record(cfg.to_dict())
     rec.update(status="failed", error=error, error_kind="internal", command=cfg.command_line(),
                finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), stat=cfg.stat,
-               base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id)
-    save_record(rec, result_of(cfg))
+               base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id, key=cfg.result_key(),
+               key_flags=cfg.key_flags())
+    save_outcome(rec, result_of(cfg))
 
 
 class PairJob(Checkpointable):

@@ -7,14 +7,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tracing import naming
-from tracing.config import PER_PAIR, LaunchConfig, Pair, RunConfig
+from tracing.config import PER_PAIR, RunConfig
 from tracing.errors import TracingError
+from tracing.model_lists import LaunchConfig, Pair
 from tracing.pipeline import check
 
 CLUSTERS = ("slurm", "local", "debug")
@@ -40,13 +42,13 @@ def plan(lc: LaunchConfig, save: str | Path, flags: dict[str, Any]) -> list[Task
         raise TracingError("--base_model_id, --ft_model_id, --save and --demo are set by launch.py per pair; "
                            "list models in the YAML and pass --save to launch.py")
     options = {**lc.main, **flags, "no_progress": True}
+    save = os.path.abspath(save)  # jobs may start in another directory
     tasks = []
     for pair in lc.pairs:
         cfg = RunConfig.from_dict({**options, "base_model_id": pair.base, "ft_model_id": pair.ft,
-                                   "save": str(save)}, f"{lc.source} main:")
+                                   "save": save}, f"{lc.source} main:")
         check(cfg)
-        tasks.append(Task(pair, cfg, naming.result_path(save, pair.base, pair.ft, cfg.stat),
-                          naming.job_name(pair.base_name, pair.ft_name)))
+        tasks.append(Task(pair, cfg, cfg.result_path(), naming.job_name(pair.base_name, pair.ft_name)))
     return tasks
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,6 +33,23 @@ class StatResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def require_number(self, stat: str) -> StatResult:
+        """self, unless the statistic computed no number (NaN / inf value or p-value): then a TracingError
+        with the reason in one line. No verdict without a number: such a run is failed, never ok."""
+        numbers = [self.value] + ([] if self.log10_pvalue is None else [self.log10_pvalue])
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
+            return self
+        layer_ps = [r["log10_pvalue"] for r in self.per_layer if isinstance(r, dict) and "log10_pvalue" in r]
+        if not self.per_layer:
+            why = "nothing was compared"
+        elif layer_ps and not any(isinstance(v, (int, float)) and math.isfinite(v) for v in layer_ps):
+            why = f"all {len(layer_ps)} layers gave no p-value (constant, all-zero or non-finite weights or inputs)"
+        else:
+            why = f"its value is {self.value}" + ("" if self.log10_pvalue is None else
+                                                  f" and its log10 p {self.log10_pvalue}")
+        raise TracingError(f"{stat} computed no number: {why}; check the models for NaN or degenerate weights, "
+                           "or pick other --layers")
 
 
 @dataclass

@@ -5,6 +5,7 @@
     for key, w_base, w_ft in paired_weights(ctx): ...    # every corresponding weight once
     layer = identity_test(sim, ok_a, ok_b, ctx.matching, seed=(ctx.seed, i))   # the core of csu / csh / csu_all
     layer = agreement_test(similarities, ok_a, ok_b, ctx.matching, seed)         # the core of match / match_all
+    per_layer, mapping = layer_map(logp, holm_log10(logp), layers_a, layers_b, "match_all")  # localized testing
 
 Derived models often add tokens to the vocabulary, so by default the vocabulary axis of the embedding and
 the LM head may differ (weight statistics compare the shared rows); statistics registered with
@@ -14,18 +15,20 @@ the LM head may differ (weight statistics compare the shared rows); statistics r
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from tracing import matching
+from tracing import matching, naming, plots
 from tracing.arch import ArchSpec
 from tracing.errors import TracingError
 from tracing.statistics import StatContext
 from tracing.statistics.pvalues import perm_pair_spearman
 
+MAPPING_ALPHA = 0.05  # family-wise level of an inferred layer mapping (Holm)
 NO_GATE = ("{stat} needs a gated MLP (gate_proj and up_proj), which {model_type} does not have; "
            "use csh or csu instead")
 
@@ -73,6 +76,8 @@ def selected_layers(ctx: StatContext) -> list[int]:
     n = ctx.spec_base.n_layers
     if ctx.layers is None:
         return list(range(n))
+    if not ctx.layers:
+        raise TracingError(f"--layers is empty: give layer indices between 0 and {n - 1} (or leave it out)")
     bad = [i for i in ctx.layers if not 0 <= i < n]
     if bad:
         raise TracingError(f"--layers {bad} out of range: the base model has layers 0..{n - 1}")
@@ -95,6 +100,41 @@ def paired_weights(ctx: StatContext) -> Iterator[tuple[str, torch.Tensor, torch.
             v = min(a.shape[0], b.shape[0])
             a, b = a[:v], b[:v]  # (shared_vocab, hidden)
         yield key, a, b
+
+
+def layer_map(logp: np.ndarray, holm: np.ndarray, layers_base: list[int], layers_ft: list[int],
+              stat: str) -> tuple[list[dict], list[int | None]]:
+    """The layer mapping of localized testing from (L_base, L_ft) matrices of raw and Holm-adjusted log10 p
+    (NaN: pair not tested): layer j of ft maps to the base layer i with the smallest p[i, j] when its
+    Holm-adjusted p is below MAPPING_ALPHA, else to None. Returns (per ft layer records, mapping)."""
+    if np.isnan(logp).all():
+        raise TracingError(f"{stat} has no p-value for any of the {logp.size} layer pairs (no comparable or only "
+                           "degenerate layers): check the models and --layers")
+    per_layer, mapping = [], []
+    for b, j in enumerate(layers_ft):
+        col = logp[:, b]  # (L_base,)
+        if np.isnan(col).all():
+            per_layer.append({"layer_ft": j, "layer_base": None, "best_layer_base": None, "log10_pvalue": None,
+                              "log10_pvalue_holm": None})
+            mapping.append(None)
+            continue
+        a = int(np.nanargmin(col))
+        hit = bool(holm[a, b] < math.log10(MAPPING_ALPHA))
+        mapping.append(layers_base[a] if hit else None)
+        per_layer.append({"layer_ft": j, "layer_base": mapping[-1], "best_layer_base": layers_base[a],
+                          "log10_pvalue": float(col[a]), "log10_pvalue_holm": float(holm[a, b])})
+    return per_layer, mapping
+
+
+def layer_heatmap(ctx: StatContext, stat: str, logp: np.ndarray, layers_base: list[int], layers_ft: list[int],
+                  mapping: list[int | None]) -> str | None:
+    """The (L_base, L_ft) log10 p heatmap of a localized test in ctx.out_dir (None without one): its path."""
+    if not ctx.out_dir:
+        return None
+    name = naming.heatmap_name(getattr(ctx.base, "name_or_path", ""), getattr(ctx.ft, "name_or_path", ""), stat)
+    os.makedirs(ctx.out_dir, exist_ok=True)
+    return plots.match_all_heatmap(logp, os.path.join(ctx.out_dir, name), layers_base=layers_base,
+                                   layers_ft=layers_ft, mapping=mapping, stat=stat)
 
 
 def _layer_record(rho: float, log10p: float, n: int, pairs: matching.Pairs, solver: str, seconds: float) -> dict:

@@ -4,13 +4,14 @@ Per layer: hook the up-projection outputs (pre-activation) of both models on the
 neurons to B's by cosine similarity (`--matching`, tracing/matching.py: units constant or non-finite over the
 tokens left out, ties in random order), test whether the matching is the identity with a one-sided
 Spearman correlation, and combine the layers with Fisher's method. One forward pass per model: the cosines
-come from streaming Gram accumulators (tracing/activations.py).
+come from streaming Gram accumulators (tracing/grams.py).
 """
 
 from __future__ import annotations
 
 from tracing import matching
-from tracing.activations import LayerGram, check_same_mlp, layer_grams, mlp_width
+from tracing.activations import check_same_mlp, mlp_width
+from tracing.grams import LayerGram, layer_grams
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import identity_test, matching_extras
 from tracing.statistics.pvalues import fisher_log10p

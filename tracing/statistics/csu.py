@@ -6,23 +6,35 @@ similarity, matched (`--matching`, tracing/matching.py: degenerate rows left out
 the matching is tested against the identity with a one-sided Spearman correlation. The per-layer log10
 p-values are combined with Fisher's method. value = log10_pvalue = the combined log10 p (lower = more related).
 
-csu_all: the same test for every pair of equal-shaped 2-D weights of the same role in any layer of the base
-and any layer of the fine-tuned model (different depths allowed), as in the original; extras["log10p"]
-holds, for each role, the (layers_base, layers_ft) matrix of log10 p (None where shapes differ).
+csu_all: the same test for every pair of 2-D weights of the same role (e.g. "mlp.up_proj.weight") in any layer
+of the base and any layer of the fine-tuned model whose residual axis agrees: depth may differ, and so may
+the number of units (a pruned MLP: the narrower matrix's rows are matched into the wider's). The layer map is
+match_all's: Holm's correction over every (role, layer, layer) test, layer j of ft mapped to the base layer
+with the smallest p when its Holm-adjusted p is below MAPPING_ALPHA; value = log10_pvalue = the smallest
+Holm-adjusted log10 p. extras["log10p"] holds, for each role, the (layers_base, layers_ft) matrix of raw
+log10 p (None where not comparable), extras["log10_pvalue_matrix"] the best role per layer pair.
 """
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tracing import matching
 from tracing.arch import RESID, ArchSpec, mlp
+from tracing.errors import TracingError
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import check_same_shapes, identity_test, matching_extras, selected_layers
-from tracing.statistics.pvalues import fisher_log10p
+from tracing.statistics.common import (
+    MAPPING_ALPHA,
+    check_same_shapes,
+    identity_test,
+    layer_heatmap,
+    layer_map,
+    matching_extras,
+    selected_layers,
+)
+from tracing.statistics.pvalues import fisher_log10p, holm_log10
 
 
 @torch.no_grad()
@@ -80,37 +92,57 @@ def _keys_by_role(spec: ArchSpec, sd: dict[str, torch.Tensor]) -> dict[str, dict
     return out
 
 
+def _nan_as_none(m: np.ndarray) -> list[list[float | None]]:
+    """A matrix as nested lists, None where no test ran (NaN)."""
+    return [[None if np.isnan(v) else float(v) for v in row] for row in m]
+
+
 @register("csu_all", same_shape=False, higher_is_related=False,
-          help="csu over every pair of equal-shaped weight matrices of the same role in any two layers "
-               "(different depths allowed); Fisher over all pairs")
+          help="csu for every pair of weight matrices of the same role in any two layers (depth and width may "
+               "differ: the narrower matrix is matched into the wider), Holm-corrected layer map")
 @torch.no_grad()
 def csu_all(ctx: StatContext) -> StatResult:
     sd_a, sd_b = ctx.base.state_dict(), ctx.ft.state_dict()
     roles_a, roles_b = _keys_by_role(ctx.spec_base, sd_a), _keys_by_role(ctx.spec_ft, sd_b)
-    layers_a = selected_layers(ctx)
-    n_b = ctx.spec_ft.n_layers
-    jobs = [(role, i, j) for role in roles_a if role in roles_b for i in layers_a if i in roles_a[role]
-            for j in range(n_b) if j in roles_b[role]
-            and sd_a[roles_a[role][i]].shape == sd_b[roles_b[role][j]].shape]
-    matrices = {role: [[None] * n_b for _ in layers_a] for role in {r for r, _, _ in jobs}}
-    row_of = {i: r for r, i in enumerate(layers_a)}
-    best = {i: (0.0, None, None) for i in layers_a}  # layer -> (min log10 p, ft layer, role)
+    layers_a, layers_b = selected_layers(ctx), list(range(ctx.spec_ft.n_layers))
+    rows_a = {(r, i): _rows(ctx.spec_base, k, sd_a[k]) for r, keys in roles_a.items() for i, k in keys.items()}
+    rows_b = {(r, j): _rows(ctx.spec_ft, k, sd_b[k]) for r, keys in roles_b.items() for j, k in keys.items()}
+    roles = [r for r in roles_a if r in roles_b]
+    # comparable: same role, same residual (column) axis; the unit (row) axis may differ
+    jobs = [(r, i, j) for r in roles for i in layers_a if (r, i) in rows_a for j in layers_b if (r, j) in rows_b
+            and rows_a[r, i].shape[1:] == rows_b[r, j].shape[1:]]
+    if not jobs:
+        why = "share no weight role" if not roles else "have no same-role matrices with the same hidden size"
+        raise TracingError(f"csu_all found no weight matrices of the same role: {ctx.spec_base.model_type} and "
+                           f"{ctx.spec_ft.model_type} {why}; use match_all or jsd, which compare what the models "
+                           "compute")
 
     def test_pair(job: tuple[str, int, int]) -> dict:  # runs in a worker thread
-        role, i, j = job
-        ka, kb = roles_a[role][i], roles_b[role][j]
-        return match_rows(_rows(ctx.spec_base, ka, sd_a[ka]), _rows(ctx.spec_ft, kb, sd_b[kb]), ctx.compute_device,
-                          ctx.matching, (ctx.seed, i, j, sorted(roles_a).index(role)))
+        r, i, j = job
+        return match_rows(rows_a[r, i], rows_b[r, j], ctx.compute_device, ctx.matching, (ctx.seed, i, j, at[r]))
 
-    records = list(tqdm(matching.map_in_threads(test_pair, jobs), total=len(jobs), desc="csu_all pairs",
-                        disable=not ctx.progress))
-    for (role, i, j), lp in zip(jobs, (r["log10_pvalue"] for r in records)):
-        matrices[role][row_of[i]][j] = None if math.isnan(lp) else float(lp)
-        if not math.isnan(lp) and lp < best[i][0]:
-            best[i] = (float(lp), j, role)
-    combined, n_nan = fisher_log10p([v for m in matrices.values() for row in m for v in row if v is not None])
-    per_layer = [{"layer": i, "best_ft_layer": j, "role": role, "log10_pvalue": lp}
-                 for i, (lp, j, role) in best.items()]
-    return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
-                      extras={"log10p": matrices, "layers_base": layers_a, "n_pairs": len(jobs),
-                              "pairs_skipped_nan": n_nan, **matching_extras(ctx.matching, records)})
+    per_role = np.full((len(roles), len(layers_a), len(layers_b)), np.nan)  # raw log10 p; NaN: not tested
+    at = {r: k for k, r in enumerate(roles)}
+    row_of = {i: a for a, i in enumerate(layers_a)}
+    results = matching.map_in_threads(test_pair, jobs)
+    bar = tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)
+    records = []
+    for rec, (r, i, j) in zip(bar, jobs):  # the bar first: zip's last pull lets it reach 100% and close
+        per_role[at[r], row_of[i], j] = rec["log10_pvalue"]
+        records.append(rec)
+    tested = ~np.isnan(per_role)
+    holm = np.full_like(per_role, np.nan)
+    holm[tested] = holm_log10(per_role[tested])  # one family: every (role, layer, layer) test that gave a p
+    logp, holm_pair = np.fmin.reduce(per_role, axis=0), np.fmin.reduce(holm, axis=0)  # (L_A, L_B): best role
+    per_layer, mapping = layer_map(logp, holm_pair, layers_a, layers_b, "csu_all")
+    for b, rec in enumerate(per_layer):
+        if rec["best_layer_base"] is not None:
+            rec["role"] = roles[int(np.nanargmin(per_role[:, row_of[rec["best_layer_base"]], b]))]
+    best = float(np.nanmin(holm))
+    extras = {"log10p": {r: _nan_as_none(per_role[at[r]]) for r in roles if tested[at[r]].any()},
+              "log10_pvalue_matrix": _nan_as_none(logp), "log10_pvalue_holm_matrix": _nan_as_none(holm_pair),
+              "layers_base": layers_a, "layers_ft": layers_b, "mapping": mapping, "correction": "holm",
+              "alpha": MAPPING_ALPHA, "n_pairs": len(jobs), "pairs_skipped_nan": int(len(jobs) - tested.sum())}
+    if (path := layer_heatmap(ctx, "csu_all", logp, layers_a, layers_b, mapping)) is not None:
+        extras["heatmap"] = path
+    return StatResult(value=best, log10_pvalue=best, per_layer=per_layer, extras=extras)

@@ -4,7 +4,7 @@ Per layer, B's MLP neurons are matched to A's twice, once with the gate_proj out
 up_proj outputs (pre-activation, on the same tokens). For independent models the two matchings are
 unrelated; for related ones they coincide. Spearman between the two index vectors gives a one-sided
 log10 p per layer; Fisher combines the layers. Invariant to permutations and rotations of the residual
-stream (the activations do not depend on its basis). One forward pass per model (tracing/activations.py).
+stream (the activations do not depend on its basis). One forward pass per model (tracing/grams.py).
 
 Matching (`--matching`, tracing/matching.py): the exact matching minimises the squared Euclidean distance
 of activation vectors (as in the original; float64); "fast" first matches greedily on cosine similarity
@@ -15,7 +15,8 @@ the tokens in either projection are left out; ties fall in random order.
 from __future__ import annotations
 
 from tracing import matching
-from tracing.activations import LayerGram, check_same_mlp, layer_grams, mlp_width
+from tracing.activations import check_same_mlp, mlp_width
+from tracing.grams import LayerGram, layer_grams
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import agreement_test, check_gated, matching_extras
 from tracing.statistics.pvalues import fisher_log10p

@@ -1,11 +1,19 @@
 """Localized testing: φ_MATCH for every layer of A against every layer of B (depth and MLP width may differ).
 
-One forward pass per model keeps a bounded, seeded, uniform sample of token positions (`--max_tokens`,
-default 2048) of the gate_proj and up_proj outputs of every layer; every layer pair (i, j) is then
-tested from that sample: the narrower layer's neurons are matched into the wider's once from gate and once
-from up activations (as in match: `--matching`, exact = rectangular assignment on squared Euclidean
-distance, float64; units constant or non-finite over the sample left out), and the Spearman correlation
-between the two index vectors gives log10 p[i, j].
+match_all: one forward pass per model keeps a bounded, seeded, uniform sample of token positions
+(`--max_tokens`, default 2048) of the gate_proj and up_proj outputs of every layer; every layer pair (i, j)
+is then tested from that sample: the narrower layer's neurons are matched into the wider's once from gate
+and once from up activations (as in match: `--matching`, exact = rectangular assignment on squared
+Euclidean distance, float64; units constant or non-finite over the sample left out), and the Spearman
+correlation between the two index vectors gives log10 p[i, j].
+
+match_all_drift_free (alias match_all_df): the same test with B's activations computed from A's inputs:
+layer j of B reads the MLP input of layer i of A, so no forward pass of B is needed and nothing drifts
+when B lost layers (each of B's layers in its own forward pass sees a residual stream that removed or
+changed layers before it have moved). Needs equal hidden sizes and B's residual stream in A's basis (a
+residual-permuted B needs --align; a rotated B is not supported). It uses every token: one pass of A
+streams Σ_i = X_iᵀX_i per layer (X_i: the MLP inputs with a column of ones), and any two linear maps
+W'_1, W'_2 of them have Gram matrix W'_1 Σ_i W'_2ᵀ, so the matching costs come from weights and Σ_i alone.
 
 Multiple testing: Holm's step-down correction over all L_A·L_B tests (family-wise error rate). Layer j
 of B is mapped to the layer i of A with the smallest p[i, j] when its Holm-adjusted p is below
@@ -15,34 +23,26 @@ value: the test of "some layer of B comes from some layer of A".
 
 from __future__ import annotations
 
-import math
-import os
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tracing import plots
-from tracing.activations import check_blocks, check_layers, sample_activations, sample_positions
+from tracing.activations import check_blocks, check_layers, mlp_input_covariances, sample_activations, sample_positions
+from tracing.arch import ArchSpec, mlp
+from tracing.errors import TracingError
 from tracing.matching import euclid_similarity, map_in_threads, usable
-from tracing.naming import heatmap_name
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import agreement_test, check_gated, matching_extras
+from tracing.statistics.common import (
+    MAPPING_ALPHA,
+    agreement_test,
+    check_gated,
+    layer_heatmap,
+    layer_map,
+    matching_extras,
+)
+from tracing.statistics.pvalues import holm_log10
 
 DEFAULT_MAX_TOKENS = 2048
-MAPPING_ALPHA = 0.05  # family-wise level of the inferred layer mapping (Holm)
-
-
-def holm_log10(log10ps: np.ndarray) -> np.ndarray:
-    """Holm-adjusted log10 p-values (same shape), computed in log space; NaN counts as p = 1."""
-    flat = np.nan_to_num(np.asarray(log10ps, np.float64).ravel(), nan=0.0)
-    m = len(flat)
-    order = np.argsort(flat, kind="stable")
-    adj = flat[order] + np.log10(m - np.arange(m))  # (m - k) p_(k), k = 0..m-1
-    adj = np.minimum(np.maximum.accumulate(adj), 0.0)
-    out = np.empty(m)
-    out[order] = adj
-    return out.reshape(np.shape(log10ps))
 
 
 class _Layer:
@@ -54,20 +54,47 @@ class _Layer:
         self.ok = usable(self.x["gate"].T) & usable(self.x["up"].T)  # (width,)
 
 
+def _agreement(gram: dict, sq_a: dict, sq_b: dict, ok_a, ok_b, method: str, seed: tuple) -> dict:
+    """agreement_test on a layer pair from its Gram matrices (width_a, width_b) and squared activation norms
+    per projection: cosines for the greedy screen, -squared distances for the exact matching."""
+    def similarities(solver: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if solver == "greedy":
+            return tuple(gram[p] / sq_a[p].sqrt().clamp_min(1e-30).to(gram[p].dtype)[:, None]
+                         / sq_b[p].sqrt().clamp_min(1e-30).to(gram[p].dtype)[None, :] for p in ("gate", "up"))
+        return tuple(euclid_similarity(gram[p], sq_a[p], sq_b[p]) for p in ("gate", "up"))
+
+    return agreement_test(similarities, ok_a, ok_b, method, seed)
+
+
 def _pair(a: _Layer, b: _Layer, method: str, seed: tuple) -> dict:
     """match between a layer of A and a layer of B from their sampled activations: agreement_test's record."""
     if b.ok.numel() < a.ok.numel():  # the narrower layer's units as rows: the faster orientation to match
         a, b = b, a
     dtype = torch.float64 if method == "exact" else torch.float32  # exact: the original's float64 products
     gram = {p: a.x[p].T.to(dtype) @ b.x[p].to(dtype) for p in ("gate", "up")}  # (width_a, width_b)
+    return _agreement(gram, a.sq, b.sq, a.ok, b.ok, method, seed)
 
-    def similarities(solver: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if solver == "greedy":  # cosines
-            return tuple(gram[p] / a.sq[p].sqrt().clamp_min(1e-30).to(dtype)[:, None]
-                         / b.sq[p].sqrt().clamp_min(1e-30).to(dtype)[None, :] for p in ("gate", "up"))
-        return tuple(euclid_similarity(gram[p], a.sq[p], b.sq[p]) for p in ("gate", "up"))
 
-    return agreement_test(similarities, a.ok, b.ok, method, seed)
+def _all_pairs(ctx: StatContext, stat: str, row_test, layers_a: list[int], layers_b: list[int],
+               item_bytes: int, device: torch.device) -> dict:
+    """row_test(i) -> test(j) -> agreement_test's record: one base layer i at a time (what it prepares is
+    held for one row only), its pairs with every ft layer in worker threads; then the Holm map."""
+    logp = np.zeros((len(layers_a), len(layers_b)))
+    rho = np.zeros_like(logp)
+    records = []
+    for a, i in enumerate(tqdm(layers_a, desc=f"{stat} base layers", disable=not ctx.progress)):
+        for b, rec in enumerate(map_in_threads(row_test(i), layers_b, item_bytes=item_bytes, device=device)):
+            rho[a, b], logp[a, b] = rec["rho"], rec["log10_pvalue"]
+            records.append(rec)
+    holm = holm_log10(logp)
+    per_layer, mapping = layer_map(logp, holm, layers_a, layers_b, stat)
+    extras = {"log10_pvalue_matrix": logp.tolist(), "rho_matrix": rho.tolist(),
+              "log10_pvalue_holm_matrix": holm.tolist(), "layers_base": layers_a, "layers_ft": layers_b,
+              "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA,
+              **matching_extras(ctx.matching, records)}
+    if (path := layer_heatmap(ctx, stat, logp, layers_a, layers_b, mapping)) is not None:
+        extras["heatmap"] = path
+    return {"per_layer": per_layer, "extras": extras, "best": float(holm.min())}
 
 
 @register("match_all", needs_data=True, same_shape=False, scalar=False,
@@ -85,39 +112,69 @@ def match_all(ctx: StatContext) -> StatResult:
                                 batch_size=ctx.batch_size, counter=passes_a, progress=ctx.progress)
     acts_b = sample_activations(ctx.ft, ctx.spec_ft, blocks, layers=layers_b, positions=positions,
                                 batch_size=ctx.batch_size, counter=passes_b, progress=ctx.progress)
-
     dev = ctx.compute_device or next(ctx.base.parameters()).device
-    la, lb = [_Layer(acts_a, i, dev) for i in layers_a], [_Layer(acts_b, j, dev) for j in layers_b]
-    logp = np.zeros((len(layers_a), len(layers_b)))
-    rho = np.zeros_like(logp)
-    pairs = [(a, b) for a in range(len(layers_a)) for b in range(len(layers_b))]
-    wa, wb = la[0].x["up"].shape[1], lb[0].x["up"].shape[1]
-    results = map_in_threads(lambda ab: _pair(la[ab[0]], lb[ab[1]], ctx.matching, (ctx.seed, *ab)), pairs,
-                             item_bytes=6 * wa * wb * 8, device=dev)
-    records = []
-    for (a, b), rec in zip(pairs, tqdm(results, total=len(pairs), desc="match_all layer pairs",
-                                       disable=not ctx.progress)):
-        rho[a, b], logp[a, b] = rec["rho"], rec["log10_pvalue"]
-        records.append(rec)
-    holm = holm_log10(logp)
+    la, lb = {i: _Layer(acts_a, i, dev) for i in layers_a}, {j: _Layer(acts_b, j, dev) for j in layers_b}
+    wa, wb = la[layers_a[0]].ok.numel(), lb[0].ok.numel()
+    out = _all_pairs(ctx, "match_all", lambda i: lambda j: _pair(la[i], lb[j], ctx.matching, (ctx.seed, i, j)),
+                     layers_a, layers_b, item_bytes=6 * wa * wb * 8, device=dev)
+    out["extras"].update(forward_passes={"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
+                         n_tokens_sampled=int(len(positions)))
+    return StatResult(value=out["best"], log10_pvalue=out["best"], per_layer=out["per_layer"], extras=out["extras"])
 
-    per_layer, mapping = [], []
-    for b, j in enumerate(layers_b):
-        a = int(np.nanargmin(np.nan_to_num(logp[:, b], nan=0.0)))
-        hit = bool(holm[a, b] < math.log10(MAPPING_ALPHA))
-        mapping.append(layers_a[a] if hit else None)
-        per_layer.append({"layer_ft": j, "layer_base": layers_a[a] if hit else None,
-                          "best_layer_base": layers_a[a], "log10_pvalue": float(logp[a, b]),
-                          "log10_pvalue_holm": float(holm[a, b])})
-    best = float(holm.min())
-    extras = {"log10_pvalue_matrix": logp.tolist(), "rho_matrix": rho.tolist(),
-              "log10_pvalue_holm_matrix": holm.tolist(), "layers_base": layers_a, "layers_ft": layers_b,
-              "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA,
-              "forward_passes": {"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
-              "n_tokens_sampled": int(len(positions)), **matching_extras(ctx.matching, records)}
-    if ctx.out_dir:
-        name = heatmap_name(getattr(ctx.base, "name_or_path", ""), getattr(ctx.ft, "name_or_path", ""))
-        os.makedirs(ctx.out_dir, exist_ok=True)
-        extras["heatmap"] = plots.match_all_heatmap(logp, os.path.join(ctx.out_dir, name), layers_base=layers_a,
-                                                    layers_ft=layers_b, mapping=mapping)
-    return StatResult(value=best, log10_pvalue=best, per_layer=per_layer, extras=extras)
+
+def _rows_with_bias(model: torch.nn.Module, spec: ArchSpec, layer: int, proj: str,
+                    device: torch.device) -> torch.Tensor:
+    """[W | b] of layer's gate or up projection: (width, hidden + 1) float32 on `device` (b = 0 without bias)."""
+    roles = spec.layers[layer]
+    key, module = (roles.gate, roles.gate_module) if proj == "gate" else (roles.up, roles.up_module)
+    w = spec.neuron_rows(model.get_parameter(key), key, mlp(layer)).detach()  # (width, hidden)
+    bias = getattr(model.get_submodule(module), "bias", None)
+    b = torch.zeros(len(w)) if bias is None else bias.detach()
+    return torch.cat([w.to(device, torch.float32), b.to(device, torch.float32)[:, None]], dim=1)
+
+
+@register("match_all_drift_free", aliases=("match_all_df",), needs_data=True, same_shape=False, scalar=False,
+          help="match_all on A's MLP inputs: layer j of B reads A's layer-i inputs (no forward pass of B, no "
+               "depth drift); same hidden size and residual basis")
+@torch.no_grad()
+def match_all_drift_free(ctx: StatContext) -> StatResult:
+    stat = "match_all_drift_free"
+    check_gated(ctx, stat)
+    blocks = check_blocks(ctx.blocks)
+    layers_a = check_layers(ctx.layers, ctx.spec_base.n_layers)
+    layers_b = list(range(ctx.spec_ft.n_layers))
+    hidden_a, hidden_b = (spec.neuron_rows(model.get_parameter(spec.layers[0].up), spec.layers[0].up, mlp(0)).shape[1]
+                          for model, spec in ((ctx.base, ctx.spec_base), (ctx.ft, ctx.spec_ft)))  # views, no copy
+    if hidden_a != hidden_b:
+        raise TracingError(f"{stat} feeds A's MLP inputs to B's weights, so the hidden sizes must agree "
+                           f"({hidden_a} vs {hidden_b}): use match_all")
+    counter: dict = {}
+    cov = mlp_input_covariances(ctx.base, ctx.spec_base, blocks, layers=layers_a, batch_size=ctx.batch_size,
+                                counter=counter, progress=ctx.progress)  # layer -> (hidden + 1, hidden + 1)
+    dev = ctx.compute_device or next(ctx.base.parameters()).device  # products in float32 there
+
+    def row(i: int):
+        cov_i = cov[i].to(dev, torch.float32)  # Σ_i (hidden + 1, hidden + 1)
+        a_side = {}  # proj -> (W'_A Σ_i (width_A, hidden + 1), squared activation norms (width_A,))
+        ok_a = torch.ones(1, dtype=torch.bool, device=dev)
+        for p in ("gate", "up"):
+            w = _rows_with_bias(ctx.base, ctx.spec_base, i, p, dev)
+            m = w @ cov_i
+            a_side[p] = (m, (m * w).sum(1))
+            ok_a = ok_a & usable(w[:, :-1])  # a unit without input weights is constant over the tokens
+
+        def test(j: int) -> dict:
+            gram, sq_b, ok_b = {}, {}, torch.ones(1, dtype=torch.bool, device=dev)
+            for p in ("gate", "up"):
+                w = _rows_with_bias(ctx.ft, ctx.spec_ft, j, p, dev)  # (width_B, hidden + 1)
+                gram[p], sq_b[p] = a_side[p][0] @ w.T, ((w @ cov_i) * w).sum(1)  # (width_A, width_B), (width_B,)
+                ok_b = ok_b & usable(w[:, :-1])
+            return _agreement(gram, {p: a_side[p][1] for p in a_side}, sq_b, ok_a, ok_b, ctx.matching, (ctx.seed, i, j))
+        return test
+
+    widths = [m.get_parameter(s.layers[0].up).shape[s.axis(s.layers[0].up, mlp(0))]
+              for m, s in ((ctx.base, ctx.spec_base), (ctx.ft, ctx.spec_ft))]
+    out = _all_pairs(ctx, stat, row, layers_a, layers_b, item_bytes=6 * widths[0] * widths[1] * 8, device=dev)
+    out["extras"].update(forward_passes={"base": counter["forward_passes"], "ft": 0},
+                         n_tokens=counter["n_tokens"])
+    return StatResult(value=out["best"], log10_pvalue=out["best"], per_layer=out["per_layer"], extras=out["extras"])

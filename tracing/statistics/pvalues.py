@@ -5,6 +5,7 @@ computed as a logarithm, and "how small" stays visible (e.g. -1.2e4) instead of 
 
     rho, lp = identity_spearman(cols)          # matching vs identity, one-sided
     combined, n_skipped = fisher_log10p([lp1, lp2, ...])
+    adjusted = holm_log10(matrix)               # Holm's step-down correction, any shape
     permtest_log10p(observed, null, higher_is_related=True)
 """
 
@@ -142,6 +143,21 @@ def fisher_log10p(log10ps: Sequence[float]) -> tuple[float, int]:
     j = np.arange(k, dtype=np.float64)
     ln_sf = -y + float(scipy.special.logsumexp(j * math.log(y) - scipy.special.gammaln(j + 1)))
     return min(ln_sf / LN10, 0.0), n_skipped
+
+
+# ---------------------------------------------------------------------------- Holm
+def holm_log10(log10ps: np.ndarray) -> np.ndarray:
+    """Holm-adjusted log10 p-values (same shape), computed in log space; NaN counts as p = 1.
+
+    Controls the family-wise error rate under any dependence between the tests."""
+    flat = np.nan_to_num(np.asarray(log10ps, np.float64).ravel(), nan=0.0)
+    m = len(flat)
+    order = np.argsort(flat, kind="stable")
+    adj = flat[order] + np.log10(m - np.arange(m))  # (m - k) p_(k), k = 0..m-1
+    adj = np.minimum(np.maximum.accumulate(adj), 0.0)
+    out = np.empty(m)
+    out[order] = adj
+    return out.reshape(np.shape(log10ps))
 
 
 # ---------------------------------------------------------------------------- PERMTEST
