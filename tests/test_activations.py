@@ -4,12 +4,14 @@ import copy
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from tracing import matching, zoo
-from tracing.activations import layer_grams, sample_activations, sample_positions
+from tracing.activations import sample_activations, sample_positions
 from tracing.arch import get_spec
 from tracing.errors import TracingError
-from tracing.matching import assign, euclid_similarity
+from tracing.grams import layer_grams
+from tracing.matching import euclid_similarity, pair_units
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +44,13 @@ def test_streaming_gram_equals_full_activation_matrices(pair):
             full_dist = torch.cdist(xa.T, xb.T).square()  # (width_A, width_B)
             torch.testing.assert_close(lg.sq_dist(proj), full_dist, rtol=1e-5, atol=1e-4)
             # B's neurons into A's, minimum total squared distance, straight from scipy on the full matrices
-            expected = matching.match(-full_dist.T)
-            assert (assign(euclid_similarity(lg.gram[proj], lg.sq_base[proj], lg.sq_ft[proj])) == expected).all()
-            assert (matching.match(lg.cosine(proj)) == matching.match(cos)).all()
+            expected = linear_sum_assignment(full_dist.T.numpy())[1]  # B unit j <-> A unit expected[j]
+            got = pair_units(euclid_similarity(lg.gram[proj], lg.sq_base[proj], lg.sq_ft[proj]), solver="lap")
+            assert dict(zip(got.b.tolist(), got.a.tolist())) == dict(enumerate(expected.tolist()))
+            by_cos, by_full = (pair_units(c, solver="greedy") for c in (lg.cosine(proj), cos))
+            assert set(zip(by_cos.a.tolist(), by_cos.b.tolist())) == set(zip(by_full.a.tolist(), by_full.b.tolist()))
+            ok_a, ok_b = lg.usable(proj)
+            assert ok_a.all() and ok_b.all()
 
 
 def test_one_forward_pass_per_model_for_all_layers(pair):
@@ -106,3 +112,27 @@ def test_a_model_against_itself_matches_a_copy_of_itself(pair):
     for g in layer_grams(a, copy.deepcopy(a), spec, spec, blocks, progress=False):
         torch.testing.assert_close(same[g.layer].gram["gate"], g.gram["gate"])
         torch.testing.assert_close(same[g.layer].sq_ft["up"], g.sq_ft["up"])
+
+
+def test_degenerate_units_are_seen_in_one_pass(pair):
+    """A pruned neuron (zero input weights: its pre-activation is 0 on every token) and a NaN one are not
+    usable; the ranges come from the same pass as the Gram matrices."""
+    a, b, spec, blocks = pair
+    damaged = copy.deepcopy(b)
+    with torch.no_grad():
+        damaged.model.layers[1].mlp.gate_proj.weight[[3, 7]] = 0.0
+        damaged.model.layers[1].mlp.up_proj.weight[5] = float("nan")
+    lg = {g.layer: g for g in layer_grams(a, damaged, spec, spec, blocks, progress=False)}[1]
+    ok_a, ok_b = lg.usable("gate", "up")
+    assert ok_a.all() and (~ok_b).nonzero().flatten().tolist() == [3, 5, 7]
+    assert lg.usable("up")[1].logical_not().nonzero().flatten().tolist() == [5]
+
+
+def test_memory_budget_decides_the_passes(pair):
+    a, b, spec, blocks = pair
+    counter: dict = {}
+    list(layer_grams(a, b, spec, spec, blocks, counter=counter, progress=False))  # default: from free RAM
+    assert counter["forward_passes"] == 1 and counter["budget_bytes"] > 2 * 48 * 48 * 4
+    per_layer = 2 * (48 * 48 + 2 * 48) * 4  # gate and up accumulators of one layer, float32
+    list(layer_grams(a, b, spec, spec, blocks, budget_bytes=2 * per_layer, counter=counter, progress=False))
+    assert counter["forward_passes"] == 2 and counter["budget_bytes"] == 2 * per_layer  # layers 0-1, then 2

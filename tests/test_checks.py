@@ -149,7 +149,9 @@ def test_csu_all_with_nothing_comparable_is_a_failed_run(models, tmp_path, capsy
 @pytest.fixture
 def every_layer_degenerate(monkeypatch):
     """csu's per-layer test reports every layer as untestable (NaN), as it does for degenerate layers."""
-    monkeypatch.setattr("tracing.statistics.csu.match_rows", lambda *args, **kw: (math.nan, math.nan))
+    record = {"rho": math.nan, "log10_pvalue": math.nan, "n_units": 0, "excluded_base": 0, "excluded_ft": 0,
+              "solver": "lap", "lap_seconds": 0.0}
+    monkeypatch.setattr("tracing.statistics.csu.match_rows", lambda *args, **kw: dict(record))
 
 
 def test_all_layers_nan_is_a_failed_run_not_ok(models, tmp_path, capsys, every_layer_degenerate):
@@ -159,12 +161,12 @@ def test_all_layers_nan_is_a_failed_run_not_ok(models, tmp_path, capsys, every_l
     assert "csu computed no number: all 2 layers gave no p-value" in line
 
 
-@pytest.mark.xfail(strict=True, reason="NaN weights give constant similarities that the assignment matches in "
-                   "index order (log10 p -215 today); issue 11 part 1 (degenerate units) skips such layers, then "
-                   "this run fails as it should: remove this mark")
 def test_a_model_whose_every_mlp_is_nan_gets_no_verdict(models, tmp_path):
+    """NaN weights gave constant similarities matched in index order (log10 p -215); now every unit is left out,
+    every layer skipped and counted, and the run fails: no number, no verdict."""
     code, rec, _ = run(models, tmp_path, "base", "nan_up", "--stat", "csu")
     assert code == 2 and rec["status"] == "failed"
+    assert all(r["n_units"] == 0 for r in rec["per_layer"]) and rec["extras"]["layers_skipped_degenerate"] == 2
 
 
 def test_a_nan_value_is_no_verdict_either(models, tmp_path, capsys):

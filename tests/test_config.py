@@ -91,10 +91,23 @@ def test_run_config_parses_values_from_yaml_and_the_command_line_alike():
     ({"base_model_id": "a", "ft_model_id": "b", "compare": "foo"}, "--compare takes 'word=other'"),
     ({"base_model_id": "a", "ft_model_id": "b", "layers": "1-x"}, "--layers takes indices"),
     ({"base_model_id": "a", "ft_model_id": "b", "statistic": "csu"}, "unknown key\\(s\\) statistic; valid: "),
+    ({"base_model_id": "a", "ft_model_id": "b", "matching": "lapjv"}, "unknown --matching 'lapjv'; valid: fast"),
+    ({"base_model_id": "a", "ft_model_id": "b", "memory_budget": "lots"}, "--memory_budget takes a positive size"),
+    ({"base_model_id": "a", "ft_model_id": "b", "memory_budget": "-3GB"}, "--memory_budget takes a positive size"),
+    ({"base_model_id": "a", "ft_model_id": "b", "memory_budget": "8 parsecs"}, "like 8GiB, 500MB or 2e9"),
 ])
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(TracingError, match=message):
         RunConfig.from_dict(options)
+
+
+def test_memory_budget_takes_sizes_with_units():
+    sizes = {"8GiB": 8 * 2**30, "500MB": 500 * 10**6, "2e9": 2 * 10**9, "1.5 gb": 15 * 10**8, 4096: 4096}
+    for text, n in sizes.items():
+        cfg = RunConfig(base_model_id="a", ft_model_id="b", memory_budget=text)
+        assert cfg.memory_budget == n and RunConfig(base_model_id="a", ft_model_id="b", memory_budget=str(n)) == cfg
+    assert "--memory_budget 8589934592" in RunConfig(base_model_id="a", ft_model_id="b", memory_budget="8GiB",
+                                                     matching="exact").command_line()
 
 
 def test_command_line_repeats_the_run():

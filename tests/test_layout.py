@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 LAYERS = [
     ["errors", "naming", "matching", "plots", "zoo", "docs"],  # foundation: no model code
     ["config", "model_lists", "results", "result_folder", "devices", "arch", "checkpoints", "lineage", "hub"],
-    ["perm", "data", "models", "sources", "evaluate", "activations", "transforms", "align"],  # tensors and models
+    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align"],  # tensors, models
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs

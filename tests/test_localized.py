@@ -18,7 +18,7 @@ from tracing.errors import TracingError
 from tracing.matching import euclid_similarity
 from tracing.perm import apply_perm, random_perm
 from tracing.statistics import StatContext, get_stat
-from tracing.statistics.common import two_matchings_agree
+from tracing.statistics.common import agreement_test
 
 SHAPE = dict(hidden=32, intermediate=96, heads=4, kv_heads=2)
 LOCALIZED = ("match_all", "match_all_drift_free", "csu_all")
@@ -92,9 +92,9 @@ def test_drift_free_equals_feeding_a_inputs_through_b_weights(trained, blocks):
             act_a = x @ getattr(a.model.layers[3].mlp, f"{p}_proj").weight.double().T  # (tokens, width_A)
             act_b = x @ getattr(mlp_b, f"{p}_proj").weight.double().T  # (tokens, width_B)
             sims.append(euclid_similarity(act_a.T @ act_b, act_a.square().sum(0), act_b.square().sum(0)))
-        return two_matchings_agree(*sims)[0]
+        return agreement_test(lambda solver: tuple(sims), None, None, "exact", seed=0)["rho"]
 
-    r = run("match_all_drift_free", a, b, blocks)
+    r = run("match_all_drift_free", a, b, blocks, matching="exact")
     assert r.extras["rho_matrix"][3][2] == explicit_rho(b.model.layers[2].mlp) == 1.0  # B's layer 2 is A's 3
     assert r.extras["rho_matrix"][3][0] == pytest.approx(explicit_rho(b.model.layers[0].mlp), abs=1e-12)
     cov = mlp_input_covariances(a, get_spec(a.config), blocks, layers=[3], progress=False)[3]

@@ -173,6 +173,23 @@ def test_alpha_outside_unit_interval(models, tmp_path, capsys, alpha):
     _one_line_error(capsys, "[0, 1]")
 
 
+@pytest.mark.parametrize("flag, value, needle", [("--matching", "hungarian", "valid: fast"),
+                                                 ("--memory_budget", "lots", "8GiB")])
+def test_bad_matching_and_memory_budget_are_one_line_errors(models, tmp_path, capsys, flag, value, needle):
+    code, rec = run(models, tmp_path, "base", "derived", "--stat", "match", flag, value)
+    assert code == 2 and rec is None
+    _one_line_error(capsys, flag, needle)
+
+
+@pytest.mark.parametrize("method", ["fast", "exact"])
+def test_the_record_names_the_matching(models, tmp_path, method):
+    code, rec = run(models, tmp_path, "base", "derived", "--stat", "match", "--matching", method, "--dataset",
+                    models["text"], "--block_size", "32", "--align")
+    assert code == 0 and rec["extras"]["matching"] == rec["aligned_extras"]["matching"] == method
+    assert rec["args"]["matching"] == method and rec["log10_pvalue"] < -6
+    assert {"n_units", "excluded_base", "excluded_ft", "solver"} <= set(rec["per_layer"][0])
+
+
 def test_rotate_refused_on_layernorm_family(models, tmp_path, capsys):
     code, _ = run(models, tmp_path, "gpt2", "gpt2", "--rotate")
     assert code == 2

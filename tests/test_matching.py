@@ -1,5 +1,6 @@
-"""Linear assignment: the argmax fast path is optimal, rectangular inputs match the right way round,
-and per-layer work in threads comes back in order."""
+"""Neuron matching: both solvers are what they claim (optimal assignment; greedy in global order), both are
+permutation-equivariant, degenerate units are left out, ties never follow index order, the fast screen runs
+the exact matching only where it must, and per-layer work in threads comes back in order."""
 
 import numpy as np
 import pytest
@@ -7,39 +8,162 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from tracing import matching
+from tracing.errors import TracingError
+from tracing.statistics.common import agreement_test, identity_test
+from tracing.statistics.pvalues import identity_spearman, perm_pair_spearman
 
 
-def _value(sim: np.ndarray, cols: np.ndarray) -> float:
-    return float(sim[np.arange(len(cols)), cols].sum())
+def _value(sim: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    return float(sim[a, b].sum())
 
 
-@pytest.mark.parametrize("shape", [(30, 30), (20, 35)])
-@pytest.mark.parametrize("planted", [False, True])
-def test_match_is_an_optimal_assignment(shape, planted):
+def _greedy_reference(sim: np.ndarray) -> set[tuple[int, int]]:
+    """Greedy matching the slow, obvious way: all entries in descending order, take a pair if both are free."""
+    used_a, used_b, out = set(), set(), set()
+    for flat in np.argsort(-sim, axis=None, kind="stable"):
+        i, j = divmod(int(flat), sim.shape[1])
+        if i not in used_a and j not in used_b:
+            used_a.add(i), used_b.add(j), out.add((i, j))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(30, 30), (20, 35), (35, 20)])
+def test_lap_is_an_optimal_assignment_and_greedy_is_the_greedy_order(shape):
     rng = np.random.default_rng(0)
     sim = rng.standard_normal(shape)
-    if planted:  # distinct best partners: the fast path answers
-        sim[np.arange(shape[0]), rng.permutation(shape[1])[:shape[0]]] += 10
-    cols = matching.match(sim)
-    assert len(set(cols.tolist())) == shape[0]
-    assert _value(sim, cols) == pytest.approx(_value(sim, linear_sum_assignment(sim, maximize=True)[1]))
+    lap = matching.pair_units(torch.from_numpy(sim), solver="lap", seed=3)
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    assert len(lap.a) == min(shape) and _value(sim, lap.a, lap.b) == pytest.approx(_value(sim, rows, cols))
+    greedy = matching.pair_units(torch.from_numpy(sim), solver="greedy", seed=3)
+    assert set(zip(greedy.a.tolist(), greedy.b.tolist())) == _greedy_reference(sim)
+    assert lap.b_complete == (shape[1] <= shape[0])  # the narrower side is matched into the wider
 
 
-def test_more_rows_than_columns_gives_a_row_per_column():
+@pytest.mark.parametrize("solver", ["lap", "greedy"])
+def test_both_solvers_are_permutation_equivariant(solver):
+    """Relabelling B's units relabels the matching: the matched pairs are the same units."""
     rng = np.random.default_rng(1)
-    rows = rng.permutation(12)[:5]  # column j belongs to row rows[j]
-    sim = rng.standard_normal((12, 5))
-    sim[rows, np.arange(5)] += 10
-    assert matching.match(sim).tolist() == rows.tolist()
+    sim = torch.from_numpy(rng.standard_normal((40, 40)))
+    pi = torch.from_numpy(rng.permutation(40))  # B's unit pi[k] becomes unit k
+    base = matching.pair_units(sim, solver=solver, seed=0)
+    relabelled = matching.pair_units(sim[:, pi], solver=solver, seed=7)
+    assert set(zip(base.a.tolist(), base.b.tolist())) == {(a, int(pi[b])) for a, b in zip(relabelled.a, relabelled.b)}
 
 
-def test_map_in_threads_keeps_the_order():
+def test_distinct_best_partners_are_the_answer_of_both_solvers():
+    rng = np.random.default_rng(2)
+    sim = rng.standard_normal((25, 25))
+    planted = rng.permutation(25)
+    sim[np.arange(25), planted] += 10
+    for solver in ("lap", "greedy"):
+        p = matching.pair_units(torch.from_numpy(sim), solver=solver)
+        assert dict(zip(p.a.tolist(), p.b.tolist())) == dict(enumerate(planted.tolist()))
+
+
+def test_degenerate_units_are_left_out_and_counted():
+    rng = np.random.default_rng(3)
+    rows_a, rows_b = torch.randn(30, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
+    rows_b[[1, 5]] = 0.0  # pruned
+    rows_b[7] = 0.25  # constant
+    rows_b[9, 3] = float("nan")
+    rows_a[2, 0] = float("inf")
+    ok_a, ok_b = matching.usable(rows_a), matching.usable(rows_b)
+    assert (~ok_a).nonzero().flatten().tolist() == [2] and (~ok_b).nonzero().flatten().tolist() == [1, 5, 7, 9]
+    sim = matching.cosine_matrix(torch.nan_to_num(rows_a), torch.nan_to_num(rows_b))
+    p = matching.pair_units(sim, ok_a, ok_b, "lap", seed=int(rng.integers(100)))
+    assert (p.excluded_a, p.excluded_b, len(p.a)) == (1, 4, 26)
+    assert not {1, 5, 7, 9} & set(p.b.tolist()) and 2 not in p.a
+    few = torch.zeros(30, dtype=torch.bool)
+    few[:matching.MIN_UNITS - 1] = True
+    assert matching.pair_units(sim, ok_a, few).skipped  # too few usable units: the layer is skipped
+
+
+def test_non_finite_similarities_drop_their_unit_instead_of_crashing():
+    sim = torch.randn(20, 20, dtype=torch.float64)
+    sim[4] = float("nan")  # a unit whose similarities overflowed
+    sim[:, 6] = float("inf")
+    p = matching.pair_units(sim, solver="greedy")
+    assert (p.excluded_a, p.excluded_b) == (1, 1) and 4 not in p.a and 6 not in p.b
+
+
+def test_ties_fall_in_random_order_not_index_order():
+    """Half of B's units, spread over the layer, tie with every unit of A (what zeroed rows look like after
+    cosine similarity). scipy alone breaks the ties in index order and pairs them monotonically with A's
+    leftover units: a positive rho under independence, the false "related" of pruned models. The random
+    order does not."""
+    old, new = [], []
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        sim = torch.randn(60, 60, generator=g, dtype=torch.float64)
+        sim[:, torch.randperm(60, generator=g)[:30]] = 0.0
+        old.append(identity_spearman(linear_sum_assignment(-sim.numpy())[1])[0])
+        new.append(identity_test(sim, None, None, "exact", seed=seed)["rho"])
+    assert np.mean(old) > 0.12 and abs(np.mean(new)) < 0.08  # observed: 0.19 and -0.002 (sd of a mean: 0.024)
+
+
+def test_fast_runs_the_exact_matching_only_below_the_screen():
+    calls = []
+
+    def test(result):
+        def run(solver):
+            calls.append(solver)
+            return result[solver]
+        return run
+
+    assert matching.screened("fast", test({"greedy": (0.1, -0.5)})) == ((0.1, -0.5), "greedy")
+    assert matching.screened("fast", test({"greedy": (0.9, -5.0), "lap": (0.95, -7.0)})) == ((0.95, -7.0),
+                                                                                             "greedy+lap")
+    assert matching.screened("exact", test({"lap": (0.2, -1.0)})) == ((0.2, -1.0), "lap")
+    assert calls == ["greedy", "greedy", "lap", "lap"]
+    with pytest.raises(TracingError, match="unknown --matching 'hungarian'; valid: fast .*exact"):
+        matching.screened("hungarian", test({}))
+
+
+def test_agreement_of_two_matchings_sees_a_shared_permutation():
+    g = torch.Generator().manual_seed(4)
+    gate, up = torch.randn(50, 50, generator=g, dtype=torch.float64), torch.randn(50, 50, generator=g,
+                                                                                dtype=torch.float64)
+    planted = torch.randperm(50, generator=g)
+    for s in (gate, up):
+        s[torch.arange(50), planted] += 10.0  # both projections point to the same partners
+    rec = agreement_test(lambda solver: (gate, up), None, None, "fast", seed=0)
+    assert rec["rho"] == 1.0 and rec["log10_pvalue"] < -60 and rec["solver"] in ("greedy+lap", "greedy")
+    unrelated = agreement_test(lambda solver: (gate, torch.randn(50, 50, generator=g, dtype=torch.float64)),
+                               None, None, "fast", seed=0)
+    assert unrelated["log10_pvalue"] > -3
+
+
+def test_permutation_places_degenerate_units_at_random():
+    sim = torch.randn(30, 30, dtype=torch.float64)
+    ok = torch.ones(30, dtype=torch.bool)
+    ok[:5] = False
+    p = matching.permutation(sim, ok, ok, "exact", seed=1)
+    assert sorted(p.tolist()) == list(range(30))
+    expected = matching.pair_units(sim, ok, ok, "lap", seed=1)
+    assert all(int(p[a]) == b for a, b in zip(expected.a, expected.b))
+
+
+def test_pair_units_leaves_the_callers_matrix_alone():
+    sim = torch.randn(25, 25, dtype=torch.float64)  # colliding argmaxes: the full assignment runs
+    before = sim.clone()
+    for solver in ("lap", "greedy"):
+        matching.pair_units(sim, solver=solver)
+    assert torch.equal(sim, before)
+
+
+def test_map_in_threads_keeps_the_order_and_bounds_workers_by_memory():
     assert list(matching.map_in_threads(lambda x: x * x, iter(range(10)), workers=3)) == [x * x for x in range(10)]
+    huge = 10 * matching.available_ram()  # one item needs more than the machine: still runs, one at a time
+    assert list(matching.map_in_threads(lambda x: x + 1, range(4), workers=8, item_bytes=huge)) == [1, 2, 3, 4]
 
 
-def test_match_leaves_the_callers_matrix_alone():
-    sim = np.random.default_rng(2).standard_normal((25, 25))  # colliding argmaxes: full assignment
-    for given in (sim, torch.from_numpy(sim)):  # float64 ndarray and a tensor sharing its memory
-        before = sim.copy()
-        matching.match(given)
-        assert np.array_equal(sim, before)
+def test_exact_is_the_papers_statistic_bit_for_bit():
+    """Without ties or degenerate units, --matching exact is the original computation: scipy's assignment, then
+    Spearman against the identity (csu, csh) or between the gate and the up matching of B's units (match)."""
+    rng = np.random.default_rng(6)
+    sim, gate, up = (rng.standard_normal((64, 64)) for _ in range(3))
+    rec = identity_test(torch.from_numpy(sim), None, None, "exact", seed=5)
+    assert (rec["rho"], rec["log10_pvalue"]) == identity_spearman(linear_sum_assignment(-sim)[1])
+    b_into_a = lambda s: np.argsort(linear_sum_assignment(-s)[1])  # B unit j <-> A unit b_into_a[j]
+    rec = agreement_test(lambda solver: (torch.from_numpy(gate), torch.from_numpy(up)), None, None, "exact", 5)
+    assert (rec["rho"], rec["log10_pvalue"]) == perm_pair_spearman(b_into_a(gate), b_into_a(up))

@@ -1,32 +1,22 @@
-"""MLP activations of two models in one forward pass per model, hooked on every layer at once.
+"""MLP activations in one forward pass per model, hooked on every layer at once (the streaming Gram
+accumulators of two models in lockstep, built on these hooks, are tracing/grams.py).
 
-Two ways to keep what the statistics need without storing every activation:
-
-* `layer_grams`: both models run batch by batch in lockstep over the same token blocks; hooks on the MLP
-  input projections (gate_proj / up_proj outputs, pre-activation; c_fc / dense_h_to_4h for GPT-2/NeoX)
-  accumulate per layer the Gram matrix G = X_Aᵀ X_B (width_A, width_B) and the squared column norms of
-  X_A and X_B. Memory is O(layers · width²), independent of the number of tokens; when the accumulators
-  would exceed `budget_bytes` the layers are processed in chunks (one more pass per chunk).
-* `sample_activations`: a bounded, seeded, uniform sample of token positions per layer (for all-pairs
-  localized testing, where every layer of A meets every layer of B).
-
-    for lg in layer_grams(base, ft, spec_a, spec_b, blocks, projs=("gate", "up"), counter=c):
-        cost = lg.sq_dist("gate")   # (width_A, width_B) float64
-    c["forward_passes"]             # passes per model (1 unless chunked)
+    acts = sample_activations(model, spec, blocks, positions=sample_positions(n, 2048, seed))
+    acts["gate", 3]                 # (n_positions, width): a bounded, seeded, uniform sample of token positions
+    cov = mlp_input_covariances(model, spec, blocks)   # layer -> X'ᵀX' of the MLP inputs (drift-free tests)
+    hooks = Hooks(model, {("up", 0): "model.layers.0.mlp.up_proj"}, fn); hooks.run(model, ids); hooks.remove()
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from tracing.arch import ArchSpec
+from tracing.devices import model_device
 from tracing.errors import TracingError
-
-DEFAULT_BUDGET_BYTES = 2 * 1024**3  # accumulators per chunk of layers
 
 
 class _StopForward(Exception):
@@ -73,24 +63,26 @@ def check_blocks(blocks: torch.Tensor | None) -> torch.Tensor:
 def check_same_mlp(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec, spec_ft: ArchSpec,
                    stat: str) -> None:
     """Same depth and MLP width in both models, else point to the statistic that handles it."""
-    wa = _width(base, spec_base.layers[0].up_module)
-    wb = _width(ft, spec_ft.layers[0].up_module)
+    wa = module_width(base, spec_base.layers[0].up_module)
+    wb = module_width(ft, spec_ft.layers[0].up_module)
     if spec_base.n_layers != spec_ft.n_layers or wa != wb:
         raise TracingError(f"{stat} needs models of the same shape, got {spec_base.n_layers} layers x {wa} MLP "
                            f"neurons vs {spec_ft.n_layers} x {wb}; use --stat match_all, which handles "
                            "different depth and MLP width")
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def mlp_width(model: torch.nn.Module, spec: ArchSpec, layer: int = 0) -> int:
+    """MLP neurons of one layer (the up projection's output width)."""
+    return module_width(model, spec.layers[layer].up_module)
 
 
-def _width(model: torch.nn.Module, name: str) -> int:
+def module_width(model: torch.nn.Module, name: str) -> int:
+    """Output width of a hooked module (GPT-2's Conv1D has nf)."""
     m = model.get_submodule(name)
     return m.nf if hasattr(m, "nf") else m.out_features  # GPT-2 Conv1D has nf
 
 
-class _Hooks:
+class Hooks:
     """Forward hooks on named modules; after all `n_expected` hooks fired, the forward pass stops."""
 
     def __init__(self, model: torch.nn.Module, names: dict[tuple[str, int], str], fn, inputs: bool = False):
@@ -113,7 +105,7 @@ class _Hooks:
     def run(self, model: torch.nn.Module, ids: torch.Tensor) -> None:
         self.calls = 0
         try:
-            model(input_ids=ids.to(_device(model)), use_cache=False)
+            model(input_ids=ids.to(model_device(model)), use_cache=False)
         except _StopForward:
             pass
         if self.calls != self.n_expected:
@@ -122,111 +114,6 @@ class _Hooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-@dataclass
-class LayerGram:
-    """Streaming sufficient statistics of one layer for cosine / Euclidean neuron matching."""
-
-    layer: int
-    gram: dict[str, torch.Tensor]  # proj -> (width_A, width_B) float64, sum over tokens of a_i b_j
-    sq_base: dict[str, torch.Tensor]  # proj -> (width_A,) float64, sum over tokens of a_i²
-    sq_ft: dict[str, torch.Tensor]  # proj -> (width_B,) float64
-    n_tokens: int
-
-    def cosine(self, proj: str) -> torch.Tensor:
-        """Cosine similarity of every neuron of A with every neuron of B over the tokens: (width_A, width_B)."""
-        na = self.sq_base[proj].sqrt().clamp_min(1e-30)
-        nb = self.sq_ft[proj].sqrt().clamp_min(1e-30)
-        return self.gram[proj] / na[:, None] / nb[None, :]
-
-    def sq_dist(self, proj: str) -> torch.Tensor:
-        """Squared Euclidean distance between activation vectors: (width_A, width_B)."""
-        d = self.sq_base[proj][:, None] + self.sq_ft[proj][None, :] - 2 * self.gram[proj]
-        return d.clamp_min(0)
-
-
-def _chunks(layers: list[int], per_layer_bytes: int, budget_bytes: int) -> list[list[int]]:
-    per_chunk = max(1, budget_bytes // max(per_layer_bytes, 1))
-    return [layers[k:k + per_chunk] for k in range(0, len(layers), per_chunk)]
-
-
-@torch.no_grad()
-def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec, spec_ft: ArchSpec,
-                blocks: torch.Tensor, *, projs: Sequence[str] = ("gate", "up"),
-                layers: Sequence[int] | None = None, batch_size: int = 1,
-                budget_bytes: int = DEFAULT_BUDGET_BYTES, acc_dtype: torch.dtype = torch.float32,
-                counter: dict | None = None, progress: bool = True) -> Iterator[LayerGram]:
-    """Yield one `LayerGram` per layer (same layer index in both models), running the models in lockstep.
-
-    Each chunk of layers costs one forward pass per model over `blocks`; `counter["forward_passes"]`
-    (passes per model) and `counter["chunks"]` are updated when given.
-    """
-    blocks = check_blocks(blocks)
-    if spec_base.n_layers != spec_ft.n_layers:
-        raise TracingError(f"the models have different depths ({spec_base.n_layers} vs {spec_ft.n_layers} "
-                           "layers); use match_all, which compares every layer pair")
-    layers = check_layers(layers, spec_base.n_layers)
-    dev = _device(base)
-    names_a = {(p, i): n for i in layers for p, n in projection_modules(spec_base, i, projs).items()}
-    names_b = {(p, i): n for i in layers for p, n in projection_modules(spec_ft, i, projs).items()}
-    widths = {k: (_width(base, names_a[k]), _width(ft, names_b[k])) for k in names_a}
-    itemsize = torch.empty((), dtype=acc_dtype).element_size()
-    per_layer = max(sum(wa * wb + wa + wb for (p, i), (wa, wb) in widths.items() if i == layer) for layer in layers)
-    chunks = _chunks(layers, per_layer * itemsize, budget_bytes)
-    if counter is not None:
-        counter.update(forward_passes=0, chunks=len(chunks), n_tokens=int(blocks.numel()))
-
-    for chunk in chunks:
-        keys = [k for k in names_a if k[1] in chunk]
-        # (proj, layer) -> (width_A, width_B); allocated up front (steady memory), written by the first batch
-        gram = {k: torch.empty(widths[k], dtype=acc_dtype, device=dev) for k in keys}
-        started: set = set()
-        sq_a = {k: torch.zeros(widths[k][0], dtype=torch.float64, device=dev) for k in keys}
-        sq_b = {k: torch.zeros(widths[k][1], dtype=torch.float64, device=dev) for k in keys}
-        held: dict = {}  # activations of model A for the current batch only
-
-        def keep_a(key, x):  # x: (tokens, width_A)
-            held[key] = x
-            sq_a[key] += x.float().square().sum(0).double()  # per-batch sum in float32
-
-        def accumulate_b(key, y):  # y: (tokens, width_B)
-            x = held.pop(key)
-            y = y.to(x.device)
-            xt, y = x.T.to(acc_dtype), y.to(acc_dtype)  # (width_A, tokens), (tokens, width_B)
-            if key in started:
-                gram[key].addmm_(xt, y)
-            else:
-                torch.mm(xt, y, out=gram[key])
-                started.add(key)
-            sq_b[key] += y.float().square().sum(0).double()
-
-        def both(key, x):  # base and ft are the same module: one pass serves both sides
-            keep_a(key, x)
-            accumulate_b(key, x)
-
-        if ft is base:
-            runs = [(base, _Hooks(base, {k: names_a[k] for k in keys}, both))]
-        else:
-            runs = [(base, _Hooks(base, {k: names_a[k] for k in keys}, keep_a)),
-                    (ft, _Hooks(ft, {k: names_b[k] for k in keys}, accumulate_b))]
-        try:
-            batches = range(0, len(blocks), batch_size)
-            for s in tqdm(batches, desc=f"activations layers {chunk[0]}-{chunk[-1]}", disable=not progress):
-                ids = blocks[s:s + batch_size]  # (B, T)
-                for model, hooks in runs:  # lockstep: A then B on the same batch
-                    hooks.run(model, ids)
-        finally:
-            for _, hooks in runs:
-                hooks.remove()
-            held.clear()
-        if counter is not None:
-            counter["forward_passes"] += 1
-        for i in chunk:
-            ps = [p for p in projs if (p, i) in gram]
-            yield LayerGram(layer=i, gram={p: gram.pop((p, i)).double() for p in ps},
-                            sq_base={p: sq_a.pop((p, i)) for p in ps},
-                            sq_ft={p: sq_b.pop((p, i)) for p in ps}, n_tokens=int(blocks.numel()))
 
 
 def sample_positions(n_tokens: int, max_tokens: int | None, seed: int) -> torch.Tensor:
@@ -257,7 +144,7 @@ def sample_activations(model: torch.nn.Module, spec: ArchSpec, blocks: torch.Ten
     def keep(key, x):  # x: (B·T, width)
         parts[key].append(x.index_select(0, current["rows"].to(x.device)).float().cpu())
 
-    hooks = _Hooks(model, names, keep)
+    hooks = Hooks(model, names, keep)
     try:
         for s in tqdm(range(0, len(blocks), batch_size), desc="activations", disable=not progress):
             ids = blocks[s:s + batch_size]  # (B, T)
@@ -292,7 +179,7 @@ def mlp_input_covariances(model: torch.nn.Module, spec: ArchSpec, blocks: torch.
         c = (x1.T @ x1).double().cpu()  # per-batch product in float32
         cov[key[1]] = c if key[1] not in cov else cov[key[1]] + c
 
-    hooks = _Hooks(model, {("in", i): spec.layers[i].up_module for i in layers}, add, inputs=True)
+    hooks = Hooks(model, {("in", i): spec.layers[i].up_module for i in layers}, add, inputs=True)
     try:
         for s in tqdm(range(0, len(blocks), batch_size), desc="MLP inputs", disable=not progress):
             hooks.run(model, blocks[s:s + batch_size])

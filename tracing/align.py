@@ -11,6 +11,9 @@
    The up-projection (fc input) is deliberately left out: csu tests it, and a matching chosen to make
    the up rows agree would make csu call independent models related after --align. Matching on one
    weight and testing on another keeps csu --align a test (φ_CSU: gate matching vs up matching).
+Each matching is tracing.matching's (`--matching`): degenerate units (zero, constant, non-finite weights) are
+left out and placed at random, ties broken in a seeded random order; "fast" matches greedily (related
+layers: the optimal assignment, every unit's best partner is distinct), "exact" by optimal assignment.
 The result is a `Perm` in the same currency as `random_perm`: applying it to ft aligns it to base.
 Weights are read one at a time (the embeddings in chunks of rows), so memory does not grow with the model.
 """
@@ -22,14 +25,22 @@ from tqdm.auto import tqdm
 
 from tracing.arch import RESID, ArchSpec, mlp
 from tracing.errors import TracingError
-from tracing.matching import cosine_matrix, map_in_threads, match
+from tracing.matching import (
+    DEFAULT_METHOD,
+    Seed,
+    cosine_matrix,
+    map_in_threads,
+    permutation,
+    usable,
+    usable_from_range,
+)
 from tracing.perm import Perm
 from tracing.sources.base import Source, as_source
 
 
-def _match_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _match_rows(a: torch.Tensor, b: torch.Tensor, method: str, seed: Seed) -> torch.Tensor:
     """Permutation p with b[p] matched to a, rows of a (n, d) and b (n, d)."""
-    return torch.as_tensor(match(cosine_matrix(a, b)), dtype=torch.long)
+    return permutation(cosine_matrix(a, b), usable(a), usable(b), method, seed)
 
 
 def _neuron_rows(spec: ArchSpec, src: Source, key: str, name: str,
@@ -45,28 +56,37 @@ def _neuron_rows(spec: ArchSpec, src: Source, key: str, name: str,
 EMB_CHUNK = 2048  # embedding rows per step of the residual similarity (float64 copies of 2048 x hidden)
 
 
-def embedding_similarity(base: Source, ft: Source, spec: ArchSpec, vocab: int, device: torch.device) -> torch.Tensor:
+def embedding_similarity(base: Source, ft: Source, spec: ArchSpec, vocab: int,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cosine similarity (hidden, hidden) of the embedding columns (one per hidden unit) of base and ft over the
-    first `vocab` rows, float64, accumulated over chunks of rows (the float32 products of `cosine_matrix`)."""
+    first `vocab` rows, float64, accumulated over chunks of rows (the float32 products of `cosine_matrix`);
+    with the usable columns of each side (matching.usable_from_range: finite, not constant)."""
     hidden_b, hidden_f = base.shape(spec.embed)[1], ft.shape(spec.embed)[1]
     gram = torch.zeros(hidden_b, hidden_f, dtype=torch.float64, device=device)
     sq_b = torch.zeros(hidden_b, dtype=torch.float64, device=device)
     sq_f = torch.zeros(hidden_f, dtype=torch.float64, device=device)
+    lo_b, hi_b, fin_b = sq_b.new_full((hidden_b,), torch.inf), sq_b.new_full((hidden_b,), -torch.inf), True
+    lo_f, hi_f, fin_f = sq_f.new_full((hidden_f,), torch.inf), sq_f.new_full((hidden_f,), -torch.inf), True
     for s in range(0, vocab, EMB_CHUNK):
         rows = slice(s, min(s + EMB_CHUNK, vocab))
         a = base.get(spec.embed, rows).to(device, torch.float64)  # (chunk, hidden)
         b = ft.get(spec.embed, rows).to(device, torch.float64)  # (chunk, hidden)
         sq_b += a.square().sum(0)
         sq_f += b.square().sum(0)
+        lo_b, hi_b, fin_b = torch.fmin(lo_b, a.amin(0)), torch.fmax(hi_b, a.amax(0)), fin_b & a.isfinite().all(0)
+        lo_f, hi_f, fin_f = torch.fmin(lo_f, b.amin(0)), torch.fmax(hi_f, b.amax(0)), fin_f & b.isfinite().all(0)
         gram += (a.float().T @ b.float()).double()  # (hidden, hidden)
-    return gram / (sq_b.sqrt().clamp_min(1e-30)[:, None] * sq_f.sqrt().clamp_min(1e-30)[None, :])
+    sim = gram / (sq_b.sqrt().clamp_min(1e-30)[:, None] * sq_f.sqrt().clamp_min(1e-30)[None, :])
+    return sim, usable_from_range(lo_b, hi_b) & fin_b, usable_from_range(lo_f, hi_f) & fin_f
 
 
 @torch.no_grad()
 def align_weights(base: Source | torch.nn.Module, ft: Source | torch.nn.Module, spec: ArchSpec,
-                  progress: bool = True, device: torch.device | None = None) -> Perm:
+                  progress: bool = True, device: torch.device | None = None, method: str = DEFAULT_METHOD,
+                  seed: int = 0) -> Perm:
     """The permutation of ft's residual stream and MLP neurons that best matches base's weights.
-    `device`: where the cosine products run (default: where base's tensors are; weights go there one at a time)."""
+    `device`: where the cosine products run (default: where base's tensors are; weights go there one at a time);
+    `method`: --matching; `seed`: the order in which ties fall."""
     base, ft = as_source(base, spec), as_source(ft)
     hidden_b, hidden_f = base.shape(spec.embed)[1], ft.shape(spec.embed)[1]  # (vocab, hidden)
     if hidden_b != hidden_f:
@@ -80,14 +100,15 @@ def align_weights(base: Source | torch.nn.Module, ft: Source | torch.nn.Module, 
                                "use --stat match_all, which handles different depth and width")
     device = device or base.get(spec.embed, slice(0, 1)).device
     vocab = min(base.shape(spec.embed)[0], ft.shape(spec.embed)[0])  # the shared vocabulary
-    resid = torch.as_tensor(match(embedding_similarity(base, ft, spec, vocab, device)), dtype=torch.long)
+    resid = permutation(*embedding_similarity(base, ft, spec, vocab, device), method, (seed, 0, 0))  # (hidden,)
 
     def align_layer(i: int) -> torch.Tensor:  # runs in a worker thread
         rows_b = _neuron_rows(spec, base, keys[i], mlp(i), None, device)  # (n_neurons, hidden)
         rows_f = _neuron_rows(spec, ft, keys[i], mlp(i), resid, device)  # (n_neurons, hidden)
-        return _match_rows(rows_b, rows_f)  # (n_neurons,)
+        return _match_rows(rows_b, rows_f, method, (seed, 1, i))  # (n_neurons,)
 
-    mlps = map_in_threads(align_layer, range(len(keys)))
+    n = base.shape(keys[0])[spec.axis(keys[0], mlp(0))]
+    mlps = map_in_threads(align_layer, range(len(keys)), item_bytes=3 * n * n * 8)
     perm: Perm = {RESID: resid}
     for i, p in enumerate(tqdm(mlps, total=len(keys), desc="align MLP", disable=not progress)):
         perm[mlp(i)] = p

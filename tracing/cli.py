@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add(g, "emb", "mode: also interpolate embeddings", action="store_true")
     p.add(g, "layers", "restrict per-layer statistics, e.g. 0,2,5-7", type=_type(parse_layers))
     p.add(g, "max_tokens", "activation statistics: token sample size", type=int)
+    p.add(g, "matching", "neuron matching: fast (greedy, exact assignment where it finds p < 0.01) or exact "
+          "(the paper's assignment everywhere)")
+    p.add(g, "memory_budget", "activation accumulators' memory, e.g. 8GiB (default: half the free GPU memory / "
+          "RAM)")
 
     g = p.add_argument_group("data")
     p.add(g, "dataset", "wikitext | random | generated | a local .txt/.jsonl/.parquet file")

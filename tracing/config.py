@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracing import naming
+from tracing import matching, naming
 from tracing.errors import TracingError
 from tracing.naming import GENERATED_DIR, RESULTS_DIR
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
 def parse_alphas(text: str) -> tuple[float, ...]:
@@ -51,6 +54,15 @@ def parse_layers(text: str) -> tuple[int, ...]:
     if not out:
         raise TracingError(f"--layers '{text}' names no layer: give indices like '0,2,5-7' (or leave it out)")
     return tuple(out)
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8GiB' -> 8589934592, '500MB' -> 500000000, '2e9' -> 2000000000 (bytes; units B, kB/MB/GB/TB,
+    KiB/MiB/GiB/TiB, case-insensitive)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m[2] not in _UNITS or float(m[1]) * _UNITS[m[2]] < 1:
+        raise TracingError(f"--memory_budget takes a positive size like 8GiB, 500MB or 2e9 (bytes), got '{text}'")
+    return int(float(m[1]) * _UNITS[m[2]])
 
 
 def parse_keys(text: str) -> tuple[str, ...]:
@@ -86,6 +98,8 @@ class RunConfig:
     emb: bool = False  # mode: also interpolate embeddings
     layers: tuple[int, ...] | None = None  # restrict per-layer statistics
     max_tokens: int | None = None  # activation statistics: token sample per layer
+    matching: str = matching.DEFAULT_METHOD  # neuron matching: fast | exact (tracing/matching.py)
+    memory_budget: int | None = None  # bytes for activation accumulators; None: from free device memory / RAM
     # data
     dataset: str = "wikitext"
     block_size: int = 512
@@ -121,6 +135,7 @@ class RunConfig:
             raise TracingError(f"--num_perm must be >= 0, got {self.num_perm}")
         if self.block_size < 1 or self.batch_size < 1:
             raise TracingError("--block_size and --batch_size must be positive")
+        matching.check_method(self.matching)
         if self.threads is not None and self.threads < 1:
             raise TracingError(f"--threads must be >= 1, got {self.threads}")
         if self.compare and "=" not in self.compare:
@@ -169,11 +184,11 @@ class RunConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
 # Fields that never change a result's numbers (runs differing only in them share one record file): where it
-# is written, progress bars, CPU threads, permission to run shipped code, GPU sharding.
-NOT_IN_KEY = ("save", "no_progress", "threads", "trust_remote_code", "device_map")
+# is written, progress bars, CPU threads, permission to run shipped code, GPU sharding, accumulator memory.
+NOT_IN_KEY = ("save", "no_progress", "threads", "trust_remote_code", "device_map", "memory_budget")
 _KIND = {name: f.type.split(" |")[0] for name, f in FIELDS.items()}  # "bool", "int", "float", "str", "tuple[..]"
 PER_PAIR = ("base_model_id", "ft_model_id", "save")  # set by launch.py for each pair, never in a YAML main:
-_PARSERS = {"alphas": parse_alphas, "layers": parse_layers, "allow_keys": parse_keys}
+_PARSERS = {"alphas": parse_alphas, "layers": parse_layers, "allow_keys": parse_keys, "memory_budget": parse_bytes}
 
 
 def coerce(name: str, value: Any) -> Any:

@@ -133,7 +133,8 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
     _fill(record, "", res)  # also when it is no number: a failed record shows what was computed
     res.require_number(info.name)
     if cfg.align:
-        perm = align_weights(src_base, src_ft, src_base.spec, progress=ctx.progress, device=compute_device)
+        perm = align_weights(src_base, src_ft, src_base.spec, progress=ctx.progress, device=compute_device,
+                             method=cfg.matching, seed=cfg.seed)
         if streamed:
             ctx.source_ft = permuted(src_ft, perm)
         else:

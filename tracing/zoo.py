@@ -137,3 +137,39 @@ def prune(model: transformers.PreTrainedModel, keep_layers: list[int],
             new_sd[f"model.layers.{new}.{k}"] = v
     out.load_state_dict(new_sd)
     return out
+
+
+DAMAGE = ("pruned", "sparse", "int8", "int4", "dead")
+
+
+@torch.no_grad()
+def damage(model: transformers.PreTrainedModel, kind: str, frac: float = 0.5) -> transformers.PreTrainedModel:
+    """Damage a Llama-family model in place, the ways released derivatives are damaged (for null tests):
+
+    pruned  structured pruning: the `frac` MLP neurons with the smallest |gate|·|up|·|down| norms are zeroed
+            (their gate and up rows and their down column)
+    dead    the `frac` neurons with the smallest norms lose their inputs (gate and up rows zero, down kept)
+    sparse  unstructured pruning: the `frac` smallest |w| of every 2-D weight are zeroed
+    int8, int4  every 2-D weight rounded to 8 / 4 bits and back (symmetric, one scale per row)
+    """
+    if kind not in DAMAGE:
+        raise ValueError(f"unknown damage '{kind}'; choose from {', '.join(DAMAGE)}")
+    if kind in ("pruned", "dead"):
+        for layer in model.model.layers:
+            m = layer.mlp
+            score = m.gate_proj.weight.norm(dim=1) * m.up_proj.weight.norm(dim=1) * m.down_proj.weight.norm(dim=0)
+            idx = score.argsort()[:int(frac * len(score))]  # (k,) the weakest neurons
+            m.gate_proj.weight[idx] = 0.0
+            m.up_proj.weight[idx] = 0.0
+            if kind == "pruned":
+                m.down_proj.weight[:, idx] = 0.0
+        return model
+    for w in (p for p in model.parameters() if p.dim() == 2):
+        if kind == "sparse":
+            cut = w.abs().flatten().kthvalue(max(1, int(frac * w.numel()))).values
+            w[w.abs() <= cut] = 0.0
+        else:
+            levels = 2 ** (int(kind[3:]) - 1) - 1  # 127 or 7
+            scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / levels  # (rows, 1)
+            w.copy_((w / scale).round().clamp(-levels, levels) * scale)
+    return model

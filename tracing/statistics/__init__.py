@@ -21,6 +21,7 @@ import torch
 from tracing.arch import ArchSpec
 from tracing.config import FIELDS, RunConfig
 from tracing.errors import TracingError
+from tracing.matching import DEFAULT_METHOD
 from tracing.sources.base import ModuleSource, Source
 
 
@@ -75,6 +76,8 @@ class StatContext:
     emb: bool = False  # mode: also interpolate embeddings
     layers: Sequence[int] | None = None  # restrict per-layer statistics to these layers
     max_tokens: int | None = None  # activation statistics: token budget
+    matching: str = DEFAULT_METHOD  # neuron matching method (tracing.matching.METHODS)
+    memory_budget: int | None = None  # bytes for activation accumulators (None: from free memory)
     seed: int = 0
     tokenizer_base: Any = None
     tokenizer_ft: Any = None

@@ -4,7 +4,8 @@
     layers = selected_layers(ctx)                        # --layers, validated against the base model
     for key, pieces in paired_weights(ctx):              # every corresponding weight once, read from the sources
         for w_base, w_ft in pieces: ...                  # in pieces of rows (big embeddings), on ctx.compute_device
-    rho, log10p, seconds = two_matchings_agree(sim_gate, sim_up)   # the core of match / match_all
+    layer = identity_test(sim, ok_a, ok_b, ctx.matching, seed=(ctx.seed, i))   # the core of csu / csh / csu_all
+    layer = agreement_test(similarities, ok_a, ok_b, ctx.matching, seed)         # the core of match / match_all
     per_layer, mapping = layer_map(logp, holm_log10(logp), layers_a, layers_b, "match_all")  # localized testing
 
 Derived models often add tokens to the vocabulary, so by default the vocabulary axis of the embedding and
@@ -18,7 +19,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -194,14 +195,68 @@ def layer_heatmap(ctx: StatContext, stat: str, logp: np.ndarray, layers_base: li
                                    layers_ft=layers_ft, mapping=mapping, stat=stat)
 
 
-def two_matchings_agree(sim_gate: torch.Tensor, sim_up: torch.Tensor) -> tuple[float, float, float]:
-    """φ_MATCH for one layer pair: (rho, log10 p, seconds in assignment) from the gate and up similarity
-    matrices, each (width_A, width_B); the narrower model's units are matched into the wider's once per
-    projection; Spearman between the two index vectors (as ranks) tests that the matchings agree."""
-    if sim_gate.shape[1] > sim_gate.shape[0]:  # always match the narrower side into the wider one
-        sim_gate, sim_up = sim_gate.T, sim_up.T
+def _layer_record(rho: float, log10p: float, n: int, pairs: matching.Pairs, solver: str, seconds: float) -> dict:
+    return {"rho": float(rho), "log10_pvalue": float(log10p), "n_units": int(n),
+            "excluded_base": int(pairs.excluded_a), "excluded_ft": int(pairs.excluded_b), "solver": solver,
+            "lap_seconds": seconds}
+
+
+def identity_test(sim: torch.Tensor, ok_a: torch.Tensor | None, ok_b: torch.Tensor | None, method: str,
+                  seed: matching.Seed) -> dict:
+    """φ_CSU / φ_CSH for one layer: match A's units (rows of sim (n, m)) and B's (columns), test the matched
+    pairs against the identity with a one-sided Spearman correlation (`--matching` method; degenerate units
+    left out). Returns the layer's record: rho, log10_pvalue (NaN when skipped), n_units, excluded_base,
+    excluded_ft, solver, lap_seconds (time in matching)."""
     t0 = time.perf_counter()
-    g, u = matching.assign(sim_gate), matching.assign(sim_up)
-    dt = time.perf_counter() - t0
-    rho, log10p = perm_pair_spearman(torch.as_tensor(matching.rank(g)), torch.as_tensor(matching.rank(u)))
-    return float(rho), float(log10p), dt
+    first: list = []  # the greedy result: when immediate, the exact matching of the same matrix is the same
+
+    def test(solver: str) -> tuple:
+        if first and first[0][-1].immediate:
+            return first[0]
+        pairs = matching.pair_units(sim, ok_a, ok_b, solver, seed)
+        first.append(_identity(pairs))
+        return first[-1]
+
+    (rho, log10p, n, pairs), solver = matching.screened(method, test)
+    return _layer_record(rho, log10p, n, pairs, solver, time.perf_counter() - t0)
+
+
+def _identity(pairs: matching.Pairs) -> tuple:
+    """(rho, log10 p, n, pairs) of the matched pairs against the identity."""
+    if pairs.skipped:
+        return math.nan, math.nan, 0, pairs
+    return (*perm_pair_spearman(pairs.a, pairs.b), len(pairs.a), pairs)
+
+
+def agreement_test(similarities: Callable[[str], tuple[torch.Tensor, torch.Tensor]], ok_a: torch.Tensor | None,
+                   ok_b: torch.Tensor | None, method: str, seed: matching.Seed) -> dict:
+    """φ_MATCH for one layer pair: do the matchings from gate and from up activations agree?
+
+    `similarities(solver)` gives the (width_A, width_B) gate and up similarity matrices that solver works on
+    (match: cosines for the greedy screen, -squared distances, the original's cost, for the exact one);
+    ok_a, ok_b: usable units (in both projections). The narrower side's units are matched into the wider's
+    once per projection (ties broken in independent random orders) and Spearman between the two partner
+    vectors tests their agreement. Returns the layer's record like identity_test."""
+    seeds = (*np.atleast_1d(seed).tolist(), 0), (*np.atleast_1d(seed).tolist(), 1)
+    t0 = time.perf_counter()
+
+    def test(solver: str) -> tuple:
+        gate, up = (matching.pair_units(s, ok_a, ok_b, solver, sd) for s, sd in zip(similarities(solver), seeds))
+        pg, pu = gate.partner(), up.partner()
+        common = sorted(set(pg) & set(pu)) if gate.b_complete == up.b_complete else []
+        if len(common) < matching.MIN_UNITS:
+            return math.nan, math.nan, 0, gate
+        x, y = np.array([pg[k] for k in common]), np.array([pu[k] for k in common])  # (n,) partners
+        return (*perm_pair_spearman(x, y), len(common), gate)
+
+    (rho, log10p, n, pairs), solver = matching.screened(method, test)
+    return _layer_record(rho, log10p, n, pairs, solver, time.perf_counter() - t0)
+
+
+def matching_extras(method: str, per_layer: list[dict]) -> dict:
+    """What every matching statistic records about its matching: the method, units left out, layers skipped."""
+    return {"matching": method,
+            "units_excluded": {"base": sum(r.get("excluded_base", 0) for r in per_layer),
+                               "ft": sum(r.get("excluded_ft", 0) for r in per_layer)},
+            "layers_skipped_degenerate": sum(1 for r in per_layer if r.get("n_units", 1) == 0),
+            "lap_seconds": sum(r.get("lap_seconds", 0.0) for r in per_layer)}

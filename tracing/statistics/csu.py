@@ -2,9 +2,9 @@
 
 Per layer i: the rows of the up-projection (one row per MLP neuron, `spec.neuron_rows`, so GPT-2's Conv1D
 layout works; gated MLPs use up_proj as in the original code) of both models are compared by cosine
-similarity (float64), matched by maximum-similarity linear assignment, and the matching is tested against
-the identity with a one-sided Spearman correlation. The per-layer log10 p-values are combined with Fisher's
-method. value = log10_pvalue = the combined log10 p (lower = more related).
+similarity, matched (`--matching`, tracing/matching.py: degenerate rows left out, ties in random order), and
+the matching is tested against the identity with a one-sided Spearman correlation. The per-layer log10
+p-values are combined with Fisher's method. value = log10_pvalue = the combined log10 p (lower = more related).
 
 csu_all: the same test for every pair of 2-D weights of the same role (e.g. "mlp.up_proj.weight") in any layer
 of the base and any layer of the fine-tuned model whose residual axis agrees: depth may differ, and so may
@@ -27,25 +27,28 @@ from tracing import matching
 from tracing.arch import RESID, ArchSpec, mlp
 from tracing.errors import TracingError
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import MAPPING_ALPHA, check_same_shapes, layer_heatmap, layer_map, selected_layers
-from tracing.statistics.pvalues import fisher_log10p, holm_log10, identity_spearman
+from tracing.statistics.common import (
+    MAPPING_ALPHA,
+    check_same_shapes,
+    identity_test,
+    layer_heatmap,
+    layer_map,
+    matching_extras,
+    selected_layers,
+)
+from tracing.statistics.pvalues import fisher_log10p, holm_log10
 
 
 @torch.no_grad()
-def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor,
-               device: torch.device | None = None) -> tuple[float, float]:
-    """Match rows of (n, d) and (m, d) by cosine similarity; Spearman of the matching vs identity: (rho, log10 p).
-
-    n == m: the assignment itself. n != m: the narrower matrix's rows are matched into the wider's and the
-    ranks of the matched indices are compared with the identity (rows kept in order score rho = 1).
+def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device | None = None,
+               method: str = matching.DEFAULT_METHOD, seed: matching.Seed = 0) -> dict:
+    """Match rows of (n, d) and (m, d) by cosine similarity and test the matching against the identity:
+    the layer's record (rho, log10_pvalue, n_units, excluded_base, excluded_ft, ...; identity_test).
     The cosine product runs on `device` (default: rows_a's)."""
     device = device or rows_a.device
-    sim = matching.cosine_matrix(rows_a.to(device), rows_b.to(device))  # (n, m)
-    if sim.shape[0] == sim.shape[1]:
-        cols = matching.match(sim)  # (n,): row i of A <-> row cols[i] of B
-        return identity_spearman(cols)
-    idx = matching.assign(sim if sim.shape[0] > sim.shape[1] else sim.T)  # (min(n, m),) into the wider side
-    return identity_spearman(matching.rank(idx))
+    rows_a, rows_b = rows_a.to(device), rows_b.to(device)
+    sim = matching.cosine_matrix(rows_a, rows_b)  # (n, m)
+    return identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
 
 
 def _rows(spec: ArchSpec, key: str, w: torch.Tensor, perm: str | None = None) -> torch.Tensor:
@@ -70,14 +73,16 @@ def csu(ctx: StatContext) -> StatResult:
         key_a, key_b = ctx.spec_base.layers[i].up, ctx.spec_ft.layers[i].up
         rows_a = ctx.spec_base.neuron_rows(src_a.get(key_a), key_a, mlp(i))  # (n_neurons, hidden), read now
         rows_b = ctx.spec_ft.neuron_rows(src_b.get(key_b), key_b, mlp(i))  # (n_neurons, hidden)
-        rho, lp = match_rows(rows_a, rows_b, ctx.compute_device)
-        return {"layer": i, "rho": float(rho), "log10_pvalue": float(lp)}
+        return {"layer": i, **match_rows(rows_a, rows_b, ctx.compute_device, ctx.matching, (ctx.seed, i))}
 
-    per_layer = list(tqdm(matching.map_in_threads(test_layer, layers), total=len(layers), desc="csu layers",
-                          disable=not ctx.progress))
+    key0 = ctx.spec_base.layers[0].up
+    n = src_a.shape(key0)[ctx.spec_base.axis(key0, mlp(0))]  # MLP width
+    results = matching.map_in_threads(test_layer, layers, item_bytes=3 * n * n * 8,
+                                      device=ctx.compute_device or src_a.get(key0, slice(0, 1)).device)
+    per_layer = list(tqdm(results, total=len(layers), desc="csu layers", disable=not ctx.progress))
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
-                      extras={"layers_skipped_nan": n_nan})
+                      extras={"layers_skipped_nan": n_nan, **matching_extras(ctx.matching, per_layer)})
 
 
 def _keys_by_role(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[int, str]]:
@@ -123,19 +128,21 @@ def csu_all(ctx: StatContext) -> StatResult:
     # jobs run base matrix by base matrix: keep the last few base matrices read (each is compared n_b times)
     read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(ctx.source_base.get)
 
-    def test_pair(job: tuple[str, int, int]) -> float:  # runs in a worker thread
+    def test_pair(job: tuple[str, int, int]) -> dict:  # runs in a worker thread
         r, i, j = job
         ka, kb = roles_a[r][i], roles_b[r][j]
         return match_rows(_rows(ctx.spec_base, ka, read_a(ka)), _rows(ctx.spec_ft, kb, ctx.source_ft.get(kb)),
-                          ctx.compute_device)[1]
+                          ctx.compute_device, ctx.matching, (ctx.seed, i, j, at[r]))
 
     per_role = np.full((len(roles), len(layers_a), len(layers_b)), np.nan)  # raw log10 p; NaN: not tested
     at = {r: k for k, r in enumerate(roles)}
     row_of = {i: a for a, i in enumerate(layers_a)}
     results = matching.map_in_threads(test_pair, jobs)
     bar = tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)
-    for lp, (r, i, j) in zip(bar, jobs):  # the bar first: zip's last pull lets it reach 100% and close
-        per_role[at[r], row_of[i], j] = lp
+    records = []
+    for rec, (r, i, j) in zip(bar, jobs):  # the bar first: zip's last pull lets it reach 100% and close
+        per_role[at[r], row_of[i], j] = rec["log10_pvalue"]
+        records.append(rec)
     tested = ~np.isnan(per_role)
     holm = np.full_like(per_role, np.nan)
     holm[tested] = holm_log10(per_role[tested])  # one family: every (role, layer, layer) test that gave a p

@@ -2,9 +2,10 @@
 
 match_all: one forward pass per model keeps a bounded, seeded, uniform sample of token positions
 (`--max_tokens`, default 2048) of the gate_proj and up_proj outputs of every layer; every layer pair (i, j)
-is then tested from that sample: the narrower layer's neurons are matched into the wider's (rectangular
-linear assignment on squared Euclidean distance, float64) once from gate and once from up activations, and
-the Spearman correlation between the two index vectors gives log10 p[i, j].
+is then tested from that sample: the narrower layer's neurons are matched into the wider's once from gate
+and once from up activations (as in match: `--matching`, exact = rectangular assignment on squared
+Euclidean distance, float64; units constant or non-finite over the sample left out), and the Spearman
+correlation between the two index vectors gives log10 p[i, j].
 
 match_all_drift_free (alias match_all_df): the same test with B's activations computed from A's inputs:
 layer j of B reads the MLP input of layer i of A, so no forward pass of B is needed and nothing drifts
@@ -29,36 +30,68 @@ from tqdm.auto import tqdm
 from tracing.activations import check_blocks, check_layers, mlp_input_covariances, sample_activations, sample_positions
 from tracing.arch import ArchSpec, mlp
 from tracing.errors import TracingError
-from tracing.matching import euclid_similarity, map_in_threads
+from tracing.matching import euclid_similarity, map_in_threads, usable
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import MAPPING_ALPHA, check_gated, layer_heatmap, layer_map, two_matchings_agree
+from tracing.statistics.common import (
+    MAPPING_ALPHA,
+    agreement_test,
+    check_gated,
+    layer_heatmap,
+    layer_map,
+    matching_extras,
+)
 from tracing.statistics.pvalues import holm_log10
 
 DEFAULT_MAX_TOKENS = 2048
 
 
-def _pair(xa: dict, xb: dict, i: int, j: int) -> tuple[float, float, float]:
-    """match between layer i of A and layer j of B from sampled activations (S, width), float64."""
-    a_g, a_u, b_g, b_u = xa["gate", i], xa["up", i], xb["gate", j], xb["up", j]
-    return two_matchings_agree(euclid_similarity(a_g.T @ b_g, a_g.square().sum(0), b_g.square().sum(0)),
-                               euclid_similarity(a_u.T @ b_u, a_u.square().sum(0), b_u.square().sum(0)))
+class _Layer:
+    """Sampled activations of one layer (S, width) float32, their squared norms (float64) and usable units."""
+
+    def __init__(self, acts: dict, layer: int, device: torch.device):
+        self.x = {p: acts[p, layer].to(device) for p in ("gate", "up")}  # products and screen run there
+        self.sq = {p: x.double().square().sum(0) for p, x in self.x.items()}  # (width,)
+        self.ok = usable(self.x["gate"].T) & usable(self.x["up"].T)  # (width,)
 
 
-def _all_pairs(ctx: StatContext, stat: str, row_test, layers_a: list[int], layers_b: list[int]) -> dict:
-    """row_test(i) -> test(j) -> (rho, log10 p, seconds in assignment): one base layer i at a time (what it
-    prepares is held for one row only), its pairs with every ft layer in worker threads; then the Holm map."""
+def _agreement(gram: dict, sq_a: dict, sq_b: dict, ok_a, ok_b, method: str, seed: tuple) -> dict:
+    """agreement_test on a layer pair from its Gram matrices (width_a, width_b) and squared activation norms
+    per projection: cosines for the greedy screen, -squared distances for the exact matching."""
+    def similarities(solver: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if solver == "greedy":
+            return tuple(gram[p] / sq_a[p].sqrt().clamp_min(1e-30).to(gram[p].dtype)[:, None]
+                         / sq_b[p].sqrt().clamp_min(1e-30).to(gram[p].dtype)[None, :] for p in ("gate", "up"))
+        return tuple(euclid_similarity(gram[p], sq_a[p], sq_b[p]) for p in ("gate", "up"))
+
+    return agreement_test(similarities, ok_a, ok_b, method, seed)
+
+
+def _pair(a: _Layer, b: _Layer, method: str, seed: tuple) -> dict:
+    """match between a layer of A and a layer of B from their sampled activations: agreement_test's record."""
+    if b.ok.numel() < a.ok.numel():  # the narrower layer's units as rows: the faster orientation to match
+        a, b = b, a
+    dtype = torch.float64 if method == "exact" else torch.float32  # exact: the original's float64 products
+    gram = {p: a.x[p].T.to(dtype) @ b.x[p].to(dtype) for p in ("gate", "up")}  # (width_a, width_b)
+    return _agreement(gram, a.sq, b.sq, a.ok, b.ok, method, seed)
+
+
+def _all_pairs(ctx: StatContext, stat: str, row_test, layers_a: list[int], layers_b: list[int],
+               item_bytes: int, device: torch.device) -> dict:
+    """row_test(i) -> test(j) -> agreement_test's record: one base layer i at a time (what it prepares is
+    held for one row only), its pairs with every ft layer in worker threads; then the Holm map."""
     logp = np.zeros((len(layers_a), len(layers_b)))
     rho = np.zeros_like(logp)
-    lap_s = 0.0
+    records = []
     for a, i in enumerate(tqdm(layers_a, desc=f"{stat} base layers", disable=not ctx.progress)):
-        for b, (r, lp, dt) in enumerate(map_in_threads(row_test(i), layers_b)):
-            rho[a, b], logp[a, b] = r, lp
-            lap_s += dt
+        for b, rec in enumerate(map_in_threads(row_test(i), layers_b, item_bytes=item_bytes, device=device)):
+            rho[a, b], logp[a, b] = rec["rho"], rec["log10_pvalue"]
+            records.append(rec)
     holm = holm_log10(logp)
     per_layer, mapping = layer_map(logp, holm, layers_a, layers_b, stat)
     extras = {"log10_pvalue_matrix": logp.tolist(), "rho_matrix": rho.tolist(),
               "log10_pvalue_holm_matrix": holm.tolist(), "layers_base": layers_a, "layers_ft": layers_b,
-              "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA, "lap_seconds": lap_s}
+              "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA,
+              **matching_extras(ctx.matching, records)}
     if (path := layer_heatmap(ctx, stat, logp, layers_a, layers_b, mapping)) is not None:
         extras["heatmap"] = path
     return {"per_layer": per_layer, "extras": extras, "best": float(holm.min())}
@@ -79,9 +112,11 @@ def match_all(ctx: StatContext) -> StatResult:
                                 batch_size=ctx.batch_size, counter=passes_a, progress=ctx.progress)
     acts_b = sample_activations(ctx.ft, ctx.spec_ft, blocks, layers=layers_b, positions=positions,
                                 batch_size=ctx.batch_size, counter=passes_b, progress=ctx.progress)
-    acts_a = {k: v.double() for k, v in acts_a.items()}  # (S, width) float64
-    acts_b = {k: v.double() for k, v in acts_b.items()}
-    out = _all_pairs(ctx, "match_all", lambda i: lambda j: _pair(acts_a, acts_b, i, j), layers_a, layers_b)
+    dev = ctx.compute_device or next(ctx.base.parameters()).device
+    la, lb = {i: _Layer(acts_a, i, dev) for i in layers_a}, {j: _Layer(acts_b, j, dev) for j in layers_b}
+    wa, wb = la[layers_a[0]].ok.numel(), lb[0].ok.numel()
+    out = _all_pairs(ctx, "match_all", lambda i: lambda j: _pair(la[i], lb[j], ctx.matching, (ctx.seed, i, j)),
+                     layers_a, layers_b, item_bytes=6 * wa * wb * 8, device=dev)
     out["extras"].update(forward_passes={"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
                          n_tokens_sampled=int(len(positions)))
     return StatResult(value=out["best"], log10_pvalue=out["best"], per_layer=out["per_layer"], extras=out["extras"])
@@ -121,21 +156,25 @@ def match_all_drift_free(ctx: StatContext) -> StatResult:
     def row(i: int):
         cov_i = cov[i].to(dev, torch.float32)  # Σ_i (hidden + 1, hidden + 1)
         a_side = {}  # proj -> (W'_A Σ_i (width_A, hidden + 1), squared activation norms (width_A,))
+        ok_a = torch.ones(1, dtype=torch.bool, device=dev)
         for p in ("gate", "up"):
             w = _rows_with_bias(ctx.base, ctx.spec_base, i, p, dev)
             m = w @ cov_i
             a_side[p] = (m, (m * w).sum(1))
+            ok_a = ok_a & usable(w[:, :-1])  # a unit without input weights is constant over the tokens
 
-        def test(j: int) -> tuple[float, float, float]:
-            sims = []
+        def test(j: int) -> dict:
+            gram, sq_b, ok_b = {}, {}, torch.ones(1, dtype=torch.bool, device=dev)
             for p in ("gate", "up"):
                 w = _rows_with_bias(ctx.ft, ctx.spec_ft, j, p, dev)  # (width_B, hidden + 1)
-                m_a, sq_a = a_side[p]
-                sims.append(euclid_similarity(m_a @ w.T, sq_a, ((w @ cov_i) * w).sum(1)))  # (width_A, width_B)
-            return two_matchings_agree(*sims)
+                gram[p], sq_b[p] = a_side[p][0] @ w.T, ((w @ cov_i) * w).sum(1)  # (width_A, width_B), (width_B,)
+                ok_b = ok_b & usable(w[:, :-1])
+            return _agreement(gram, {p: a_side[p][1] for p in a_side}, sq_b, ok_a, ok_b, ctx.matching, (ctx.seed, i, j))
         return test
 
-    out = _all_pairs(ctx, stat, row, layers_a, layers_b)
+    widths = [m.get_parameter(s.layers[0].up).shape[s.axis(s.layers[0].up, mlp(0))]
+              for m, s in ((ctx.base, ctx.spec_base), (ctx.ft, ctx.spec_ft))]
+    out = _all_pairs(ctx, stat, row, layers_a, layers_b, item_bytes=6 * widths[0] * widths[1] * 8, device=dev)
     out["extras"].update(forward_passes={"base": counter["forward_passes"], "ft": 0},
                          n_tokens=counter["n_tokens"])
     return StatResult(value=out["best"], log10_pvalue=out["best"], per_layer=out["per_layer"], extras=out["extras"])

@@ -1,0 +1,171 @@
+"""Streaming sufficient statistics of two models' MLP activations, for neuron matching in one pass per model.
+
+    for lg in layer_grams(base, ft, spec_a, spec_b, blocks, projs=("gate", "up"), counter=c):
+        cost = lg.sq_dist("gate")   # (width_A, width_B) float64, on the CPU
+        ok_a, ok_b = lg.usable("gate", "up")   # (width_A,), (width_B,) units usable in both projections
+    c["forward_passes"]             # passes per model (1 unless chunked)
+
+Both models run batch by batch in lockstep over the same token blocks; hooks on the MLP input projections
+(gate_proj / up_proj outputs, pre-activation; c_fc / dense_h_to_4h for GPT-2/NeoX) accumulate per layer the
+Gram matrix G = X_Aᵀ X_B (width_A, width_B), the squared column norms of X_A and X_B, and each unit's smallest
+and largest value (degenerate units: tracing.matching.usable_from_range). Memory is O(layers · width²),
+independent of the number of tokens; when the accumulators would exceed the budget (`--memory_budget`;
+default: half the free memory of the models' device, RAM on a CPU) the layers are processed in chunks, one
+more pass per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from tracing.activations import Hooks, check_blocks, check_layers, module_width, projection_modules
+from tracing.arch import ArchSpec
+from tracing.devices import model_device
+from tracing.errors import TracingError
+from tracing.matching import free_memory, usable_from_range
+
+BUDGET_FRACTION = 0.5  # of the free device memory (RAM on a CPU) that accumulators may take by default
+
+
+def accumulator_budget(device: torch.device, override: int | None = None) -> int:
+    """Bytes the Gram accumulators of one pass may take: `override` (--memory_budget), else BUDGET_FRACTION of
+    the free memory of `device` (RAM for a CPU), which leaves the rest to the matchings that follow."""
+    return int(override) if override is not None else int(BUDGET_FRACTION * free_memory(device))
+
+
+@dataclass
+class LayerGram:
+    """Streaming sufficient statistics of one layer for cosine / Euclidean neuron matching (CPU tensors)."""
+
+    layer: int
+    gram: dict[str, torch.Tensor]  # proj -> (width_A, width_B) float64, sum over tokens of a_i b_j
+    sq_base: dict[str, torch.Tensor]  # proj -> (width_A,) float64, sum over tokens of a_i²
+    sq_ft: dict[str, torch.Tensor]  # proj -> (width_B,) float64
+    n_tokens: int
+    range_base: dict[str, tuple[torch.Tensor, torch.Tensor]]  # proj -> smallest, largest value of each unit
+    range_ft: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def usable(self, *projs: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Units of A (width_A,) and B (width_B,) that are finite and not constant in every one of `projs`."""
+        ok_a = torch.stack([usable_from_range(*self.range_base[p]) for p in projs]).all(dim=0)
+        ok_b = torch.stack([usable_from_range(*self.range_ft[p]) for p in projs]).all(dim=0)
+        return ok_a, ok_b
+
+    def cosine(self, proj: str) -> torch.Tensor:
+        """Cosine similarity of every neuron of A with every neuron of B over the tokens: (width_A, width_B)."""
+        na = self.sq_base[proj].sqrt().clamp_min(1e-30)
+        nb = self.sq_ft[proj].sqrt().clamp_min(1e-30)
+        return (self.gram[proj] / na[:, None]).div_(nb[None, :])
+
+    def sq_dist(self, proj: str) -> torch.Tensor:
+        """Squared Euclidean distance between activation vectors: (width_A, width_B)."""
+        d = self.sq_base[proj][:, None] + self.sq_ft[proj][None, :] - 2 * self.gram[proj]
+        return d.clamp_min(0)
+
+
+def _extend_range(ranges: dict, key, x: torch.Tensor) -> None:
+    """ranges[key] = (smallest, largest) value of each column of x (tokens, width) so far."""
+    lo, hi = x.amin(dim=0), x.amax(dim=0)
+    if key in ranges:
+        lo, hi = torch.minimum(ranges[key][0], lo), torch.maximum(ranges[key][1], hi)
+    ranges[key] = (lo, hi)
+
+
+def _cpu64(t: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU copy (a yielded layer frees its device memory)."""
+    return t.cpu().double()
+
+
+def _chunks(layers: list[int], per_layer_bytes: int, budget_bytes: int) -> list[list[int]]:
+    per_chunk = max(1, budget_bytes // max(per_layer_bytes, 1))
+    return [layers[k:k + per_chunk] for k in range(0, len(layers), per_chunk)]
+
+
+@torch.no_grad()
+def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec, spec_ft: ArchSpec,
+                blocks: torch.Tensor, *, projs: Sequence[str] = ("gate", "up"),
+                layers: Sequence[int] | None = None, batch_size: int = 1,
+                budget_bytes: int | None = None, acc_dtype: torch.dtype = torch.float32,
+                counter: dict | None = None, progress: bool = True) -> Iterator[LayerGram]:
+    """Yield one `LayerGram` per layer (same layer index in both models), running the models in lockstep.
+
+    Each chunk of layers costs one forward pass per model over `blocks` (chunks: accumulator_budget);
+    `counter["forward_passes"]` (passes per model), `counter["chunks"]` and `counter["budget_bytes"]` are
+    updated when given. The accumulators live on the models' device; each layer moves to the CPU when yielded.
+    """
+    blocks = check_blocks(blocks)
+    if spec_base.n_layers != spec_ft.n_layers:
+        raise TracingError(f"the models have different depths ({spec_base.n_layers} vs {spec_ft.n_layers} "
+                           "layers); use match_all, which compares every layer pair")
+    layers = check_layers(layers, spec_base.n_layers)
+    dev = model_device(base)
+    names_a = {(p, i): n for i in layers for p, n in projection_modules(spec_base, i, projs).items()}
+    names_b = {(p, i): n for i in layers for p, n in projection_modules(spec_ft, i, projs).items()}
+    widths = {k: (module_width(base, names_a[k]), module_width(ft, names_b[k])) for k in names_a}
+    itemsize = torch.empty((), dtype=acc_dtype).element_size()
+    per_layer = max(sum(wa * wb + wa + wb for (p, i), (wa, wb) in widths.items() if i == layer) for layer in layers)
+    budget = accumulator_budget(dev, budget_bytes)
+    chunks = _chunks(layers, per_layer * itemsize, budget)
+    if counter is not None:
+        counter.update(forward_passes=0, chunks=len(chunks), n_tokens=int(blocks.numel()), budget_bytes=budget)
+
+    for chunk in chunks:
+        keys = [k for k in names_a if k[1] in chunk]
+        # (proj, layer) -> (width_A, width_B); allocated up front (steady memory), written by the first batch
+        gram = {k: torch.empty(widths[k], dtype=acc_dtype, device=dev) for k in keys}
+        started: set = set()
+        sq_a = {k: torch.zeros(widths[k][0], dtype=torch.float64, device=dev) for k in keys}
+        sq_b = {k: torch.zeros(widths[k][1], dtype=torch.float64, device=dev) for k in keys}
+        range_a: dict = {}  # key -> (smallest, largest) value of each unit
+        range_b: dict = {}
+        held: dict = {}  # activations of model A for the current batch only
+
+        def keep_a(key, x):  # x: (tokens, width_A)
+            held[key] = x
+            sq_a[key] += x.float().square().sum(0).double()  # per-batch sum in float32
+            _extend_range(range_a, key, x)
+
+        def accumulate_b(key, y):  # y: (tokens, width_B)
+            x = held.pop(key)
+            y = y.to(x.device)
+            xt, y = x.T.to(acc_dtype), y.to(acc_dtype)  # (width_A, tokens), (tokens, width_B)
+            if key in started:
+                gram[key].addmm_(xt, y)
+            else:
+                torch.mm(xt, y, out=gram[key])
+                started.add(key)
+            sq_b[key] += y.float().square().sum(0).double()
+            _extend_range(range_b, key, y)
+
+        def both(key, x):  # base and ft are the same module: one pass serves both sides
+            keep_a(key, x)
+            accumulate_b(key, x)
+
+        if ft is base:
+            runs = [(base, Hooks(base, {k: names_a[k] for k in keys}, both))]
+        else:
+            runs = [(base, Hooks(base, {k: names_a[k] for k in keys}, keep_a)),
+                    (ft, Hooks(ft, {k: names_b[k] for k in keys}, accumulate_b))]
+        try:
+            batches = range(0, len(blocks), batch_size)
+            for s in tqdm(batches, desc=f"activations layers {chunk[0]}-{chunk[-1]}", disable=not progress):
+                ids = blocks[s:s + batch_size]  # (B, T)
+                for model, hooks in runs:  # lockstep: A then B on the same batch
+                    hooks.run(model, ids)
+        finally:
+            for _, hooks in runs:
+                hooks.remove()
+            held.clear()
+        if counter is not None:
+            counter["forward_passes"] += 1
+        for i in chunk:
+            ps = [p for p in projs if (p, i) in gram]
+            yield LayerGram(layer=i, gram={p: _cpu64(gram.pop((p, i))) for p in ps},
+                            sq_base={p: _cpu64(sq_a.pop((p, i))) for p in ps},
+                            sq_ft={p: _cpu64(sq_b.pop((p, i))) for p in ps}, n_tokens=int(blocks.numel()),
+                            range_base={p: tuple(map(_cpu64, range_a.pop((p, i)))) for p in ps},
+                            range_ft={p: tuple(map(_cpu64, range_b.pop((p, i)))) for p in ps})
