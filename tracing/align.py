@@ -98,7 +98,7 @@ def align_weights(base: Source | torch.nn.Module, ft: Source | torch.nn.Module, 
             raise TracingError(f"cannot align layer {i}: MLP shapes differ "
                                f"({tuple(base.shape(key))} vs {tuple(ft.shape(key))}); "
                                "use --stat match_all, which handles different depth and width")
-    device = device or base.get(spec.embed, slice(0, 1)).device
+    device = device or base.device
     vocab = min(base.shape(spec.embed)[0], ft.shape(spec.embed)[0])  # the shared vocabulary
     resid = permutation(*embedding_similarity(base, ft, spec, vocab, device), method, (seed, 0, 0))  # (hidden,)
 

@@ -102,6 +102,10 @@ class RotatedSource(Source):
     def _keys(self) -> list[str]:
         return self.inner.keys()
 
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self.inner.shape(key)
 

@@ -75,6 +75,11 @@ class Source:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the interface
+    @property
+    def device(self) -> torch.device:
+        """Where `get` returns tensors: the CPU (a loaded model's device for ModuleSource)."""
+        return torch.device("cpu")
+
     def keys(self) -> list[str]:
         return self._keys()
 
@@ -173,6 +178,10 @@ class ModuleSource(Source):
 
     def _keys(self) -> list[str]:
         return list(self._sd())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._sd().values())).device
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self._sd().items()}  # not cached: the model may be resized

@@ -78,7 +78,7 @@ def csu(ctx: StatContext) -> StatResult:
     key0 = ctx.spec_base.layers[0].up
     n = src_a.shape(key0)[ctx.spec_base.axis(key0, mlp(0))]  # MLP width
     results = matching.map_in_threads(test_layer, layers, item_bytes=3 * n * n * 8,
-                                      device=ctx.compute_device or src_a.get(key0, slice(0, 1)).device)
+                                      device=ctx.compute_device or src_a.device)
     per_layer = list(tqdm(results, total=len(layers), desc="csu layers", disable=not ctx.progress))
     combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
