@@ -64,35 +64,41 @@ def _tensors(config):
     yield "lm_head.weight", (v, h)
 
 
-def build(folder: Path, layers: int) -> tuple[Path, Path]:
-    """Write base and derived as sharded bf16 safetensors; one shard of each in memory at a time."""
+def build(folder: Path, layers: int, device: str = "cpu", independent: bool = False) -> tuple[Path, ...]:
+    """Write base and derived (and with `independent`, a third model of its own seed) as sharded bf16
+    safetensors; one shard of each in memory at a time. `device` draws the random numbers there (cuda: fast)."""
     import transformers
 
     config = transformers.LlamaConfig(num_hidden_layers=layers, **SHAPE)
-    dirs = (folder / "base", folder / "derived")
+    dirs = tuple(folder / name for name in ("base", "derived", "independent")[:3 if independent else 2])
     for d in dirs:
         d.mkdir(parents=True)
         config.save_pretrained(d)
-    g = torch.Generator().manual_seed(0)
-    shards: list[tuple[dict, dict]] = [({}, {})]
+    g, g_other = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)
+    shards: list[tuple[dict, ...]] = [tuple({} for _ in dirs)]
     size = 0
     for key, shape in _tensors(config):
         if len(shape) == 1:
-            base = torch.ones(shape)
+            base = torch.ones(shape, device=device)
         else:
-            base = torch.randn(shape, generator=g).mul_(0.02)
-        derived = base + torch.randn(shape, generator=g).mul_(0.01 * float(base.std()) if len(shape) > 1 else 0.01)
-        shards[-1][0][key], shards[-1][1][key] = base.bfloat16(), derived.bfloat16()
+            base = torch.randn(shape, generator=g, device=device).mul_(0.02)
+        noise = torch.randn(shape, generator=g, device=device)
+        made = [base, base + noise.mul_(0.01 * float(base.std()) if len(shape) > 1 else 0.01)]
+        if independent:
+            made.append(base.clone() if len(shape) == 1 else
+                        torch.randn(shape, generator=g_other, device=device).mul_(0.02))
+        for part, t in zip(shards[-1], made):
+            part[key] = t.bfloat16().cpu()
         size += 2 * math.prod(shape)
         if size >= SHARD_BYTES:
             _flush(shards, dirs, final=False)
-            shards.append(({}, {}))
+            shards.append(tuple({} for _ in dirs))
             size = 0
     _flush(shards, dirs, final=True)
     return dirs
 
 
-def _flush(shards: list, dirs: tuple[Path, Path], final: bool) -> None:
+def _flush(shards: list, dirs: tuple[Path, ...], final: bool) -> None:
     n = len(shards)
     for d, part in zip(dirs, shards[-1]):
         name = f"model-{n:05d}.safetensors"
