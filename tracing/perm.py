@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from tracing.arch import ArchSpec
-from tracing.sources.base import Source
+from tracing.sources.base import Source, View
 
 Perm = dict[str, torch.Tensor]
 
@@ -80,34 +80,19 @@ def permute_state_dict(state_dict: dict[str, torch.Tensor], spec: ArchSpec, perm
     return out
 
 
-class PermutedSource(Source):
+class PermutedSource(View):
     """`inner` with hidden units permuted by `perm` as each tensor is read (`permuted` builds it).
 
     Values equal `apply_perm` on the loaded model's; nothing is permuted ahead of a read."""
 
     def __init__(self, inner: Source, perm: Perm):
-        super().__init__(inner.name, inner.config, inner.spec)
+        super().__init__(inner)
         sizes = perm_sizes(inner.spec, inner.shapes())
         wrong = [n for n, p in perm.items() if len(p) != sizes.get(n)]
         if wrong:
             raise ValueError(f"permutation {wrong[0]} has {len(perm[wrong[0]])} entries, the dimension "
                              f"{sizes.get(wrong[0])}")
-        self.inner, self.perm = inner, perm
-        self.alias = {}  # the inner source resolves a tied head
-        self.tokenizer_from(lambda: inner.tokenizer)
-
-    def _keys(self) -> list[str]:
-        return self.inner.keys()
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.inner.shape(key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.inner.dtype(key)
+        self.perm = perm
 
     def _read(self, key: str, rows: slice | None) -> torch.Tensor:
         axes = self.spec.axes[key]

@@ -23,7 +23,7 @@ import torch
 
 from tracing.arch import RESID, ArchSpec, get_spec
 from tracing.errors import TracingError
-from tracing.sources.base import ModuleSource, Source
+from tracing.sources.base import ModuleSource, Source, View
 
 _CHUNK = 8192  # rows per float64 matmul, bounds memory on big embeddings
 
@@ -71,7 +71,7 @@ def _check_rotatable(spec: ArchSpec) -> None:
                            "use --permute instead")
 
 
-class RotatedSource(Source):
+class RotatedSource(View):
     """`inner` with its residual stream rotated by Q = random_orthogonal(hidden, seed), as each tensor is read.
 
     The function-preserving rotation of `rotate_residual`, as a view: norm gains folded into their readers
@@ -82,9 +82,8 @@ class RotatedSource(Source):
     def __init__(self, inner: Source, seed: int, dtype: torch.dtype | None = None):
         spec = inner.spec
         _check_rotatable(spec)
-        super().__init__(inner.name, inner.config, dataclasses.replace(spec, tied=False))
-        self.inner, self.out_dtype, self.alias = inner, dtype, {}
-        self.tokenizer_from(lambda: inner.tokenizer)
+        super().__init__(inner, dataclasses.replace(spec, tied=False))
+        self.out_dtype = dtype
         readers = _norm_readers(spec)
         missing = [k for k in readers if k not in inner.shapes()]
         if missing:
@@ -98,16 +97,6 @@ class RotatedSource(Source):
             self.gains.update({k: g for k in keys})
         hidden = inner.shape(spec.embed)[spec.axis(spec.embed, RESID)]
         self.q = random_orthogonal(hidden, seed)  # (hidden, hidden) float64: new residual = Q @ old
-
-    def _keys(self) -> list[str]:
-        return self.inner.keys()
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.inner.shape(key)
 
     def dtype(self, key: str) -> torch.dtype:
         return self._out(self.inner.dtype(key)) if key in self.norms or self.spec.axis(key, RESID) is not None \

@@ -197,6 +197,30 @@ class ModuleSource(Source):
         return t if rows is None else t[rows]
 
 
+
+class View(Source):
+    """A transform read through: `inner`'s keys, device, shapes and dtypes (a subclass changes what differs),
+    its tokenizer, and no tied-head alias of its own (the inner source resolves it)."""
+
+    def __init__(self, inner: Source, spec: ArchSpec | None = None):
+        super().__init__(inner.name, inner.config, spec if spec is not None else inner.spec)
+        self.inner = inner
+        self.alias = {}
+        self.tokenizer_from(lambda: inner.tokenizer)
+
+    def _keys(self) -> list[str]:
+        return self.inner.keys()
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.inner.dtype(key)
+
 def as_source(x: Source | torch.nn.Module, spec: ArchSpec | None = None) -> Source:
     """`x` itself if it is a source, else the ModuleSource of a loaded model."""
     return x if isinstance(x, Source) else ModuleSource(x, spec)
