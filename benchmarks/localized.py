@@ -123,11 +123,58 @@ def input_drift(folder: str, kept: list[int], n_blocks: int) -> list[float]:
             for j, i in enumerate(kept)]
 
 
+
+def _projections(model, blocks: torch.Tensor) -> dict:
+    """(proj, layer) -> gate_proj / up_proj outputs of every token, float64: (tokens, width)."""
+    got: dict = {}
+    hooks = [getattr(layer.mlp, f"{p}_proj").register_forward_hook(
+        lambda mod, inp, out, key=(p, i): got.__setitem__(key, out.reshape(-1, out.shape[-1]).double()))
+        for i, layer in enumerate(model.model.layers) for p in ("gate", "up")]
+    with torch.no_grad():
+        model(input_ids=blocks)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def similarity_power(folder: str, kept: list[int], n_blocks: int) -> list[dict]:
+    """Per kept layer j (base layer kept[j]): match's log10 p with each similarity (cosine, as the greedy screen
+    of --matching fast uses; -squared distance, the original's cost) and each solver (greedy, exact)."""
+    import numpy as np
+    import transformers
+
+    from tracing.matching import euclid_similarity, pair_units, usable
+    from tracing.statistics.pvalues import perm_pair_spearman
+
+    blocks = torch.load(os.path.join(folder, "blocks.pt"))[:n_blocks]  # (n_blocks, T)
+    acts = {name: _projections(transformers.AutoModelForCausalLM.from_pretrained(os.path.join(folder, name))
+                               .eval(), blocks) for name in ("base", "pruned")}
+    rows = []
+    for j, i in enumerate(kept):
+        xa = {p: acts["base"][p, i] for p in ("gate", "up")}  # (tokens, width_A)
+        xb = {p: acts["pruned"][p, j] for p in ("gate", "up")}  # (tokens, width_B)
+        ok_a = usable(xa["gate"].T) & usable(xa["up"].T)
+        ok_b = usable(xb["gate"].T) & usable(xb["up"].T)
+        gram = {p: xa[p].T @ xb[p] for p in xa}  # (width_A, width_B)
+        sq_a, sq_b = ({p: x[p].square().sum(0) for p in x} for x in (xa, xb))
+        sims = {"cosine": {p: gram[p] / sq_a[p].sqrt()[:, None] / sq_b[p].sqrt()[None, :] for p in gram},
+                "-distance": {p: euclid_similarity(gram[p], sq_a[p], sq_b[p]) for p in gram}}
+        row = {}
+        for name, sim in sims.items():
+            for solver in ("greedy", "lap"):
+                gate, up = (pair_units(sim[p], ok_a, ok_b, solver, (0, i, j, k)).partner()
+                            for k, p in enumerate(("gate", "up")))
+                common = sorted(set(gate) & set(up))
+                row[name, solver] = perm_pair_spearman(np.array([gate[k] for k in common]),
+                                                       np.array([up[k] for k in common]))[1]
+        rows.append(row)
+    return rows
+
 def _fmt_p(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def report(rows: list[dict], kept: list[int], meta: str, drift: list[float]) -> str:
+def report(rows: list[dict], kept: list[int], meta: str, drift: list[float], power: list[dict]) -> str:
     n_kept = len(kept)
     lines = [meta, "",
              "| statistic | pair | kept layers mapped to their base layer | layers mapped wrongly | log10 p of kept "
@@ -151,6 +198,15 @@ def report(rows: list[dict], kept: list[int], meta: str, drift: list[float]) -> 
         cells = [_fmt_p(r["per_layer_log10p"][j]) + ("" if r["mapping"][j] == i else " (not mapped)")
                  for r in pruned]
         lines.append(f"| {j} | {i} | {drift[j]:.3f} | " + " | ".join(cells) + " |")
+    if power:
+        lines += ["", "match's log10 p per kept layer with each similarity and solver (`--matching fast` screens with "
+                  "greedy on cosines and runs the exact assignment on -squared distances where that p < 0.01; "
+                  "`exact` is the last column):", "",
+                  "| layer of B | base layer | cosine, greedy | cosine, exact | -distance, greedy | -distance, exact |",
+                  "|---|---|---|---|---|---|"]
+        for j, (i, row) in enumerate(zip(kept, power)):
+            lines.append(f"| {j} | {i} | " + " | ".join(f"{row[k]:.1f}" for k in (("cosine", "greedy"),
+                         ("cosine", "lap"), ("-distance", "greedy"), ("-distance", "lap"))) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,10 +231,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="localized-") as folder:
         built = build(folder, args.layers, args.hidden, args.steps, max(args.blocks), args.block_size)
         print(f"trained and pruned in {built['train_s']} s; kept layers {built['kept']}", flush=True)
-        runs, drift = {}, {}  # n_blocks -> rows, per kept layer MLP-input cosine
+        runs, drift, power = {}, {}, {}  # n_blocks -> rows, per kept layer MLP-input cosine, p per similarity
         for n_blocks in args.blocks:
             drift[n_blocks] = input_drift(folder, built["kept"], n_blocks)
             print(f"depth drift (MLP-input cosine per kept layer): {[round(c, 3) for c in drift[n_blocks]]}")
+            power[n_blocks] = similarity_power(folder, built["kept"], n_blocks)
             for stat in STATS:
                 for pair in ("pruned", "independent"):
                     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", folder, stat, pair,
@@ -193,8 +250,8 @@ def main() -> None:
             f"layers {built['kept']} with {2 * args.hidden} MLP neurons each. {started:%Y-%m-%d}, "
             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} torch threads, "
             f"load average {os.getloadavg()[0]:.1f}.")
-    text = "\n".join(report(rows, built["kept"], f"**{rows[0]['tokens']} tokens of held-out text.**", drift[n])
-                     for n, rows in runs.items())
+    text = "\n".join(report(rows, built["kept"], f"**{rows[0]['tokens']} tokens of held-out text.**", drift[n],
+                            power[n]) for n, rows in runs.items())
     text = meta + "\n\n" + text
     print(text)
     if args.markdown:
