@@ -94,21 +94,27 @@ def run_one(folder: str, stat: str, pair: str, threads: int, n_blocks: int) -> d
             "peak_rss_mib": _rss_mib("VmHWM"), "tokens": int(blocks.numel())}
 
 
-def _mlp_inputs(model, blocks: torch.Tensor) -> dict[int, torch.Tensor]:
-    """layer -> the MLP input (what gate/up read) of every token: (tokens, hidden)."""
-    got: dict[int, torch.Tensor] = {}
+def _capture(model, blocks: torch.Tensor, points: dict, what: str) -> dict:
+    """key -> the input (`what` "input") or output of module points[key] for every token: (tokens, width)."""
+    got: dict = {}
 
-    def keep(i: int):
+    def keep(key):
         def hook(module, inputs, output) -> None:  # returns None: the output is left alone
-            got[i] = inputs[0].reshape(-1, inputs[0].shape[-1])
+            t = inputs[0] if what == "input" else output
+            got[key] = t.reshape(-1, t.shape[-1])
         return hook
 
-    hooks = [layer.mlp.up_proj.register_forward_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
+    hooks = [module.register_forward_hook(keep(key)) for key, module in points.items()]
     with torch.no_grad():
         model(input_ids=blocks)
     for h in hooks:
         h.remove()
     return got
+
+
+def _mlp_inputs(model, blocks: torch.Tensor) -> dict[int, torch.Tensor]:
+    """layer -> the MLP input (what gate/up read) of every token: (tokens, hidden)."""
+    return _capture(model, blocks, {i: layer.mlp.up_proj for i, layer in enumerate(model.model.layers)}, "input")
 
 
 def input_drift(folder: str, kept: list[int], n_blocks: int) -> list[float]:
@@ -126,15 +132,9 @@ def input_drift(folder: str, kept: list[int], n_blocks: int) -> list[float]:
 
 def _projections(model, blocks: torch.Tensor) -> dict:
     """(proj, layer) -> gate_proj / up_proj outputs of every token, float64: (tokens, width)."""
-    got: dict = {}
-    hooks = [getattr(layer.mlp, f"{p}_proj").register_forward_hook(
-        lambda mod, inp, out, key=(p, i): got.__setitem__(key, out.reshape(-1, out.shape[-1]).double()))
-        for i, layer in enumerate(model.model.layers) for p in ("gate", "up")]
-    with torch.no_grad():
-        model(input_ids=blocks)
-    for h in hooks:
-        h.remove()
-    return got
+    points = {(p, i): getattr(layer.mlp, f"{p}_proj") for i, layer in enumerate(model.model.layers)
+              for p in ("gate", "up")}
+    return {k: v.double() for k, v in _capture(model, blocks, points, "output").items()}
 
 
 def similarity_power(folder: str, kept: list[int], n_blocks: int) -> list[dict]:
