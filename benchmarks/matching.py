@@ -15,7 +15,8 @@ random-init benchmarks see) and csu's weight cosines at Llama-2-7B size (11008 r
 Solvers: scipy (exact, float64: --matching exact), our greedy (tracing.matching, the fast screen), and, when
 importable, lap.lapjv (float64), lapjv (src-d; float32 inside), fastlap (lapjv and auction). Install them
 outside the project to measure them: `pip install --no-deps --target /tmp/lapcands lap lapjv fastlap`.
-torch-linear-assignment needs CUDA: not measured on a CPU. "gap" is how far the solver's total similarity
+On a GPU two more columns: our greedy there, and torch-linear-assignment (its Triton solver; carry the
+pure-Python wheel, `pip download --no-deps torch-linear-assignment`). "gap" is how far the solver's total similarity
 falls below the optimum, relative to it; "same" the share of units matched as in the optimum.
 """
 
@@ -60,6 +61,29 @@ def candidates() -> dict:
         out["fastlap auction"] = lambda s: np.asarray(fastlap.solve_lap(f64(s), "auction", maximize=True)[1])
     except ImportError:
         out["fastlap lapjv"] = out["fastlap auction"] = None
+    if torch.cuda.is_available():  # on a GPU: our greedy there, and torch-linear-assignment (Triton) if present
+        def on_gpu(solve):
+            def run(s: np.ndarray) -> np.ndarray:
+                cols = solve(torch.from_numpy(s).cuda())
+                torch.cuda.synchronize()
+                return cols
+            return run
+
+        def greedy_gpu(s: torch.Tensor) -> np.ndarray:
+            rows, cols = matching._greedy(s)
+            out = np.empty(s.shape[0], dtype=np.int64)
+            out[rows.numpy()] = cols.numpy()
+            return out
+
+        out["greedy (ours, GPU)"] = on_gpu(greedy_gpu)
+        matching._greedy(torch.rand(64, 64, device="cuda"))  # CUDA's start-up is not the solver's time
+        try:
+            from torch_linear_assignment import batch_linear_assignment
+            out["torch-linear-assignment (GPU)"] = on_gpu(
+                lambda s: batch_linear_assignment(-s.float()[None])[0].cpu().numpy())
+            out["torch-linear-assignment (GPU)"](np.random.default_rng(0).random((64, 64)))  # Triton compiles
+        except ImportError:
+            out["torch-linear-assignment (GPU)"] = None
     return out
 
 
