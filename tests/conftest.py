@@ -25,6 +25,17 @@ def text_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer(zoo.synthetic_text(1500, seed=1))["input_ids"])
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """A saved tiny Llama with its tokenizer (read only): for tests that need a model on disk."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = zoo.build_tokenizer(zoo.synthetic_text(200, seed=0), vocab_size=128)
+    model = zoo.tiny_model("llama", seed=0, hidden=16, layers=2, intermediate=32, vocab_size=len(tok))
+    model.save_pretrained(root / "m")
+    tok.save_pretrained(root / "m")
+    return str(root / "m")
+
+
 _SUMMARY = pytest.StashKey[list]()
 
 

@@ -2,21 +2,8 @@
 
 import json
 
-import pytest
-
-from tracing import zoo
 from tracing.generate import generate_for, main
 from tracing.naming import generated_path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    tok = zoo.build_tokenizer(zoo.synthetic_text(200, seed=0), vocab_size=128)
-    model = zoo.tiny_model("llama", seed=0, hidden=16, layers=2, intermediate=32, vocab_size=len(tok))
-    model.save_pretrained(root / "m")
-    tok.save_pretrained(root / "m")
-    return str(root / "m")
 
 
 def test_writes_the_schema_the_generated_dataset_reads(tmp_path, model_dir):

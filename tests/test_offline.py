@@ -12,20 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tracing import hub, zoo
+from tracing import hub
 from tracing.results import load_record
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("offline")
-    tok = zoo.build_tokenizer(zoo.synthetic_text(200, seed=0), vocab_size=128)
-    model = zoo.tiny_model("llama", seed=0, hidden=16, layers=2, intermediate=32, vocab_size=len(tok))
-    model.save_pretrained(root / "m")
-    tok.save_pretrained(root / "m")
-    return str(root / "m")
 
 
 def no_network_env(tmp_path: Path, **extra: str) -> dict:
