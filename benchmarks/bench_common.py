@@ -1,6 +1,7 @@
 """What every benchmark of benchmarks/ prints and reuses: the header line, peak memory, statistics on a pair.
 
-    head = header()                       # command line, date, machine: the first line of a result
+    args, head, t0 = start(ap)            # parse the arguments, print the header line (command, date, machine)
+    publish(lines, head, t0, args.markdown)   # the table with its header and duration, printed and written
     log10p(ctx_pair(base, ft, blocks, matching="fast"), "csu --align")
 """
 
@@ -75,6 +76,17 @@ def heavy_tailed(model, seed: int, sigma_neuron: float = 1.0, sigma_resid: float
             layer.mlp.gate_proj.weight.mul_(gain)
             layer.mlp.up_proj.weight.mul_(gain)
     return model
+
+
+def start(ap) -> tuple:
+    """Parse the benchmark's arguments (an argparse parser) and print its header line: (args, head, started),
+    the last two what `publish` takes."""
+    import time
+
+    args = ap.parse_args()
+    head = header()
+    print(head, flush=True)
+    return args, head, time.perf_counter()
 
 
 def publish(lines: list[str], head: str, started: float, markdown: str | None) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import bench_common
 
@@ -63,10 +62,7 @@ def main() -> None:
     ap.add_argument("--trained_pairs", type=int, default=100, help="independently trained pairs (0: none)")
     ap.add_argument("--steps", type=int, default=60, help="training steps of each model of a trained pair")
     ap.add_argument("--markdown", help="write the table here (README embeds docs/generated/calibration.md)")
-    args = ap.parse_args()
-    head = bench_common.header()
-    print(head, flush=True)
-    t0 = time.perf_counter()
+    args, head, t0 = bench_common.start(ap)
 
     import torch
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import bench_common
@@ -68,10 +67,7 @@ def variants(root: Path, out: Path) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", help="write the table here (README embeds docs/generated/damaged.md)")
-    args = ap.parse_args()
-    head = bench_common.header()
-    print(head, flush=True)
-    t0 = time.perf_counter()
+    args, head, t0 = bench_common.start(ap)
 
     import torch
 

@@ -139,10 +139,7 @@ def main() -> None:
     ap.add_argument("--max_seconds", type=float, default=120.0, help="skip a solver on larger matrices once it "
                     "took longer than this")
     ap.add_argument("--markdown", help="write the table here (README embeds docs/generated/matching.md)")
-    args = ap.parse_args()
-    head = bench_common.header()
-    print(head, flush=True)
-    t0 = time.perf_counter()
+    args, head, t0 = bench_common.start(ap)
 
     import numpy as np
     import torch

@@ -30,10 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200, help="training steps of the base (and the independent model)")
     ap.add_argument("--markdown", help="write the table here (README embeds docs/generated/power.md)")
-    args = ap.parse_args()
-    head = bench_common.header()
-    print(head, flush=True)
-    t0 = time.perf_counter()
+    args, head, t0 = bench_common.start(ap)
 
     import torch
 
