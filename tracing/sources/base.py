@@ -197,7 +197,6 @@ class ModuleSource(Source):
         return t if rows is None else t[rows]
 
 
-
 class View(Source):
     """A transform read through: `inner`'s keys, device, shapes and dtypes (a subclass changes what differs),
     its tokenizer, and no tied-head alias of its own (the inner source resolves it)."""
