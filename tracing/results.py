@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tracing import __version__
 from tracing.errors import TracingError
 from tracing.naming import failed_path
 
@@ -97,8 +98,9 @@ def to_plain(obj: Any) -> Any:
 
 
 def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "numpy", "scipy", "peft", "submitit", "model-tracing"):
+    """The code's own version and the libraries that can move a result's numbers."""
+    out = {"model-tracing": __version__, "python": platform.python_version()}
+    for dist in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "peft", "submitit"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
