@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     token = flags.pop("token", None) or os.environ.get("HF_TOKEN") or None
     if flags.pop("demo", False):
         from tracing.demo import run_demo  # start-up: torch is imported once a run starts, never for --help
-        return run_demo(progress=not flags.get("no_progress", False))
+        return exit_on_error(lambda: run_demo(progress=not flags.get("no_progress", False)))
 
     def run() -> int:
         cfg = RunConfig.from_dict(flags, "main.py")

@@ -13,6 +13,7 @@ they override the YAML's `main:` block. The Hugging Face token comes from $HF_TO
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -70,5 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED if counts["failed"] or counts["missing"] else EXIT_OK
         return EXIT_OK
 
-    return exit_on_error(run)
+    again = shlex.join(["python", "launch.py", *(sys.argv[1:] if argv is None else argv)])
+    status = shlex.join(["python", "launch.py", "--config", args.config, "--save", args.save, "--status"])
+    return exit_on_error(run, interrupted=f"interrupted; submitted jobs keep running (see them: {status}); "
+                                          f"resume: {again} (pairs with an ok record are skipped)")
 
