@@ -40,7 +40,8 @@ def closure() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    print("# The library versions the test suite and README's numbers were produced with (pip install -c constraints.txt).")
+    print("# The library versions the test suite and README's numbers were produced with "
+          "(pip install -c constraints.txt).")
     print("# Regenerate after an upgrade: python .ci/pins.py > constraints.txt, then rerun the suite and the examples.")
     for name, version in sorted(closure().items()):
         print(f"{name}=={version}")
