@@ -113,17 +113,25 @@ def test_weights_of_another_shape_than_the_config_says(models, tmp_path, capsys)
     assert "other shapes than its config.json says" in line and "mlp" in line and "(64, 128)" in line
 
 
-@pytest.mark.parametrize("block_size", [1024, None])  # None: the default 512 on a 256-position model
-def test_block_longer_than_the_context_names_block_size(models, tmp_path, capsys, block_size):
-    extra = ["--block_size", str(block_size)] if block_size else []
-    code, rec, _ = run(models, tmp_path, "gpt2", "gpt2", "--stat", "jsd", "--dataset", models["text"], *extra)
+def test_a_given_block_longer_than_the_context_names_block_size(models, tmp_path, capsys):
+    code, rec, _ = run(models, tmp_path, "gpt2", "gpt2", "--stat", "jsd", "--dataset", models["text"],
+                       "--block_size", "1024")
     line = error_line(capsys)
     assert code == 2 and rec["status"] == "failed"
-    assert f"--block_size {block_size or 512} is longer than the base model's context (256 positions" in line
+    assert "--block_size 1024 is longer than the base model's context (256 positions" in line
     assert "pass --block_size 256 or less" in line
     code, rec, _ = run(models, tmp_path, "gpt2", "gpt2", "--stat", "jsd", "--dataset", models["text"],
                        "--block_size", "256", "--max_blocks", "1")
     assert code == 0 and rec["block_size"] == 256
+
+
+def test_the_default_block_fits_both_contexts_and_says_so(models, tmp_path, capsys):
+    """No --block_size: 512 tokens, shortened to the shorter context (256 here), with one note saying so."""
+    code, rec, _ = run(models, tmp_path, "gpt2", "gpt2", "--stat", "jsd", "--dataset", models["text"],
+                       "--max_blocks", "1")
+    assert code == 0 and rec["block_size"] == 256
+    assert rec["notes"] == ["blocks of 256 tokens, the base model's context (default 512; set --block_size)"]
+    assert "note: blocks of 256 tokens" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- no verdict without a number

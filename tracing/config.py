@@ -103,7 +103,7 @@ class RunConfig:
     memory_budget: int | None = None  # bytes for activation accumulators; None: from free device memory / RAM
     # data
     dataset: str = "wikitext"
-    block_size: int = 512
+    block_size: int | None = None  # None: 512, shortened to the shorter context of the two models
     batch_size: int = 1
     max_blocks: int | None = None
     generated_dir: str = str(GENERATED_DIR)
@@ -134,7 +134,7 @@ class RunConfig:
                 raise TracingError(f"--alpha/--alphas must lie in [0, 1], got {a}")
         if self.num_perm < 0:
             raise TracingError(f"--num_perm must be >= 0, got {self.num_perm}")
-        if self.block_size < 1 or self.batch_size < 1:
+        if (self.block_size is not None and self.block_size < 1) or self.batch_size < 1:
             raise TracingError("--block_size and --batch_size must be positive")
         check_method(self.matching)
         if self.threads is not None and self.threads < 1:

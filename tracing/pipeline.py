@@ -30,7 +30,7 @@ from tracing.data import load_blocks
 from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype, return_freed_memory
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss, perplexity
-from tracing.models import check_block_size, load_model
+from tracing.models import fit_block_size, load_model
 from tracing.perm import apply_perm, permuted, random_perm
 from tracing.report import read_prompts, write_report
 from tracing.results import check_writable, finite_only, new_record, save_outcome, to_plain
@@ -118,9 +118,11 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
 
     blocks = None
     if info.needs_data or cfg.eval:
-        check_block_size(cfg.block_size, {"base": base, "fine-tuned": ft})
+        block_size, note = fit_block_size(cfg.block_size, {"base": base, "fine-tuned": ft})
+        if note:
+            record["notes"].append(note)
         vocab = min(base.get_input_embeddings().num_embeddings, ft.get_input_embeddings().num_embeddings)
-        blocks = load_blocks(cfg.dataset, tok_base, cfg.block_size, max_blocks=cfg.max_blocks, seed=cfg.seed,
+        blocks = load_blocks(cfg.dataset, tok_base, block_size, max_blocks=cfg.max_blocks, seed=cfg.seed,
                              vocab_size=vocab, model_ids=(cfg.base_model_id, cfg.ft_model_id),
                              generated_dir=cfg.generated_dir, progress=not cfg.no_progress)
         record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
