@@ -210,7 +210,7 @@ def test_dry_run_refuses_a_save_folder_under_a_regular_file(tmp_path, models):
     cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\n" % ", ".join(models[:2]))
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(cfg), "--cluster", "local",
                            "--save", str(tmp_path / "file" / "out"), "--dry_run"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "which is a file, not a folder" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "is a file, not a folder; pass --save a writable folder" in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0
 
 

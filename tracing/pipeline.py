@@ -36,7 +36,7 @@ from tracing.report import read_prompts, write_report
 from tracing.results import check_writable, finite_only, new_record, save_outcome, to_plain
 from tracing.sources import ModuleSource, Source, leaves, open_source
 from tracing.statistics import StatContext, StatInfo, StatResult, get_stat
-from tracing.statistics.common import check_same_shapes
+from tracing.statistics.common import check_fits
 from tracing.statistics.permtest import permtest
 from tracing.transforms import RotatedSource, rotate_residual
 
@@ -101,8 +101,7 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
         src_base, src_ft = ModuleSource(base, tokenizer=tok_base), ModuleSource(ft, tokenizer=tok_ft)
     record["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if info.same_shape or cfg.align:
-        check_same_shapes(src_base, src_ft, info.name, vocab_ok=not info.same_vocab)
+    check_fits(info, src_base, src_ft, align=cfg.align)
     if cfg.permute:
         perm = random_perm(src_ft.spec, src_ft.shapes(), seed=cfg.seed)
         if streamed:

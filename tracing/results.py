@@ -204,7 +204,8 @@ def check_writable(folder: str | Path, flag: str = "--save", create: bool = True
     folder = Path(folder)
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise TracingError(f"{flag} {folder} lies under {existing}, which is a file, not a folder: pass a folder")
+        raise TracingError(f"cannot write to {folder}: {existing} is a file, not a folder; pass {flag} a writable "
+                           "folder")
     if not create:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise TracingError(f"cannot write to {existing} (permission denied): pass {flag} a writable folder")

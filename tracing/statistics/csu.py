@@ -26,15 +26,17 @@ from tqdm.auto import tqdm
 from tracing import matching
 from tracing.arch import RESID, ArchSpec, mlp
 from tracing.errors import TracingError
+from tracing.sources.base import Source
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import (
     MAPPING_ALPHA,
-    check_same_shapes,
     identity_test,
     layer_heatmap,
     layer_map,
     matching_extras,
+    require_fit,
     selected_layers,
+    weights_differ,
 )
 from tracing.statistics.pvalues import fisher_log10p, holm_log10
 
@@ -60,13 +62,13 @@ def _rows(spec: ArchSpec, key: str, w: torch.Tensor, perm: str | None = None) ->
     return spec.neuron_rows(w, key, perm)
 
 
-@register("csu", higher_is_related=False,
+@register("csu", fits=(weights_differ,), higher_is_related=False,
           help="MLP up-projection rows: linear assignment on cosine similarity, Spearman vs identity, "
                "Fisher over layers (log10 p; exact under H0)")
 @torch.no_grad()
 def csu(ctx: StatContext) -> StatResult:
     src_a, src_b = ctx.source_base, ctx.source_ft
-    check_same_shapes(src_a, src_b, "csu")
+    require_fit(ctx, "csu")
     layers = selected_layers(ctx)
 
     def test_layer(i: int) -> dict:  # runs in a worker thread (match_rows is no_grad itself)
@@ -85,13 +87,42 @@ def csu(ctx: StatContext) -> StatResult:
                       extras={"layers_skipped_nan": n_nan, **matching_extras(ctx.matching, per_layer)})
 
 
+def _role(spec: ArchSpec, key: str) -> str:
+    """What a weight does in its block: "mlp.up", "mlp.gate", "mlp.down", "attn.out" (the same in every family, so
+    a Llama's up_proj meets a GPT-2's c_fc), else its key without the layer prefix (e.g. "self_attn.q_proj.weight")."""
+    r = spec.layers[spec.layer_of[key]]
+    named = {r.up: "mlp.up", r.gate: "mlp.gate", r.down: "mlp.down", r.attn_out: "attn.out"}
+    return named.get(key) or spec.local_key(key)
+
+
 def _keys_by_role(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[int, str]]:
-    """Role (key without its layer prefix, e.g. "mlp.up_proj.weight") -> {layer: key}, 2-D weights only."""
+    """Role (`_role`) -> {layer: key}, 2-D weights only."""
     out: dict[str, dict[int, str]] = {}
     for key, i in spec.layer_of.items():
         if key in shapes and len(shapes[key]) == 2:
-            out.setdefault(spec.local_key(key), {})[i] = key
+            out.setdefault(_role(spec, key), {})[i] = key
     return out
+
+
+def _unit_rows(src: Source) -> tuple[dict[str, dict[int, str]], dict[tuple[str, int], tuple[int, ...]]]:
+    """(role -> {layer: key}, (role, layer) -> the (n_units, rest) shape of its rows), from headers."""
+    roles = _keys_by_role(src.spec, src.shapes())
+    rows = {(r, i): _rows_shape(src.spec, k, src.shape(k)) for r, keys in roles.items() for i, k in keys.items()}
+    return roles, rows
+
+
+def no_shared_roles(a: Source, b: Source) -> str | None:
+    """csu_all's fit check: some weight matrix of A and of B with the same role and the same input width."""
+    (roles_a, rows_a), (roles_b, rows_b) = _unit_rows(a), _unit_rows(b)
+    shared = [r for r in roles_a if r in roles_b]
+
+    def widths(rows: dict, role: str) -> set[tuple[int, ...]]:
+        return {shape[1:] for (r, _), shape in rows.items() if r == role}
+
+    if any(widths(rows_a, r) & widths(rows_b, r) for r in shared):
+        return None
+    why = "share no weight role" if not shared else "have no same-role matrices with the same hidden size"
+    return f"{a.spec.model_type} and {b.spec.model_type} {why}"
 
 
 def _rows_shape(spec: ArchSpec, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -104,26 +135,21 @@ def _nan_as_none(m: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in m]
 
 
-@register("csu_all", same_shape=False, higher_is_related=False,
+@register("csu_all", fits=(no_shared_roles,), higher_is_related=False,
           help="csu for every pair of weight matrices of the same role in any two layers (depth and width may "
                "differ: the narrower matrix is matched into the wider), Holm-corrected layer map")
 @torch.no_grad()
 def csu_all(ctx: StatContext) -> StatResult:
-    sd_a, sd_b = ctx.source_base.shapes(), ctx.source_ft.shapes()
-    roles_a, roles_b = _keys_by_role(ctx.spec_base, sd_a), _keys_by_role(ctx.spec_ft, sd_b)
-    layers_a, layers_b = selected_layers(ctx), list(range(ctx.spec_ft.n_layers))
+    require_fit(ctx, "csu_all")
     # shapes of the rows (n_units, rest) of each matrix; tensors are read in the worker that compares them
-    rows_a = {(r, i): _rows_shape(ctx.spec_base, k, sd_a[k]) for r, keys in roles_a.items() for i, k in keys.items()}
-    rows_b = {(r, j): _rows_shape(ctx.spec_ft, k, sd_b[k]) for r, keys in roles_b.items() for j, k in keys.items()}
+    (roles_a, rows_a), (roles_b, rows_b) = _unit_rows(ctx.source_base), _unit_rows(ctx.source_ft)
+    layers_a, layers_b = selected_layers(ctx), list(range(ctx.spec_ft.n_layers))
     roles = [r for r in roles_a if r in roles_b]
     # comparable: same role, same residual (column) axis; the unit (row) axis may differ
     jobs = [(r, i, j) for r in roles for i in layers_a if (r, i) in rows_a for j in layers_b if (r, j) in rows_b
             and rows_a[r, i][1:] == rows_b[r, j][1:]]
-    if not jobs:
-        why = "share no weight role" if not roles else "have no same-role matrices with the same hidden size"
-        raise TracingError(f"csu_all found no weight matrices of the same role: {ctx.spec_base.model_type} and "
-                           f"{ctx.spec_ft.model_type} {why}; use match_all or jsd, which compare what the models "
-                           "compute")
+    if not jobs:  # only --layers can leave nothing to compare once the fit check holds
+        raise TracingError(f"csu_all has nothing to compare in --layers {ctx.layers}: pick other layers")
 
     # jobs run base matrix by base matrix: keep the last few base matrices read (each is compared n_b times)
     read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(ctx.source_base.get)
