@@ -13,7 +13,7 @@ from tracing.errors import TracingError
 from tracing.perm import apply_perm, random_perm
 from tracing.sources import ModuleSource
 from tracing.statistics import StatContext, StatInfo, get_stat
-from tracing.statistics.common import check_same_shapes
+from tracing.statistics.fits import check_same_shapes
 from tracing.statistics.permtest import permtest
 
 FAMILIES = zoo.FAMILIES  # every supported model type

@@ -36,7 +36,7 @@ from tracing.report import read_prompts, write_report
 from tracing.results import check_writable, finite_only, new_record, save_outcome, to_plain
 from tracing.sources import ModuleSource, Source, leaves, open_source
 from tracing.statistics import StatContext, StatInfo, StatResult, get_stat
-from tracing.statistics.common import check_fits
+from tracing.statistics.fits import check_fits
 from tracing.statistics.permtest import permtest
 from tracing.transforms import RotatedSource, rotate_residual
 

@@ -91,9 +91,9 @@ class StatContext:
 
     def __post_init__(self) -> None:
         if self.source_base is None and self.base is not None:
-            self.source_base = ModuleSource(self.base, self.spec_base)
+            self.source_base = ModuleSource(self.base, self.spec_base, tokenizer=self.tokenizer_base)
         if self.source_ft is None and self.ft is not None:
-            self.source_ft = ModuleSource(self.ft, self.spec_ft)
+            self.source_ft = ModuleSource(self.ft, self.spec_ft, tokenizer=self.tokenizer_ft)
         if self.source_base is None or self.source_ft is None:
             raise ValueError("a StatContext needs the two models or the two sources")
         self.spec_base = self.spec_base or self.source_base.spec

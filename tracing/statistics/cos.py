@@ -12,7 +12,8 @@ import math
 import torch
 
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import dot_and_norms, paired_weights, require_fit, selected_layers, weights_differ
+from tracing.statistics.common import dot_and_norms, paired_weights, selected_layers
+from tracing.statistics.fits import require_fit, weights_differ
 
 
 @register("cos", fits=(weights_differ,),

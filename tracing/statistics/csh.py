@@ -13,7 +13,8 @@ from tracing import matching
 from tracing.activations import mlp_width
 from tracing.grams import LayerGram, layer_grams
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import identity_test, matching_extras, mlps_differ, require_fit
+from tracing.statistics.common import identity_test, matching_extras
+from tracing.statistics.fits import mlps_differ, require_fit
 from tracing.statistics.pvalues import fisher_log10p
 
 

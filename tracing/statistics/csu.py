@@ -34,10 +34,9 @@ from tracing.statistics.common import (
     layer_heatmap,
     layer_map,
     matching_extras,
-    require_fit,
     selected_layers,
-    weights_differ,
 )
+from tracing.statistics.fits import require_fit, weights_differ
 from tracing.statistics.pvalues import fisher_log10p, holm_log10
 
 

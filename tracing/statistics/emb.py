@@ -10,7 +10,7 @@ import torch
 
 from tracing.errors import TracingError
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import hidden_differs, require_fit
+from tracing.statistics.fits import hidden_differs, require_fit
 
 
 def shared_rows(ctx: StatContext, n_a: int, n_b: int) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tracing.activations import check_blocks
 from tracing.sources.base import Source
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import require_fit
+from tracing.statistics.fits import require_fit
 
 
 def vocab_disagrees(a: Source, b: Source) -> str | None:

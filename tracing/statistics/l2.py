@@ -13,7 +13,8 @@ import math
 import torch
 
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import paired_weights, require_fit, squared_distance, weights_differ
+from tracing.statistics.common import paired_weights, squared_distance
+from tracing.statistics.fits import require_fit, weights_differ
 
 
 @register("l2", fits=(weights_differ,), higher_is_related=False,

@@ -18,7 +18,8 @@ from tracing import matching
 from tracing.activations import mlp_width
 from tracing.grams import LayerGram, layer_grams
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import agreement_test, matching_extras, mlps_differ, require_fit, ungated
+from tracing.statistics.common import agreement_test, matching_extras
+from tracing.statistics.fits import mlps_differ, require_fit, ungated
 from tracing.statistics.pvalues import fisher_log10p
 
 

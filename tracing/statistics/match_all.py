@@ -31,16 +31,8 @@ from tracing.activations import check_blocks, check_layers, mlp_input_covariance
 from tracing.arch import ArchSpec, mlp
 from tracing.matching import euclid_similarity, map_in_threads, usable
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import (
-    MAPPING_ALPHA,
-    agreement_test,
-    hidden_differs,
-    layer_heatmap,
-    layer_map,
-    matching_extras,
-    require_fit,
-    ungated,
-)
+from tracing.statistics.common import MAPPING_ALPHA, agreement_test, layer_heatmap, layer_map, matching_extras
+from tracing.statistics.fits import hidden_differs, require_fit, ungated
 from tracing.statistics.pvalues import holm_log10
 
 DEFAULT_MAX_TOKENS = 2048

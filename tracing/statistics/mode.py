@@ -20,7 +20,7 @@ from __future__ import annotations
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import require_fit, weights_or_vocab_differ
+from tracing.statistics.fits import require_fit, weights_or_vocab_differ
 from tracing.transforms import check_alpha, interpolate_, restore_
 
 
