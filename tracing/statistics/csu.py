@@ -27,7 +27,7 @@ from tracing import matching
 from tracing.arch import RESID, ArchSpec, mlp
 from tracing.errors import TracingError
 from tracing.sources.base import Source
-from tracing.statistics import StatContext, StatResult, register
+from tracing.statistics import StatContext, StatResult, register, screen
 from tracing.statistics.common import (
     MAPPING_ALPHA,
     identity_test,
@@ -105,8 +105,9 @@ def _keys_by_role(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> dict[st
 
 def _unit_rows(src: Source) -> tuple[dict[str, dict[int, str]], dict[tuple[str, int], tuple[int, ...]]]:
     """(role -> {layer: key}, (role, layer) -> the (n_units, rest) shape of its rows), from headers."""
-    roles = _keys_by_role(src.spec, src.shapes())
-    rows = {(r, i): _rows_shape(src.spec, k, src.shape(k)) for r, keys in roles.items() for i, k in keys.items()}
+    shapes = src.shapes()
+    roles = _keys_by_role(src.spec, shapes)
+    rows = {(r, i): _rows_shape(src.spec, k, shapes[k]) for r, keys in roles.items() for i, k in keys.items()}
     return roles, rows
 
 
@@ -127,6 +128,27 @@ def no_shared_roles(a: Source, b: Source) -> str | None:
 def _rows_shape(spec: ArchSpec, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape `_rows` gives a tensor of `shape` stored under `key`, without reading it."""
     return tuple(_rows(spec, key, torch.empty(shape, device="meta")).shape)
+
+
+SCREEN_ROLES = ("mlp.up", "attn.out")  # the roles "fast" screens and tests: an MLP's and an attention block's
+
+
+def _screened_jobs(ctx: StatContext, roles_a: dict, roles_b: dict, jobs: list, layers_a: list[int],
+                   layers_b: list[int]) -> list[tuple[str, int, int]]:
+    """The candidate (role, base layer, ft layer) pairs among `jobs`: for each screened role and ft layer, the
+    base layers whose units it finds best (screen.py); every matrix is read once for the screen."""
+    shared = [r for r in SCREEN_ROLES if any(job[0] == r for job in jobs)] or [jobs[0][0]]
+    out = []
+    for r in shared:
+        pairs = {(i, j) for rr, i, j in jobs if rr == r}
+        la, lb = sorted({i for i, _ in pairs}), sorted({j for _, j in pairs})
+        rows_b = {j: _rows(ctx.spec_ft, roles_b[r][j], ctx.source_ft.get(roles_b[r][j])) for j in lb}
+        rows_a = ((i, _rows(ctx.spec_base, roles_a[r][i], ctx.source_base.get(roles_a[r][i]))) for i in la)
+        scores = screen.screen_scores(rows_a, rows_b, la, lb, ctx.compute_device)  # (L_A, L_B)
+        for a, b in screen.candidates(scores):
+            if (la[a], lb[b]) in pairs:
+                out.append((r, la[a], lb[b]))
+    return out
 
 
 def _nan_as_none(m: np.ndarray) -> list[list[float | None]]:
@@ -150,6 +172,11 @@ def csu_all(ctx: StatContext) -> StatResult:
     if not jobs:  # only --layers can leave nothing to compare once the fit check holds
         raise TracingError(f"csu_all has nothing to compare in --layers {ctx.layers}: pick other layers")
 
+    family = jobs  # every comparable (role, base layer, ft layer): the Holm family
+    if ctx.matching != "exact":  # screen every pair, test the candidates (statistics/screen.py)
+        jobs = _screened_jobs(ctx, roles_a, roles_b, jobs, layers_a, layers_b)
+        family = [job for job in family if job[0] in {r for r, _, _ in jobs}]
+
     # jobs run base matrix by base matrix: keep the last few base matrices read (each is compared n_b times)
     read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(ctx.source_base.get)
 
@@ -162,15 +189,18 @@ def csu_all(ctx: StatContext) -> StatResult:
     per_role = np.full((len(roles), len(layers_a), len(layers_b)), np.nan)  # raw log10 p; NaN: not tested
     at = {r: k for k, r in enumerate(roles)}
     row_of = {i: a for a, i in enumerate(layers_a)}
-    results = matching.map_in_threads(test_pair, jobs)
+    results = matching.map_in_threads(test_pair, sorted(jobs, key=lambda job: (at[job[0]], job[1], job[2])))
     bar = tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)
-    records = []
-    for rec, (r, i, j) in zip(bar, jobs):  # the bar first: zip's last pull lets it reach 100% and close
-        per_role[at[r], row_of[i], j] = rec["log10_pvalue"]
-        records.append(rec)
+    for rec, (r, i, j) in zip(bar, sorted(jobs, key=lambda job: (at[job[0]], job[1], job[2]))):
+        per_role[at[r], row_of[i], j] = rec["log10_pvalue"]  # the bar first: zip's last pull closes it
+    screened_out = np.zeros_like(per_role, dtype=bool)  # in the family, not tested: p = 1 in Holm's count
+    for r, i, j in set(family) - set(jobs):
+        screened_out[at[r], row_of[i], j] = True
     tested = ~np.isnan(per_role)
     holm = np.full_like(per_role, np.nan)
-    holm[tested] = holm_log10(per_role[tested])  # one family: every (role, layer, layer) test that gave a p
+    counted = np.where(screened_out, 0.0, per_role)[tested | screened_out]  # log10 p; screened out: p = 1
+    holm[tested | screened_out] = holm_log10(counted)  # one family: every (role, layer, layer) pair that counts
+    holm[screened_out] = np.nan
     logp, holm_pair = np.fmin.reduce(per_role, axis=0), np.fmin.reduce(holm, axis=0)  # (L_A, L_B): best role
     per_layer, mapping = layer_map(logp, holm_pair, layers_a, layers_b, "csu_all")
     for b, rec in enumerate(per_layer):
@@ -180,7 +210,8 @@ def csu_all(ctx: StatContext) -> StatResult:
     extras = {"log10p": {r: _nan_as_none(per_role[at[r]]) for r in roles if tested[at[r]].any()},
               "log10_pvalue_matrix": _nan_as_none(logp), "log10_pvalue_holm_matrix": _nan_as_none(holm_pair),
               "layers_base": layers_a, "layers_ft": layers_b, "mapping": mapping, "correction": "holm",
-              "alpha": MAPPING_ALPHA, "n_pairs": len(jobs), "pairs_skipped_nan": int(len(jobs) - tested.sum())}
+              "alpha": MAPPING_ALPHA, "n_pairs": len(family), "n_tested": len(jobs),
+              "pairs_skipped_nan": int(len(jobs) - tested.sum())}
     if (path := layer_heatmap(ctx, "csu_all", logp, layers_a, layers_b, mapping)) is not None:
         extras["heatmap"] = path
     return StatResult(value=best, log10_pvalue=best, per_layer=per_layer, extras=extras)
