@@ -30,11 +30,13 @@ from tracing.sources.base import Source
 from tracing.statistics import StatContext, StatResult, register, screen
 from tracing.statistics.common import (
     MAPPING_ALPHA,
+    dot_and_norms,
     identity_test,
     layer_heatmap,
     layer_map,
     matching_extras,
     selected_layers,
+    squared_distance,
 )
 from tracing.statistics.fits import require_fit, weights_differ
 from tracing.statistics.pvalues import fisher_log10p, holm_log10
@@ -49,7 +51,11 @@ def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device 
     device = device or rows_a.device
     rows_a, rows_b = rows_a.to(device), rows_b.to(device)
     sim = matching.cosine_matrix(rows_a, rows_b)  # (n, m)
-    return identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
+    record = identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
+    if rows_a.shape == rows_b.shape:  # how far B's rows moved from A's, in place (tracing.describe)
+        norm_sq = dot_and_norms(rows_a, rows_a)[1]
+        record["rel_change"] = (squared_distance(rows_a, rows_b) / norm_sq) ** 0.5 if norm_sq > 0 else None
+    return record
 
 
 def _rows(spec: ArchSpec, key: str, w: torch.Tensor, perm: str | None = None) -> torch.Tensor:
