@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 # Lower layers never import higher ones (a layer may import itself: the cycle test keeps that acyclic).
 LAYERS = [
     ["errors", "naming", "matching", "plots", "zoo", "docs"],  # foundation: no model code
-    ["config", "model_lists", "results", "result_folder", "devices", "arch", "checkpoints", "lineage", "hub"],
+    ["config", "model_lists", "results", "result_folder", "devices", "arch", "access", "digests", "checkpoints",
+     "lineage", "hub"],
     ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align"],  # tensors, models
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling

@@ -25,6 +25,7 @@ import torch
 
 from tracing.align import align_weights
 from tracing.arch import get_spec
+from tracing.checkpoints import Checkpoint, resolve
 from tracing.config import RunConfig
 from tracing.data import load_blocks
 from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype, return_freed_memory
@@ -33,7 +34,7 @@ from tracing.evaluate import mean_loss, perplexity
 from tracing.models import check_block_size, load_model
 from tracing.perm import apply_perm, permuted, random_perm
 from tracing.report import read_prompts, write_report
-from tracing.results import check_writable, finite_only, new_record, save_outcome, to_plain
+from tracing.results import check_writable, checkpoint_identities, finite_only, new_record, save_outcome, to_plain
 from tracing.sources import ModuleSource, Source, leaves, open_source
 from tracing.statistics import StatContext, StatInfo, StatResult, get_stat
 from tracing.statistics.common import check_same_shapes
@@ -63,19 +64,26 @@ def streams(cfg: RunConfig, info: StatInfo) -> bool:
     return not (info.needs_data or cfg.eval or cfg.report)
 
 
-def _open_pair(cfg: RunConfig, token: str | None, notes: list) -> tuple[Source, Source]:
-    kw = dict(dtype=cfg.dtype, token=token, adapter_base=cfg.adapter_base, trust_remote_code=cfg.trust_remote_code,
-              progress=not cfg.no_progress, allow_keys=cfg.allow_keys or (), notes=notes)
-    return open_source(cfg.base_model_id, **kw), open_source(cfg.ft_model_id, **kw)
+def resolve_pair(cfg: RunConfig, token: str | None) -> tuple[Checkpoint, Checkpoint]:
+    """Both checkpoints of the run, each name resolved once (the same name twice: one Checkpoint)."""
+    kw = dict(token=token, trust_remote_code=cfg.trust_remote_code, adapter_base=cfg.adapter_base,
+              progress=not cfg.no_progress)
+    base = resolve(cfg.base_model_id, **kw)
+    return base, base if cfg.ft_model_id == cfg.base_model_id else resolve(cfg.ft_model_id, **kw)
 
 
-def _load_pair(cfg: RunConfig, token: str | None, notes: list):
+def _open_pair(cfg: RunConfig, ckpts, token: str | None, notes: list) -> tuple[Source, Source]:
+    kw = dict(dtype=cfg.dtype, token=token, trust_remote_code=cfg.trust_remote_code, progress=not cfg.no_progress,
+              allow_keys=cfg.allow_keys or (), notes=notes)
+    return open_source(ckpts[0], **kw), open_source(ckpts[1], **kw)
+
+
+def _load_pair(cfg: RunConfig, ckpts, token: str | None, notes: list):
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     kw = dict(dtype=dtype, device=cfg.device, device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code,
-              token=token, adapter_base=cfg.adapter_base, progress=not cfg.no_progress,
-              allow_keys=cfg.allow_keys or (), notes=notes)
-    base, tok_base = load_model(cfg.base_model_id, **kw)
-    ft, tok_ft = load_model(cfg.ft_model_id, **kw)
+              token=token, progress=not cfg.no_progress, allow_keys=cfg.allow_keys or (), notes=notes)
+    base, tok_base = load_model(ckpts[0], **kw)
+    ft, tok_ft = load_model(ckpts[1], **kw)
     return base, tok_base, ft, tok_ft
 
 
@@ -92,12 +100,14 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
     streamed = record["streamed"] = streams(cfg, info)
     t0 = time.perf_counter()
     base = ft = tok_base = tok_ft = compute_device = None
+    ckpts = resolve_pair(cfg, token)
+    record["checkpoints"] = ckpts
     if streamed:
-        src_base, src_ft = _open_pair(cfg, token, record["notes"])
+        src_base, src_ft = _open_pair(cfg, ckpts, token, record["notes"])
         compute_device = resolve_device(cfg.device)
         record["compute_device"] = str(compute_device)
     else:
-        base, tok_base, ft, tok_ft = _load_pair(cfg, token, record["notes"])
+        base, tok_base, ft, tok_ft = _load_pair(cfg, ckpts, token, record["notes"])
         src_base, src_ft = ModuleSource(base, tokenizer=tok_base), ModuleSource(ft, tokenizer=tok_ft)
     record["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -179,7 +189,7 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
                   key=cfg.result_key(), key_flags=cfg.key_flags(), threads=torch.get_num_threads(),
                   command=cfg.command_line(), error=None, error_kind=None, value=None, log10_pvalue=None,
                   aligned_value=None, aligned_log10_pvalue=None, base_loss=None, ft_loss=None, base_ppl=None,
-                  ft_ppl=None, notes=[], streamed=None, load_s=None, stat_s=None)
+                  ft_ppl=None, notes=[], streamed=None, load_s=None, stat_s=None, checkpoints=None)
     return_freed_memory()
     reset_peak_memory()
     try:
@@ -190,6 +200,8 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
     except Exception as e:  # unexpected: keep the traceback in the record
         record.update(status="failed", error=f"{type(e).__name__}: {e}", error_kind="internal",
                       traceback=traceback.format_exc())
+    if record.get("checkpoints"):
+        record["checkpoints"] = checkpoint_identities(*record["checkpoints"])
     record["wall_time_s"] = time.perf_counter() - t0
     record["peak_rss_mib"], record["peak_gpu_mib"] = peak_memory_mib()
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
