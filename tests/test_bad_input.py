@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tracing.pipeline
+import tracing.pair
 from tracing import matching, zoo
 from tracing.aggregate import load_results
 from tracing.cli import main
@@ -87,7 +87,7 @@ def test_an_unwritable_save_is_refused_before_any_model_is_loaded(good, tmp_path
     def never(*a, **k):
         raise AssertionError("a model was loaded although its result could not be saved")
 
-    monkeypatch.setattr(tracing.pipeline, "load_model", never)
+    monkeypatch.setattr(tracing.pair, "load_model", never)
     (tmp_path / "a-file").write_text("")
     code, err = run_main(capsys, "--base_model_id", str(good), "--ft_model_id", str(good), "--stat", "l2",
                          "--save", str(tmp_path / "a-file" / "results"))

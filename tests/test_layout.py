@@ -14,7 +14,8 @@ LAYERS = [
     ["errors", "naming", "matching", "plots", "zoo", "docs"],  # foundation: no model code
     ["config", "model_lists", "results", "result_folder", "devices", "arch", "access", "digests", "checkpoints",
      "lineage", "hub"],
-    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align"],  # tensors, models
+    # tensors, models, and the opened pair built from them
+    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "pair"],
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs

@@ -1,17 +1,20 @@
-"""One pair, start to finish: open/load -> (permute/rotate ft) -> statistic -> (align -> statistic) -> (eval)
--> (report) -> record.
+"""One pair, start to finish: resolve and open both checkpoints -> check what configs and headers tell -> (token
+blocks) -> (load the models) -> (permute / rotate ft) -> statistic -> (align -> statistic) -> (eval) -> (report)
+-> record.
 
     record = run_pair(RunConfig(base_model_id="A", ft_model_id="B", stat="csu", align=True))
     record["status"], record["log10_pvalue"], record["aligned_log10_pvalue"]
 
-A weight statistic without --eval or --report *streams*: both checkpoints are opened as tensor sources
-(tracing/sources), --permute, --rotate and --align are views over them, and tensors are read one (or one
-layer's) at a time and sent to the compute device (`--device`: the GPU when there is one); no model is
-loaded. Everything else loads both models (`load_model`), transforms them in place and reads their weights
-through the same sources. Every run writes one result record (tracing/results.py) and returns it, also when
-it fails: status "failed" with the one-line error, and `error_kind` "input" (bad input, a TracingError) or
-"internal" (a bug or a crash, with the traceback in the record). Data is loaded only when the statistic or
---eval needs it.
+A run works on one `OpenedPair` (tracing/pair.py): each name resolved once into a Checkpoint, both checkpoints'
+files opened once (headers checked), --permute, --rotate and --align as the pair's methods. A weight statistic
+without --eval or --report *streams*: no model is loaded, tensors are read from the files one (or one layer's)
+at a time, through views for the transforms, and sent to the compute device (`--device`: the GPU when there is
+one). A statistic that runs the models (or --eval, --report) loads them once; then every statistic reads the
+models' tensors and the transforms change the loaded ft in place. Token blocks are made with base's tokenizer
+before any model is loaded, and only when the statistic or --eval needs them. Every run writes one result
+record (tracing/results.py) and returns it, also when it fails: status "failed" with the one-line error, and
+`error_kind` "input" (bad input, a TracingError) or "internal" (a bug or a crash, with the traceback in the
+record).
 """
 
 from __future__ import annotations
@@ -23,23 +26,20 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracing.align import align_weights
-from tracing.arch import get_spec
 from tracing.checkpoints import Checkpoint, resolve
 from tracing.config import RunConfig
 from tracing.data import load_blocks
 from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype, return_freed_memory
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss, perplexity
-from tracing.models import check_block_size, load_model
-from tracing.perm import apply_perm, permuted, random_perm
+from tracing.models import check_block_size
+from tracing.pair import OpenedPair, OpenOptions
 from tracing.report import read_prompts, write_report
 from tracing.results import check_writable, checkpoint_identities, finite_only, new_record, save_outcome, to_plain
-from tracing.sources import ModuleSource, Source, leaves, open_source
 from tracing.statistics import StatContext, StatInfo, StatResult, get_stat
 from tracing.statistics.common import check_same_shapes
 from tracing.statistics.permtest import permtest
-from tracing.transforms import RotatedSource, rotate_residual
+from tracing.transforms import check_rotatable
 
 
 def check(cfg: RunConfig) -> StatInfo:
@@ -72,19 +72,35 @@ def resolve_pair(cfg: RunConfig, token: str | None) -> tuple[Checkpoint, Checkpo
     return base, base if cfg.ft_model_id == cfg.base_model_id else resolve(cfg.ft_model_id, **kw)
 
 
-def _open_pair(cfg: RunConfig, ckpts, token: str | None, notes: list) -> tuple[Source, Source]:
-    kw = dict(dtype=cfg.dtype, token=token, trust_remote_code=cfg.trust_remote_code, progress=not cfg.no_progress,
-              allow_keys=cfg.allow_keys or (), notes=notes)
-    return open_source(ckpts[0], **kw), open_source(ckpts[1], **kw)
+def open_pair(cfg: RunConfig, token: str | None, notes: list) -> OpenedPair:
+    """Both checkpoints resolved and opened (configs, architectures, headers checked); no model loaded."""
+    base, ft = resolve_pair(cfg, token)
+    opts = OpenOptions(dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)), device=cfg.device,
+                       device_map=cfg.device_map, stream_dtype=resolve_dtype(cfg.dtype, "cpu") if cfg.dtype else None,
+                       trust_remote_code=cfg.trust_remote_code, progress=not cfg.no_progress,
+                       allow_keys=cfg.allow_keys or (), notes=notes, token=token)
+    return OpenedPair.open(base, ft, opts)
 
 
-def _load_pair(cfg: RunConfig, ckpts, token: str | None, notes: list):
-    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
-    kw = dict(dtype=dtype, device=cfg.device, device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code,
-              token=token, progress=not cfg.no_progress, allow_keys=cfg.allow_keys or (), notes=notes)
-    base, tok_base = load_model(ckpts[0], **kw)
-    ft, tok_ft = load_model(ckpts[1], **kw)
-    return base, tok_base, ft, tok_ft
+def check_inputs(cfg: RunConfig, info: StatInfo, pair: OpenedPair) -> None:
+    """What configs and headers tell before any model is loaded: shapes (where both checkpoints stream), whether
+    ft can be rotated, and whether --block_size fits both contexts."""
+    if (info.same_shape or cfg.align) and pair.headers_known:
+        check_same_shapes(pair.source_base, pair.source_ft, info.name, vocab_ok=not info.same_vocab)
+    if cfg.rotate:
+        check_rotatable(pair.checkpoints[1].spec)
+    if info.needs_data or cfg.eval:
+        base, ft = pair.checkpoints
+        check_block_size(cfg.block_size, {"base": base.config, "fine-tuned": ft.config})
+
+
+def load_data(cfg: RunConfig, info: StatInfo, pair: OpenedPair) -> torch.Tensor | None:
+    """The token blocks, if the statistic or --eval needs them (base's tokenizer; no model loaded)."""
+    if not (info.needs_data or cfg.eval):
+        return None
+    return load_blocks(cfg.dataset, pair.tokenizer_base, cfg.block_size, max_blocks=cfg.max_blocks, seed=cfg.seed,
+                       vocab_size=min(pair.vocab_sizes()), model_ids=(cfg.base_model_id, cfg.ft_model_id),
+                       generated_dir=cfg.generated_dir, progress=not cfg.no_progress)
 
 
 def _fill(record: dict, prefix: str, res: StatResult) -> None:
@@ -94,62 +110,35 @@ def _fill(record: dict, prefix: str, res: StatResult) -> None:
     record[f"{prefix}extras"] = to_plain(res.extras)
 
 
-def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
-    """Fill `record` in place; raises on failure (the caller records the error)."""
-    info = check(cfg)
-    streamed = record["streamed"] = streams(cfg, info)
+def execute(cfg: RunConfig, info: StatInfo, pair: OpenedPair, blocks: torch.Tensor | None, record: dict) -> None:
+    """The run on an opened pair: fill `record` in place; raises on failure (the caller records the error).
+
+    One path: the models are loaded only when a statistic, --eval or --report runs them (then weight statistics
+    read the models' tensors); otherwise tensors stream from the files. --permute, --rotate and --align are the
+    pair's methods (views over the files, or the loaded ft changed in place)."""
+    record["streamed"] = streams(cfg, info)
     t0 = time.perf_counter()
-    base = ft = tok_base = tok_ft = compute_device = None
-    ckpts = resolve_pair(cfg, token)
-    record["checkpoints"] = ckpts
-    if streamed:
-        src_base, src_ft = _open_pair(cfg, ckpts, token, record["notes"])
-        compute_device = resolve_device(cfg.device)
-        record["compute_device"] = str(compute_device)
-    else:
-        base, tok_base, ft, tok_ft = _load_pair(cfg, ckpts, token, record["notes"])
-        src_base, src_ft = ModuleSource(base, tokenizer=tok_base), ModuleSource(ft, tokenizer=tok_ft)
-    record["load_s"] = time.perf_counter() - t0
+    if not record["streamed"]:
+        pair.load()
+    record["load_s"] = (record["load_s"] or 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
-    if info.same_shape or cfg.align:
-        check_same_shapes(src_base, src_ft, info.name, vocab_ok=not info.same_vocab)
+    if (info.same_shape or cfg.align) and not pair.headers_known:  # shapes known only now
+        check_same_shapes(pair.source_base, pair.source_ft, info.name, vocab_ok=not info.same_vocab)
     if cfg.permute:
-        perm = random_perm(src_ft.spec, src_ft.shapes(), seed=cfg.seed)
-        if streamed:
-            src_ft = permuted(src_ft, perm)
-        else:
-            apply_perm(ft, src_ft.spec, perm)  # in place: the model's source reads the permuted weights
+        pair = pair.permute(cfg.seed)
     if cfg.rotate:
-        if streamed:
-            src_ft = RotatedSource(src_ft, seed=cfg.seed + 1)
-        else:
-            rotate_residual(ft, src_ft.spec, seed=cfg.seed + 1)
-            src_ft = ModuleSource(ft, get_spec(ft.config), tokenizer=tok_ft)  # rotation unties embeddings
-
-    blocks = None
-    if info.needs_data or cfg.eval:
-        check_block_size(cfg.block_size, {"base": base, "fine-tuned": ft})
-        vocab = min(base.get_input_embeddings().num_embeddings, ft.get_input_embeddings().num_embeddings)
-        blocks = load_blocks(cfg.dataset, tok_base, cfg.block_size, max_blocks=cfg.max_blocks, seed=cfg.seed,
-                             vocab_size=vocab, model_ids=(cfg.base_model_id, cfg.ft_model_id),
-                             generated_dir=cfg.generated_dir, progress=not cfg.no_progress)
-        record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
-
-    out_dir = cfg.report or str(cfg.result_path().parent)
-    ctx = StatContext.for_run(cfg, base=base, ft=ft, spec_base=src_base.spec, spec_ft=src_ft.spec,
-                              source_base=src_base, source_ft=src_ft, blocks=blocks, tokenizer_base=tok_base,
-                              tokenizer_ft=tok_ft, out_dir=out_dir, compute_device=compute_device)
+        pair = pair.rotate(cfg.seed + 1)
+    compute_device = None if pair.loaded else resolve_device(cfg.device)
+    if compute_device is not None:
+        record["compute_device"] = str(compute_device)
+    ctx = StatContext.for_pair(cfg, pair, blocks=blocks, out_dir=cfg.report or str(cfg.result_path().parent),
+                               compute_device=compute_device)
     res = compute(info, ctx, cfg.num_perm)
     _fill(record, "", res)  # also when it is no number: a failed record shows what was computed
     res.require_number(info.name)
     if cfg.align:
-        perm = align_weights(src_base, src_ft, src_base.spec, progress=ctx.progress, device=compute_device,
-                             method=cfg.matching, seed=cfg.seed)
-        if streamed:
-            ctx.source_ft = permuted(src_ft, perm)
-        else:
-            apply_perm(ft, src_ft.spec, perm)
-        aligned = info.fn(ctx)
+        pair = pair.align(cfg.matching, cfg.seed, progress=ctx.progress, device=compute_device)
+        aligned = info.fn(ctx.on(pair))
         if cfg.num_perm:  # alignment chose the ft permutation most like base: ft is no longer exchangeable
             aligned.extras["permtest"] = "not run: PERMTEST is not valid after --align"
             record["notes"].append("--num_perm applies to the non-aligned statistic only; PERMTEST is not valid "
@@ -157,19 +146,18 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
         _fill(record, "aligned_", aligned)
         aligned.require_number(f"{info.name} after --align")
     record["stat_s"] = time.perf_counter() - t0
-    if streamed:
-        files = [*leaves(src_base), *leaves(src_ft)]
-        record["read_s"] = sum(s.read_s for s in files)  # summed over the threads that read
-        record["read_gib"] = sum(s.read_bytes for s in files) / 2 ** 30
+    if not pair.loaded:
+        read_s, read_bytes = pair.read_stats()
+        record["read_s"], record["read_gib"] = read_s, read_bytes / 2 ** 30  # summed over the threads that read
 
     if cfg.eval:
-        for name, model in (("base", base), ("ft", ft)):
+        for name, model in (("base", pair.base), ("ft", pair.ft)):
             loss = mean_loss(model, blocks, batch_size=cfg.batch_size, progress=ctx.progress)
             record[f"{name}_loss"], record[f"{name}_ppl"] = loss, perplexity(loss)
 
     if cfg.report:
         record["report"] = write_report(
-            base, ft, tok_base, tok_ft, src_base.spec, cfg.report,
+            pair.base, pair.ft, pair.tokenizer_base, pair.tokenizer_ft, pair.spec_base, cfg.report,
             prompts=read_prompts(cfg.prompts) if cfg.prompts else None, focus_token=cfg.report_token,
             compare=tuple(cfg.compare.split("=", 1)) if cfg.compare else None,
             targets=[t for t in cfg.targets.split(",") if t] if cfg.targets else None,
@@ -184,24 +172,35 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
     t0 = time.perf_counter()
     path = cfg.result_path()
     check_writable(path.parent)
+    info = check(cfg)
+    token = token or os.environ.get("HF_TOKEN") or None
     record = new_record(cfg.to_dict())
-    record.update(stat=get_stat(cfg.stat).name, base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id,
+    record.update(stat=info.name, base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id,
                   key=cfg.result_key(), key_flags=cfg.key_flags(), threads=torch.get_num_threads(),
                   command=cfg.command_line(), error=None, error_kind=None, value=None, log10_pvalue=None,
                   aligned_value=None, aligned_log10_pvalue=None, base_loss=None, ft_loss=None, base_ppl=None,
-                  ft_ppl=None, notes=[], streamed=None, load_s=None, stat_s=None, checkpoints=None)
+                  ft_ppl=None, notes=[], streamed=None, load_s=None, data_s=None, stat_s=None, checkpoints=None)
     return_freed_memory()
     reset_peak_memory()
+    pair = None
     try:
-        execute(cfg, record, token or os.environ.get("HF_TOKEN") or None)
+        pair = open_pair(cfg, token, record["notes"])
+        record["load_s"] = time.perf_counter() - t0
+        check_inputs(cfg, info, pair)
+        t1 = time.perf_counter()
+        blocks = load_data(cfg, info, pair)
+        record["data_s"] = time.perf_counter() - t1
+        if blocks is not None:
+            record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
+        execute(cfg, info, pair, blocks, record)
         record["status"] = "ok"
     except TracingError as e:
         record.update(status="failed", error=str(e), error_kind="input")
     except Exception as e:  # unexpected: keep the traceback in the record
         record.update(status="failed", error=f"{type(e).__name__}: {e}", error_kind="internal",
                       traceback=traceback.format_exc())
-    if record.get("checkpoints"):
-        record["checkpoints"] = checkpoint_identities(*record["checkpoints"])
+    if pair is not None:
+        record["checkpoints"] = checkpoint_identities(*pair.checkpoints)
     record["wall_time_s"] = time.perf_counter() - t0
     record["peak_rss_mib"], record["peak_gpu_mib"] = peak_memory_mib()
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -22,6 +22,7 @@ from tracing.arch import ArchSpec
 from tracing.config import FIELDS, RunConfig
 from tracing.errors import TracingError
 from tracing.matching import DEFAULT_METHOD
+from tracing.pair import OpenedPair
 from tracing.sources.base import ModuleSource, Source
 
 
@@ -104,6 +105,23 @@ class StatContext:
         """A context for one run: the options from `cfg`, the models and everything else from `runtime`."""
         options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name in FIELDS}
         return cls(**options, progress=not cfg.no_progress, **runtime)
+
+    @classmethod
+    def for_pair(cls, cfg: RunConfig, pair: OpenedPair, **runtime: Any) -> StatContext:
+        """A context for one run on an opened pair: the options from `cfg`; the sources, specs and (once the pair
+        is loaded) models and tokenizers from `pair`; blocks and the rest from `runtime`."""
+        return cls.for_run(cfg, **_from_pair(pair), **runtime)
+
+    def on(self, pair: OpenedPair) -> StatContext:
+        """This context on another pair of the same run (e.g. ft aligned): same options, blocks and cache."""
+        return dataclasses.replace(self, **_from_pair(pair))
+
+
+def _from_pair(pair: OpenedPair) -> dict[str, Any]:
+    return dict(base=pair.base, ft=pair.ft, source_base=pair.source_base, source_ft=pair.source_ft,
+                spec_base=pair.spec_base, spec_ft=pair.spec_ft,
+                tokenizer_base=pair.tokenizer_base if pair.loaded else None,
+                tokenizer_ft=pair.tokenizer_ft if pair.loaded else None)
 
 
 @dataclass(frozen=True)
