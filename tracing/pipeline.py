@@ -11,8 +11,11 @@ without --eval or --report *streams*: no model is loaded, tensors are read from 
 at a time, through views for the transforms, and sent to the compute device (`--device`: the GPU when there is
 one). A statistic that runs the models (or --eval, --report) loads them once; then every statistic reads the
 models' tensors and the transforms change the loaded ft in place. Token blocks are made with base's tokenizer
-before any model is loaded, and only when the statistic or --eval needs them. Every run writes one result
-record (tracing/results.py) and returns it, also when it fails: status "failed" with the one-line error, and
+before any model is loaded, and only when the statistic or --eval needs them.
+
+Bad input found before any model is loaded or tensor read (`prepare`: names, configs, headers, shapes, block
+size, dataset) is a TracingError and writes nothing. From there on every run writes one result record
+(tracing/results.py) and returns it, also when it fails: status "failed" with the one-line error, and
 `error_kind` "input" (bad input, a TracingError) or "internal" (a bug or a crash, with the traceback in the
 record).
 """
@@ -167,8 +170,11 @@ def execute(cfg: RunConfig, info: StatInfo, pair: OpenedPair, blocks: torch.Tens
 def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
     """Run one pair, write its record (ok or failed) and return it. `token`: default $HF_TOKEN, never stored.
 
-    The record goes to cfg.result_path() (a failed run beside an ok record there, never over it); a --save
-    that cannot take a file is a TracingError before any model is loaded."""
+    Bad input found before any model is loaded or any tensor read (an unknown name, an unsupported architecture,
+    a checkpoint broken in its config or headers, shapes that differ, a --block_size longer than a context, a
+    dataset that cannot be read) is a TracingError raised here, and nothing is written. Once the run reads
+    weights, every outcome is a record at cfg.result_path() (a failed run beside an ok record there, never over
+    it); a --save that cannot take a file is a TracingError before anything is opened."""
     t0 = time.perf_counter()
     path = cfg.result_path()
     check_writable(path.parent)
@@ -182,23 +188,21 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
                   ft_ppl=None, notes=[], streamed=None, load_s=None, data_s=None, stat_s=None, checkpoints=None)
     return_freed_memory()
     reset_peak_memory()
-    pair = None
+    pair = blocks = None
     try:
-        pair = open_pair(cfg, token, record["notes"])
-        record["load_s"] = time.perf_counter() - t0
-        check_inputs(cfg, info, pair)
-        t1 = time.perf_counter()
-        blocks = load_data(cfg, info, pair)
-        record["data_s"] = time.perf_counter() - t1
-        if blocks is not None:
-            record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
-        execute(cfg, info, pair, blocks, record)
-        record["status"] = "ok"
-    except TracingError as e:
-        record.update(status="failed", error=str(e), error_kind="input")
-    except Exception as e:  # unexpected: keep the traceback in the record
-        record.update(status="failed", error=f"{type(e).__name__}: {e}", error_kind="internal",
-                      traceback=traceback.format_exc())
+        pair, blocks = prepare(cfg, info, token, record)
+    except TracingError:
+        raise  # bad input, nothing loaded yet: no record (the caller prints the line, exit 2)
+    except Exception as e:  # a bug or a crash: kept in a record with its traceback
+        _failed(record, e)
+    if record["error"] is None:
+        try:
+            execute(cfg, info, pair, blocks, record)
+            record["status"] = "ok"
+        except TracingError as e:
+            record.update(status="failed", error=str(e), error_kind="input")
+        except Exception as e:  # unexpected: keep the traceback in the record
+            _failed(record, e)
     if pair is not None:
         record["checkpoints"] = checkpoint_identities(*pair.checkpoints)
     record["wall_time_s"] = time.perf_counter() - t0
@@ -207,6 +211,26 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
     record = finite_only(record)  # what is saved: NaN / inf as None, listed under "nonfinite"
     save_outcome(record, path)
     return record
+
+
+def prepare(cfg: RunConfig, info: StatInfo, token: str | None, record: dict) -> tuple[OpenedPair, torch.Tensor | None]:
+    """Everything before any model is loaded or tensor read: the opened pair (configs and headers checked), the
+    checks of `check_inputs`, the token blocks. Fills load_s (opening), data_s and the blocks' shape in `record`."""
+    t0 = time.perf_counter()
+    pair = open_pair(cfg, token, record["notes"])
+    check_inputs(cfg, info, pair)
+    record["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    blocks = load_data(cfg, info, pair)
+    record["data_s"] = time.perf_counter() - t0
+    if blocks is not None:
+        record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
+    return pair, blocks
+
+
+def _failed(record: dict, e: Exception) -> None:
+    record.update(status="failed", error=f"{type(e).__name__}: {e}", error_kind="internal",
+                  traceback=traceback.format_exc())
 
 
 def summary(record: dict) -> str:
