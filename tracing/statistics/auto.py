@@ -1,7 +1,9 @@
-"""`--stat auto`: the tests that fit the pair, in a sensible order, one valid combined p-value, the derivation named.
+"""`--stat auto` (the default): the tests that fit the pair, in a sensible order, one valid combined p-value, and
+the derivation named in one line.
 
-    outcome = run_auto(cfg, pair, context, blocks)   # context(pair, blocks) -> StatContext; blocks() -> token blocks
-    outcome.log10_pvalue, outcome.tests, outcome.derivation
+    python main.py --base_model_id A --ft_model_id B            # auto
+    res = get_stat("auto").fn(ctx)    # ctx.pair: the opened pair (tracing/pair.py); ctx.blocks: token blocks
+    res.log10_pvalue, res.extras["tests"], res.extras["derivation"]
 
 The plan is fixed from the pair's shapes before any test runs (`plan`): same shapes -> csu (weights in place),
 csu after --align (permuted hidden units), match (activations: rotated or otherwise re-based residual stream;
@@ -19,15 +21,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from tracing.config import RunConfig
 from tracing.describe import describe
 from tracing.errors import TracingError
-from tracing.statistics import StatContext, StatResult, get_stat
+from tracing.sources.base import Source
+from tracing.statistics import StatContext, StatResult, get_stat, register
 from tracing.statistics.fits import advice, hidden_size, mlp_units, vocab_disagrees
 
 STOP_LOG10P = -6.0  # the combined p that settles a pair: no further test runs
@@ -48,16 +49,26 @@ class Step:
         return get_stat(self.stat).needs_data
 
 
-def plan(a, b) -> list[Step]:
-    """The tests for this pair of sources, from shapes and configs only (statistics/fits.py)."""
+def _plan(a: Source, b: Source) -> list[Step]:
     fits = {name: get_stat(name).misfit(a, b) is None for name in ("csu", "match", "csu_all", "match_all")}
     if fits["csu"]:
         steps = [Step("csu", "csu"), Step("csu --align", "csu", align=True)]
         return steps + ([Step("match", "match")] if fits["match"] else [])
-    steps = [Step(n, n) for n in ("csu_all", "match_all") if fits[n]]
+    return [Step(n, n) for n in ("csu_all", "match_all") if fits[n]]
+
+
+def no_test_fits(a: Source, b: Source) -> str | None:
+    """auto's fit check: at least one of its tests runs on the pair."""
+    if _plan(a, b):
+        return None
+    return f"none of its tests (csu, csu_all, match, match_all) fits: {get_stat('csu_all').misfit(a, b)}"
+
+
+def plan(a: Source, b: Source) -> list[Step]:
+    """The tests for this pair of sources, from shapes and configs only (statistics/fits.py)."""
+    steps = _plan(a, b)
     if not steps:
-        raise TracingError(f"auto: none of its tests (csu, csu_all, match, match_all) fits this pair: "
-                           f"{get_stat('csu_all').misfit(a, b)}; {advice(a, b)}")
+        raise TracingError(f"auto cannot run on this pair: {no_test_fits(a, b)}; {advice(a, b)}")
     return steps
 
 
@@ -67,35 +78,26 @@ def combined_log10p(log10ps: list[float], k: int) -> float:
     return min(0.0, math.log10(k) + min(finite)) if finite else 0.0
 
 
-@dataclass
-class AutoOutcome:
-    log10_pvalue: float
-    related: bool
-    tests: list[dict]  # {"test", "stat", "log10_pvalue", "seconds"} in the order they ran
-    plan: list[str]
-    decided_by: str | None
-    derivation: str
-    evidence: dict = field(default_factory=dict)
-    results: dict[str, StatResult] = field(default_factory=dict)  # each test's own result
-
-
-def run_auto(cfg: RunConfig, pair, context: Callable, blocks: Callable[[], torch.Tensor]) -> AutoOutcome:
-    """Run the plan on an opened pair (tracing/pair.py). `context(pair, blocks or None)` builds a StatContext;
-    `blocks()` loads the token blocks, called only if an activation test runs."""
+@register("auto", needs_data=True, composite=True, scalar=False, higher_is_related=False, fits=(no_test_fits,),
+          help="the tests that fit the pair (csu, csu --align, match; csu_all, match_all when shapes differ), "
+               "weights first, stopping once one settles it; Bonferroni over the planned tests; the derivation "
+               "named")
+def auto(ctx: StatContext) -> StatResult:
+    if ctx.pair is None:
+        raise TracingError("auto runs on an opened pair (tracing.pair.OpenedPair): build the context with "
+                           "StatContext.for_pair")
+    pair = ctx.pair
     steps = plan(pair.source_base, pair.source_ft)
-    tests, results = [], {}
-    aligned = None
+    tests, results, aligned = [], {}, None
     for step in steps:
         t0 = time.perf_counter()
         on = pair
         if step.align:
-            aligned = aligned or pair.align(cfg.matching, cfg.seed, progress=not cfg.no_progress)
+            aligned = aligned or pair.align(ctx.matching, ctx.seed, progress=ctx.progress, device=ctx.compute_device)
             on = aligned
-        data = None
         if step.needs_data:
-            data = blocks()
-            on.load()
-        res = get_stat(step.stat).fn(context(on, data))
+            on.load()  # once for the run: later statistics read the loaded models
+        res = get_stat(step.stat).fn(ctx.on(on))
         results[step.name] = res
         tests.append({"test": step.name, "stat": step.stat, "log10_pvalue": res.log10_pvalue,
                       "seconds": time.perf_counter() - t0})
@@ -103,11 +105,19 @@ def run_auto(cfg: RunConfig, pair, context: Callable, blocks: Callable[[], torch
             break
     combined = combined_log10p([t["log10_pvalue"] for t in tests], len(steps))
     related = combined <= math.log10(ALPHA)
-    decided = min(tests, key=lambda t: t["log10_pvalue"] if t["log10_pvalue"] is not None
-                  and not math.isnan(t["log10_pvalue"]) else math.inf)["test"] if related else None
-    ev = evidence(pair if decided != "csu --align" else aligned, results, decided)
+    decided = min(tests, key=lambda t: _p(t["log10_pvalue"]))["test"] if related else None
+    ev = evidence(aligned if decided == "csu --align" else pair, results, decided)
     ev.update(related=related, decided_by=decided, log10_pvalue=combined, tests=tests)
-    return AutoOutcome(combined, related, tests, [s.name for s in steps], decided, describe(ev), ev, results)
+    deciding = results.get(decided) if decided else None
+    extras = {"plan": [s.name for s in steps], "tests": tests, "decided_by": decided, "correction": "bonferroni",
+              "derivation": describe(ev), "evidence": {k: v for k, v in ev.items() if k != "tests"},
+              "related": related}
+    return StatResult(value=combined, log10_pvalue=combined,
+                      per_layer=deciding.per_layer if deciding is not None else [], extras=extras)
+
+
+def _p(log10p: float | None) -> float:
+    return math.inf if log10p is None or math.isnan(log10p) else log10p
 
 
 # ---------------------------------------------------------------------------------------------- evidence
