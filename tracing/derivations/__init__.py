@@ -32,6 +32,14 @@ __all__ = ["BASE", "KINDS", "TRUTH_FIELDS", "Derived", "Recipe", "derive", "inde
            "layers", "merges", "nulls", "quant", "tuning", "width"]
 
 TRUTH_FILE = "truth.json"
+ORDER = ("finetune", "finetune-long", "lora", "lora-adapter", "vocab-extend", "tokenizer-transplant",
+         "depth-upscale", "layer-prune", "layer-prune-healed", "width-prune-mlp", "width-prune-mlp-healed",
+         "width-prune-hidden", "merge-linear", "merge-slerp", "merge-task-arithmetic", "merge-ties", "merge-dare",
+         "passthrough", "quant-int8", "quant-int4", "quant-gguf-q8_0", "quant-gguf-q4_0", "permute", "rotate",
+         "independent", "independent-other-data", "damaged-zeroed", "damaged-duplicated", "damaged-constant",
+         "merge-of-independents")
+assert set(ORDER) == set(KINDS), sorted(set(ORDER) ^ set(KINDS))
+KINDS.update({kind: KINDS.pop(kind) for kind in ORDER})  # registered module by module; listed in this order
 
 
 def derive(kind: str, base: Any, tok: Any, ids: torch.Tensor, **options: Any) -> Derived:

@@ -104,7 +104,8 @@ def truth(kind: str, base: Model, model: Model, *, parents: list[str], layer_map
 
     derived     whether its weights descend from the tested base ("base")
     parents     the models its weights were taken from; `lineage` says how each parent other than "base" was made
-    layer_map   per derived block, [root model, block of that root] (roots: "base", "independent-<seed>")
+    layer_map   per derived block, [root model, block of that root] (roots: "base", "independent-<seed>"; a merge
+                names its first parent's root, `shares` names every parent)
     widths      {layers, hidden, mlp, heads, vocab}: [derived, base] each; `kept`: indices kept by width pruning
     vocab       "same" | "extended" | "replaced";  shares: per derived block {parent: weight} for merges
     merge       the merge method and its parameters;  embed_from: the parent of the tensors outside the blocks

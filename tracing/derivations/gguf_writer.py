@@ -23,10 +23,14 @@ QTYPES = ("Q8_0", "Q4_0")
 
 def gguf_refusal(config: Any) -> str | None:
     """Why a GGUF file of this config would not load back as the same model (None: it would)."""
-    if config.model_type not in GGUF_TYPES:
-        return (f"this GGUF writer covers {', '.join(GGUF_TYPES)} (transformers reads GGUF only for some "
-                f"families, not gpt_neox, gemma or olmo)")
-    if config.model_type == "gpt2" and (config.n_inner not in (None, 4 * config.n_embd) or config.n_positions != 1024):
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch = config.model_type.removesuffix("_text")
+    if arch not in GGUF_TYPES:
+        if arch in GGUF_SUPPORTED_ARCHITECTURES:
+            return f"transformers reads {arch} GGUF files, but this writer writes only {', '.join(GGUF_TYPES)} ones"
+        return f"transformers cannot read {arch} GGUF files (this writer writes {', '.join(GGUF_TYPES)} ones)"
+    if arch == "gpt2" and (config.n_inner not in (None, 4 * config.n_embd) or config.n_positions != 1024):
         return (f"transformers reads a gpt2 GGUF file with an MLP of 4 x hidden and 1024 positions, this model has "
                 f"{config.n_inner} and {config.n_positions}: build it with intermediate={4 * config.n_embd}, "
                 f"max_positions=1024")
