@@ -15,7 +15,8 @@ LAYERS = [
     ["config", "model_lists", "results", "result_folder", "devices", "arch", "access", "digests", "checkpoints",
      "lineage", "hub", "describe"],
     # tensors, models, and the opened pair built from them
-    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "pair"],
+    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "pair",
+     "derivations"],  # ... and derivation recipes
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs
