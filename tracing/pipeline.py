@@ -116,6 +116,11 @@ def load_data(cfg: RunConfig, info: StatInfo, pair: OpenedPair, notes: list | No
     """The token blocks, if the statistic or --eval needs them (base's tokenizer; no model loaded)."""
     if not (info.needs_data or cfg.eval):
         return None
+    return blocks_for(cfg, info, pair, notes)
+
+
+def blocks_for(cfg: RunConfig, info: StatInfo, pair: OpenedPair, notes: list | None = None) -> torch.Tensor:
+    """The token blocks of this run (also what a composite statistic loads when one of its tests needs them)."""
     size, note = block_size(cfg, pair)
     if note and notes is not None:
         notes.append(note)
@@ -153,6 +158,7 @@ def execute(cfg: RunConfig, info: StatInfo, pair: OpenedPair, blocks: torch.Tens
     if compute_device is not None:
         record["compute_device"] = str(compute_device)
     ctx = StatContext.for_pair(cfg, pair, blocks=blocks, out_dir=cfg.report or str(cfg.result_path().parent),
+                               load_blocks=lambda: blocks_for(cfg, info, pair, record["notes"]),
                                compute_device=compute_device)
     res = compute(info, ctx, cfg.num_perm)
     _fill(record, "", res)  # also when it is no number: a failed record shows what was computed

@@ -88,6 +88,7 @@ class StatContext:
     compute_device: torch.device | None = None
     # the opened pair the sources come from (tracing/pair.py): what a composite statistic (auto) aligns or loads
     pair: OpenedPair | None = None
+    load_blocks: Callable[[], torch.Tensor] | None = None  # the run's token blocks, made when first needed
     # Values that permuting ft's hidden units cannot change (e.g. the endpoint losses of mode), so that
     # PERMTEST's inner calls, which share this dict, compute them once.
     cache: dict = field(default_factory=dict)

@@ -19,6 +19,7 @@ Bonferroni value: still valid, never a cherry-picked minimum.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ def combined_log10p(log10ps: list[float], k: int) -> float:
     return min(0.0, math.log10(k) + min(finite)) if finite else 0.0
 
 
-@register("auto", needs_data=True, composite=True, scalar=False, higher_is_related=False, fits=(no_test_fits,),
+@register("auto", composite=True, scalar=False, higher_is_related=False, fits=(no_test_fits,),
           help="the tests that fit the pair (csu, csu --align, match; csu_all, match_all when shapes differ), "
                "weights first, stopping once one settles it; Bonferroni over the planned tests; the derivation "
                "named")
@@ -88,7 +89,7 @@ def auto(ctx: StatContext) -> StatResult:
                            "StatContext.for_pair")
     pair = ctx.pair
     steps = plan(pair.source_base, pair.source_ft)
-    tests, results, aligned = [], {}, None
+    tests, results, aligned, blocks = [], {}, None, ctx.blocks
     for step in steps:
         t0 = time.perf_counter()
         on = pair
@@ -96,8 +97,10 @@ def auto(ctx: StatContext) -> StatResult:
             aligned = aligned or pair.align(ctx.matching, ctx.seed, progress=ctx.progress, device=ctx.compute_device)
             on = aligned
         if step.needs_data:
+            if blocks is None:
+                blocks = ctx.load_blocks()  # made only now: a pair the weights settle needs no data
             on.load()  # once for the run: later statistics read the loaded models
-        res = get_stat(step.stat).fn(ctx.on(on))
+        res = get_stat(step.stat).fn(dataclasses.replace(ctx.on(on), blocks=blocks))
         results[step.name] = res
         tests.append({"test": step.name, "stat": step.stat, "log10_pvalue": res.log10_pvalue,
                       "seconds": time.perf_counter() - t0})
@@ -133,24 +136,28 @@ def _layer_map(res: StatResult) -> list[int | None] | None:
     return [r["layer"] if r.get("log10_pvalue") is not None and r["log10_pvalue"] <= cut else None for r in layers]
 
 
-def _weight_change(res: StatResult) -> float | None:
-    changes = [r["rel_change"] for r in res.per_layer if isinstance(r, dict) and r.get("rel_change") is not None]
+def _weight_change(res: StatResult, mapping: list[int | None] | None) -> float | None:
+    """Mean relative change of the matched MLP rows over the layers that come from base (others are not A's)."""
+    changes = [r["rel_change"] for j, r in enumerate(res.per_layer) if isinstance(r, dict)
+               and r.get("rel_change") is not None and (mapping is None or mapping[j] is not None)]
     return sum(changes) / len(changes) if changes else None
 
 
 def quant_bits(w: torch.Tensor) -> int | None:
-    """4 or 8 when every block of 32 values of `w` (n, d) takes at most 2^bits - 1 levels of one step (an absmax
-    round trip per row or per block of 32: int8/int4, GGUF Q8_0/Q4_0), else None."""
-    w = w.detach().float().reshape(-1)
-    if w.numel() < 32 * 16:
+    """4 or 8 when `w` (n, d) is an absmax round trip: every row, or every block of 32 values, a whole multiple of
+    one step, its largest |value| / (2^(bits-1) - 1) or / 2^(bits-1) (int8/int4 per row or group, GGUF Q8_0 /
+    Q4_0), else None."""
+    w = w.detach().float()
+    if w.numel() < 32 * 16 or w.shape[-1] % 32:
         return None
-    blocks = w[: w.numel() // 32 * 32].reshape(-1, 32)  # (n_blocks, 32)
     for bits in (4, 8):
-        levels = 2 ** (bits - 1)  # symmetric: -levels .. levels - 1 (or -(levels-1) .. levels-1)
-        for scale in (blocks.abs().amax(1, keepdim=True) / (levels - 1), blocks.abs().amax(1, keepdim=True) / levels):
-            q = blocks / scale.clamp_min(1e-30)
-            if float(((q - q.round()).abs() < 1e-3).float().mean()) > 0.999:
-                return bits
+        levels = 2 ** (bits - 1)
+        for groups in (w.reshape(w.shape[0], -1), w.reshape(-1, 32)):  # per row, per block of 32
+            top = groups.abs().amax(1, keepdim=True).clamp_min(1e-30)
+            for step in (top / (levels - 1), top / levels):
+                q = groups / step
+                if float(((q - q.round()).abs() < 1e-2).float().mean()) > 0.999:
+                    return bits
     return None
 
 
@@ -165,13 +172,13 @@ def evidence(pair, results: dict[str, StatResult], decided: str | None) -> dict:
     if decided is not None:
         res = results[decided]
         ev["layer_map"] = _layer_map(res)
-        ev["weight_change"] = _weight_change(res)
-        if ev["hidden"][0] == ev["hidden"][1]:
+        ev["weight_change"] = _weight_change(res, ev["layer_map"] if "mapping" not in res.extras else None)
+        if ev["hidden"][0] == ev["hidden"][1] and decided in ("csu", "csu --align", "csu_all"):  # units line up
             vocab["embedding_cosine"] = get_stat("emb").fn(StatContext(source_base=a, source_ft=b,
                                                                        progress=False)).value
         key = b.spec.layers[0].up
         ev["quant_bits"] = quant_bits(b.get(key))
     ckpt = pair.checkpoints[1]
-    if getattr(ckpt, "kind", None) == "adapter":
-        ev["adapter_rank"] = getattr(ckpt, "adapter_rank", None)
+    if ckpt.adapter is not None:
+        ev["adapter_rank"] = ckpt.adapter.get("r")
     return ev
