@@ -54,3 +54,19 @@ def test_exit_on_error_turns_signals_into_exit_codes():
     assert exit_on_error(interrupted) == EXIT_SIGINT
     assert exit_on_error(terminated) == EXIT_SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored afterwards
+
+
+def test_an_interrupted_launch_says_how_to_see_and_resume_its_jobs(tmp_path, monkeypatch, capsys):
+    import tracing.launcher as launcher
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher.cluster, "launch", interrupted)
+    argv = ["--config", "config/demo.yaml", "--save", str(tmp_path / "out"), "--wait"]
+    assert launcher.main(argv) == EXIT_SIGINT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted; submitted jobs keep running (see them: python launch.py --config "
+                          "config/demo.yaml --save")
+    assert err.endswith(f"resume: python launch.py --config config/demo.yaml --save {tmp_path / 'out'} --wait "
+                        "(pairs with an ok record are skipped)")
