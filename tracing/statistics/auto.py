@@ -115,6 +115,8 @@ def auto(ctx: StatContext) -> StatResult:
     extras = {"plan": [s.name for s in steps], "tests": tests, "decided_by": decided, "correction": "bonferroni",
               "derivation": describe(ev), "evidence": {k: v for k, v in ev.items() if k != "tests"},
               "related": related}
+    if blocks is not None:  # an activation test ran: the tokens it read
+        extras["n_tokens"] = int(blocks.numel())
     return StatResult(value=combined, log10_pvalue=combined,
                       per_layer=deciding.per_layer if deciding is not None else [], extras=extras)
 
