@@ -16,13 +16,17 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2", "gemma3",
-            "gpt_neox", "gpt2")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2", "gemma3",
+                  "gpt_neox", "gpt2")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
 
 _CONFIGS = {  # class names, looked up when a model is built (importing them all costs ~70 MiB up front)
     "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
     "olmo": "OlmoConfig", "olmo2": "Olmo2Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
     "gemma3": "Gemma3TextConfig", "gpt_neox": "GPTNeoXConfig", "gpt2": "GPT2Config",
+    "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig", "olmoe": "OlmoeConfig",
+    "deepseek_v3": "DeepseekV3Config", "gpt_oss": "GptOssConfig",
 }
 
 _NAMES = ["Ada", "Bram", "Chloe", "Dmitri", "Elif", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena"]
@@ -66,9 +70,28 @@ def build_tokenizer(text: str, vocab_size: int = 512) -> transformers.PreTrained
                                                 eos_token="<eos>", bos_token="<eos>")
 
 
+def _moe_options(family: str, n_experts: int, width: int, hidden: int, heads: int) -> dict:
+    """The MoE fields of a tiny config: `n_experts` experts of `width` neurons, 2 routed per token, a shared expert
+    of `width` where the family has one; every block sparse (DeepSeek-V3: all but the first)."""
+    top2 = dict(num_experts_per_tok=2, norm_topk_prob=True)
+    if family in ("mixtral", "gpt_oss"):
+        return dict(num_local_experts=n_experts, num_experts_per_tok=2)
+    if family == "olmoe":
+        return dict(num_experts=n_experts, **top2)
+    if family in ("qwen2_moe", "qwen3_moe"):
+        shared = dict(shared_expert_intermediate_size=width) if family == "qwen2_moe" else {}
+        return dict(num_experts=n_experts, moe_intermediate_size=width, decoder_sparse_step=1, **shared, **top2)
+    head = hidden // heads  # DeepSeek-V3's multi-head latent attention, in groups of 2 experts
+    return dict(n_routed_experts=n_experts, moe_intermediate_size=width, n_shared_experts=1, first_k_dense_replace=1,
+                n_group=2 if n_experts % 2 == 0 else 1, topk_group=1, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2,
+                qk_rope_head_dim=head // 2, qk_nope_head_dim=head // 2, v_head_dim=head, rope_scaling=None, **top2)
+
+
 def tiny_config(family: str, vocab_size: int = 512, hidden: int = 64, layers: int = 2,
-                intermediate: int = 128, heads: int = 4, kv_heads: int = 2, max_positions: int = 256):
-    """A transformers config of the given family with a tiny shape."""
+                intermediate: int = 128, heads: int = 4, kv_heads: int = 2, max_positions: int = 256,
+                n_experts: int = 4):
+    """A transformers config of the given family with a tiny shape (MoE families: `n_experts` experts of
+    `intermediate` neurons each)."""
     if family not in _CONFIGS:
         raise ValueError(f"unknown family '{family}'; choose from {', '.join(FAMILIES)}")
     ids = dict(bos_token_id=2, eos_token_id=2, pad_token_id=0)
@@ -81,10 +104,14 @@ def tiny_config(family: str, vocab_size: int = 512, hidden: int = 64, layers: in
     if family == "gpt_neox":
         return transformers.GPTNeoXConfig(**kw)
     kw["num_key_value_heads"] = kv_heads
-    if family.startswith("gemma") or family == "qwen3":
+    if family.startswith("gemma") or family in ("qwen3", "qwen3_moe", "gpt_oss"):
         kw["head_dim"] = hidden // heads
     if family == "olmo":
         kw.pop("num_key_value_heads")
+    if family in MOE_FAMILIES:
+        kw.update(_moe_options(family, n_experts, intermediate, hidden, heads))
+    if family == "deepseek_v3":
+        kw["num_key_value_heads"] = heads
     return getattr(transformers, _CONFIGS[family])(**kw)
 
 
