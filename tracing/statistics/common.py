@@ -27,6 +27,7 @@ import torch
 from tracing import matching, naming, plots
 from tracing.arch import ArchSpec
 from tracing.errors import TracingError
+from tracing.moe import check_same_experts
 from tracing.sources.base import Source
 from tracing.statistics import StatContext
 from tracing.statistics.pvalues import perm_pair_spearman
@@ -44,6 +45,8 @@ def vocab_keys(spec: ArchSpec) -> tuple[str, ...]:
 def check_same_shapes(a: Source, b: Source, stat_name: str = "this statistic", vocab_ok: bool = True) -> None:
     """Raise TracingError unless both sources have the same keys and shapes (vocab size may differ if vocab_ok)."""
     spec_a, spec_b = a.spec, b.spec
+    if spec_a.is_moe and spec_b.is_moe:
+        check_same_experts(a, b, stat_name)  # mismatched expert counts: its own message
     sd_a, sd_b = a.shapes(), b.shapes()
     diffs: list[str] = []
     if spec_a.n_layers != spec_b.n_layers:

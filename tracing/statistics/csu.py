@@ -5,6 +5,10 @@ layout works; gated MLPs use up_proj as in the original code) of both models are
 similarity, matched (`--matching`, tracing/matching.py: degenerate rows left out, ties in random order), and
 the matching is tested against the identity with a one-sided Spearman correlation. The per-layer log10
 p-values are combined with Fisher's method. value = log10_pvalue = the combined log10 p (lower = more related).
+An MoE layer (tracing/units.py) gives one test per routed expert (expert e of base against expert e of ft, each
+expert's neurons a symmetry of their own, so each test is exact under H0 and independent of the others), one on the
+router's rows (the experts are its units: are they in the same order? run when a layer has >= 10 experts) and one
+on the shared expert; Fisher combines every test of every layer, and each MoE layer's record lists its tests.
 
 csu_all: the same test for every pair of 2-D weights of the same role (e.g. "mlp.up_proj.weight") in any layer
 of the base and any layer of the fine-tuned model whose residual axis agrees: depth may differ, and so may
@@ -18,13 +22,14 @@ log10 p (None where not comparable), extras["log10_pvalue_matrix"] the best role
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tracing import matching
-from tracing.arch import RESID, ArchSpec, mlp
+from tracing.arch import ArchSpec
 from tracing.errors import TracingError
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import (
@@ -37,6 +42,7 @@ from tracing.statistics.common import (
     selected_layers,
 )
 from tracing.statistics.pvalues import fisher_log10p, holm_log10
+from tracing.units import Matrix, dense_rows, up_matrices
 
 
 @torch.no_grad()
@@ -51,38 +57,48 @@ def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device 
     return identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
 
 
-def _rows(spec: ArchSpec, key: str, w: torch.Tensor, perm: str | None = None) -> torch.Tensor:
-    """`w` with the axis of `perm` (or else its first non-residual axis) first: (n_units, rest)."""
-    if perm is None:
-        perm = next((p for p in spec.axes[key] if p != RESID), None)
-        if perm is None:
-            return w.movedim(next(a for a, p in enumerate(spec.axes[key]) if p != RESID), 0)
-    return spec.neuron_rows(w, key, perm)
-
-
 @register("csu", higher_is_related=False,
-          help="MLP up-projection rows: linear assignment on cosine similarity, Spearman vs identity, "
-               "Fisher over layers (log10 p; exact under H0)")
+          help="MLP up-projection rows (each expert's and the router's in MoE layers): linear assignment on cosine "
+               "similarity, Spearman vs identity, Fisher over layers and experts (log10 p; exact under H0)")
 @torch.no_grad()
 def csu(ctx: StatContext) -> StatResult:
     src_a, src_b = ctx.source_base, ctx.source_ft
     check_same_shapes(src_a, src_b, "csu")
     layers = selected_layers(ctx)
+    # (layer, base matrix, ft matrix): the dense MLP's (or shared expert's) up rows, each expert's, the router's
+    jobs = [(i, ma, mb) for i in layers for ma, mb in zip(up_matrices(ctx.spec_base, i), up_matrices(ctx.spec_ft, i))
+            if ma.kind != "router" or ctx.spec_base.layers[i].moe.n_experts >= matching.MIN_UNITS]
 
-    def test_layer(i: int) -> dict:  # runs in a worker thread (match_rows is no_grad itself)
-        key_a, key_b = ctx.spec_base.layers[i].up, ctx.spec_ft.layers[i].up
-        rows_a = ctx.spec_base.neuron_rows(src_a.get(key_a), key_a, mlp(i))  # (n_neurons, hidden), read now
-        rows_b = ctx.spec_ft.neuron_rows(src_b.get(key_b), key_b, mlp(i))  # (n_neurons, hidden)
-        return {"layer": i, **match_rows(rows_a, rows_b, ctx.compute_device, ctx.matching, (ctx.seed, i))}
+    def test(job: tuple[int, Matrix, Matrix]) -> dict:  # runs in a worker thread (match_rows is no_grad itself)
+        i, ma, mb = job
+        seed = (ctx.seed, i) if ma.kind in ("mlp", "shared") else (ctx.seed, i, 1 + (ma.expert or 0)) \
+            if ma.kind == "expert" else (ctx.seed, i, 0)
+        return match_rows(ma.read(src_a), mb.read(src_b), ctx.compute_device, ctx.matching, seed)  # rows read now
 
-    key0 = ctx.spec_base.layers[0].up
-    n = src_a.shape(key0)[ctx.spec_base.axis(key0, mlp(0))]  # MLP width
-    results = matching.map_in_threads(test_layer, layers, item_bytes=3 * n * n * 8,
-                                      device=ctx.compute_device or src_a.device)
-    per_layer = list(tqdm(results, total=len(layers), desc="csu layers", disable=not ctx.progress))
-    combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
-    return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
-                      extras={"layers_skipped_nan": n_nan, **matching_extras(ctx.matching, per_layer)})
+    n = max(ma.rows_shape(ctx.spec_base, src_a.shapes())[0] for _, ma, _ in jobs)  # the widest matrix's units
+    results = matching.map_in_threads(test, jobs, item_bytes=3 * n * n * 8, device=ctx.compute_device or src_a.device)
+    tests = list(tqdm(results, total=len(jobs), desc="csu matrices", disable=not ctx.progress))
+    per_layer = [_layer_record(i, [(ma, r) for (j, ma, _), r in zip(jobs, tests) if j == i]) for i in layers]
+    combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in tests])
+    extras = {"layers_skipped_nan": sum(math.isnan(r["log10_pvalue"]) for r in per_layer),
+              **matching_extras(ctx.matching, tests)}
+    if ctx.spec_base.is_moe:  # Fisher over every test: each expert, router and shared expert of every layer
+        routers = sum(ma.kind == "router" for _, ma, _ in jobs)
+        extras.update(n_tests=len(tests), tests_skipped_nan=n_nan, router_tests=routers or
+                      f"none: fewer than {matching.MIN_UNITS} experts per layer (the router's rows are its units)")
+    return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer, extras=extras)
+
+
+def _layer_record(i: int, tests: list[tuple[Matrix, dict]]) -> dict:
+    """A dense layer's record is its one test's; an MoE layer's holds its tests (each expert, the router, the shared
+    expert) and their Fisher combination."""
+    if len(tests) == 1 and tests[0][0].kind == "mlp":
+        return {"layer": i, **tests[0][1]}
+    combined, _ = fisher_log10p([r["log10_pvalue"] for _, r in tests])
+    rec: dict = {"layer": i, "log10_pvalue": combined, "n_tests": len(tests),
+                 "experts": [{"expert": m.expert, **r} for m, r in tests if m.kind == "expert"]}
+    rec.update({m.kind: r for m, r in tests if m.kind in ("router", "shared")})
+    return rec
 
 
 def _keys_by_role(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[int, str]]:
@@ -96,7 +112,7 @@ def _keys_by_role(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> dict[st
 
 def _rows_shape(spec: ArchSpec, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape `_rows` gives a tensor of `shape` stored under `key`, without reading it."""
-    return tuple(_rows(spec, key, torch.empty(shape, device="meta")).shape)
+    return tuple(dense_rows(spec, key, torch.empty(shape, device="meta")).shape)
 
 
 def _nan_as_none(m: np.ndarray) -> list[list[float | None]]:
@@ -131,7 +147,7 @@ def csu_all(ctx: StatContext) -> StatResult:
     def test_pair(job: tuple[str, int, int]) -> dict:  # runs in a worker thread
         r, i, j = job
         ka, kb = roles_a[r][i], roles_b[r][j]
-        return match_rows(_rows(ctx.spec_base, ka, read_a(ka)), _rows(ctx.spec_ft, kb, ctx.source_ft.get(kb)),
+        return match_rows(dense_rows(ctx.spec_base, ka, read_a(ka)), dense_rows(ctx.spec_ft, kb, ctx.source_ft.get(kb)),
                           ctx.compute_device, ctx.matching, (ctx.seed, i, j, at[r]))
 
     per_role = np.full((len(roles), len(layers_a), len(layers_b)), np.nan)  # raw log10 p; NaN: not tested
