@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 LAYERS = [
     ["errors", "naming", "matching", "plots", "zoo", "docs"],  # foundation: no model code
     ["config", "model_lists", "results", "result_folder", "devices", "arch", "checkpoints", "lineage", "hub"],
-    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align"],  # tensors, models
+    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "moe", "units",
+     "recipes"],  # tensors, models, experts
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs

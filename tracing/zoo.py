@@ -70,7 +70,7 @@ def build_tokenizer(text: str, vocab_size: int = 512) -> transformers.PreTrained
                                                 eos_token="<eos>", bos_token="<eos>")
 
 
-def _moe_options(family: str, n_experts: int, width: int, hidden: int, heads: int) -> dict:
+def moe_options(family: str, n_experts: int, width: int, hidden: int, heads: int) -> dict:
     """The MoE fields of a tiny config: `n_experts` experts of `width` neurons, 2 routed per token, a shared expert
     of `width` where the family has one; every block sparse (DeepSeek-V3: all but the first)."""
     top2 = dict(num_experts_per_tok=2, norm_topk_prob=True)
@@ -109,7 +109,7 @@ def tiny_config(family: str, vocab_size: int = 512, hidden: int = 64, layers: in
     if family == "olmo":
         kw.pop("num_key_value_heads")
     if family in MOE_FAMILIES:
-        kw.update(_moe_options(family, n_experts, intermediate, hidden, heads))
+        kw.update(moe_options(family, n_experts, intermediate, hidden, heads))
     if family == "deepseek_v3":
         kw["num_key_value_heads"] = heads
     return getattr(transformers, _CONFIGS[family])(**kw)

@@ -29,7 +29,6 @@ import torch
 from tqdm.auto import tqdm
 
 from tracing import matching
-from tracing.arch import ArchSpec
 from tracing.errors import TracingError
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import (
@@ -41,8 +40,9 @@ from tracing.statistics.common import (
     matching_extras,
     selected_layers,
 )
+from tracing.statistics.experts import expert_map, expert_summary, group_verdicts, moe_side, verdict_line
 from tracing.statistics.pvalues import fisher_log10p, holm_log10
-from tracing.units import Matrix, dense_rows, up_matrices
+from tracing.units import Matrix, block_matrices, up_matrices
 
 
 @torch.no_grad()
@@ -101,40 +101,35 @@ def _layer_record(i: int, tests: list[tuple[Matrix, dict]]) -> dict:
     return rec
 
 
-def _keys_by_role(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[int, str]]:
-    """Role (key without its layer prefix, e.g. "mlp.up_proj.weight") -> {layer: key}, 2-D weights only."""
-    out: dict[str, dict[int, str]] = {}
-    for key, i in spec.layer_of.items():
-        if key in shapes and len(shapes[key]) == 2:
-            out.setdefault(spec.local_key(key), {})[i] = key
-    return out
-
-
-def _rows_shape(spec: ArchSpec, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape `_rows` gives a tensor of `shape` stored under `key`, without reading it."""
-    return tuple(dense_rows(spec, key, torch.empty(shape, device="meta")).shape)
-
-
 def _nan_as_none(m: np.ndarray) -> list[list[float | None]]:
     """A matrix as nested lists, None where no test ran (NaN)."""
     return [[None if np.isnan(v) else float(v) for v in row] for row in m]
 
 
+def _seed(seed: int, ma: Matrix, mb: Matrix, role: int) -> tuple[int, ...]:
+    """The tie-breaking seed of one csu_all test (dense pairs: the seed they always had)."""
+    units = tuple(1 + m.expert if m.kind == "expert" else 0 for m in (ma, mb))
+    return (seed, ma.layer, mb.layer, role) + (units if any(units) else ())
+
+
 @register("csu_all", same_shape=False, higher_is_related=False,
           help="csu for every pair of weight matrices of the same role in any two layers (depth and width may "
-               "differ: the narrower matrix is matched into the wider), Holm-corrected layer map")
+               "differ: the narrower matrix is matched into the wider; every expert of an MoE against every MLP or "
+               "expert of the other model), Holm-corrected layer and expert map")
 @torch.no_grad()
 def csu_all(ctx: StatContext) -> StatResult:
     sd_a, sd_b = ctx.source_base.shapes(), ctx.source_ft.shapes()
-    roles_a, roles_b = _keys_by_role(ctx.spec_base, sd_a), _keys_by_role(ctx.spec_ft, sd_b)
     layers_a, layers_b = selected_layers(ctx), list(range(ctx.spec_ft.n_layers))
+    mats_a = [m for m in block_matrices(ctx.spec_base, sd_a) if m.layer in layers_a]
+    mats_b = block_matrices(ctx.spec_ft, sd_b)
     # shapes of the rows (n_units, rest) of each matrix; tensors are read in the worker that compares them
-    rows_a = {(r, i): _rows_shape(ctx.spec_base, k, sd_a[k]) for r, keys in roles_a.items() for i, k in keys.items()}
-    rows_b = {(r, j): _rows_shape(ctx.spec_ft, k, sd_b[k]) for r, keys in roles_b.items() for j, k in keys.items()}
-    roles = [r for r in roles_a if r in roles_b]
+    rows_a = {m: m.rows_shape(ctx.spec_base, sd_a) for m in mats_a}
+    rows_b = {m: m.rows_shape(ctx.spec_ft, sd_b) for m in mats_b}
+    roles = list(dict.fromkeys(m.role for m in mats_a if any(m.role == n.role for n in mats_b)))
+    at = {r: k for k, r in enumerate(roles)}
     # comparable: same role, same residual (column) axis; the unit (row) axis may differ
-    jobs = [(r, i, j) for r in roles for i in layers_a if (r, i) in rows_a for j in layers_b if (r, j) in rows_b
-            and rows_a[r, i][1:] == rows_b[r, j][1:]]
+    jobs = [(ma, mb) for r in roles for ma in mats_a if ma.role == r for mb in mats_b
+            if mb.role == r and rows_a[ma][1:] == rows_b[mb][1:]]
     if not jobs:
         why = "share no weight role" if not roles else "have no same-role matrices with the same hidden size"
         raise TracingError(f"csu_all found no weight matrices of the same role: {ctx.spec_base.model_type} and "
@@ -142,36 +137,42 @@ def csu_all(ctx: StatContext) -> StatResult:
                            "compute")
 
     # jobs run base matrix by base matrix: keep the last few base matrices read (each is compared n_b times)
-    read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(ctx.source_base.get)
+    read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(lambda m: m.read(ctx.source_base))
 
-    def test_pair(job: tuple[str, int, int]) -> dict:  # runs in a worker thread
-        r, i, j = job
-        ka, kb = roles_a[r][i], roles_b[r][j]
-        return match_rows(dense_rows(ctx.spec_base, ka, read_a(ka)), dense_rows(ctx.spec_ft, kb, ctx.source_ft.get(kb)),
-                          ctx.compute_device, ctx.matching, (ctx.seed, i, j, at[r]))
+    def test_pair(job: tuple[Matrix, Matrix]) -> dict:  # runs in a worker thread
+        ma, mb = job
+        return match_rows(read_a(ma), mb.read(ctx.source_ft), ctx.compute_device, ctx.matching,
+                          _seed(ctx.seed, ma, mb, at[ma.role]))
 
-    per_role = np.full((len(roles), len(layers_a), len(layers_b)), np.nan)  # raw log10 p; NaN: not tested
-    at = {r: k for k, r in enumerate(roles)}
-    row_of = {i: a for a, i in enumerate(layers_a)}
     results = matching.map_in_threads(test_pair, jobs)
     bar = tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)
-    records = []
-    for rec, (r, i, j) in zip(bar, jobs):  # the bar first: zip's last pull lets it reach 100% and close
-        per_role[at[r], row_of[i], j] = rec["log10_pvalue"]
-        records.append(rec)
-    tested = ~np.isnan(per_role)
-    holm = np.full_like(per_role, np.nan)
-    holm[tested] = holm_log10(per_role[tested])  # one family: every (role, layer, layer) test that gave a p
-    logp, holm_pair = np.fmin.reduce(per_role, axis=0), np.fmin.reduce(holm, axis=0)  # (L_A, L_B): best role
+    raw = np.array([rec["log10_pvalue"] for rec in bar])  # the bar first: its last pull lets it reach 100% and close
+    tested = ~np.isnan(raw)
+    holm = np.full_like(raw, np.nan)
+    holm[tested] = holm_log10(raw[tested])  # one family: every (role, layer, unit, layer, unit) test that gave a p
+    per_role = np.full((len(roles), len(layers_a), len(layers_b)), np.nan)  # raw log10 p, best unit pair; NaN: none
+    holm_role = np.full_like(per_role, np.nan)
+    row_of = {i: a for a, i in enumerate(layers_a)}
+    for (ma, mb), p, h in zip(jobs, raw, holm):
+        cell = (at[ma.role], row_of[ma.layer], mb.layer)
+        per_role[cell], holm_role[cell] = np.fmin(per_role[cell], p), np.fmin(holm_role[cell], h)
+    logp, holm_pair = np.fmin.reduce(per_role, axis=0), np.fmin.reduce(holm_role, axis=0)  # (L_A, L_B): best role
     per_layer, mapping = layer_map(logp, holm_pair, layers_a, layers_b, "csu_all")
     for b, rec in enumerate(per_layer):
         if rec["best_layer_base"] is not None:
             rec["role"] = roles[int(np.nanargmin(per_role[:, row_of[rec["best_layer_base"]], b]))]
     best = float(np.nanmin(holm))
-    extras = {"log10p": {r: _nan_as_none(per_role[at[r]]) for r in roles if tested[at[r]].any()},
+    extras = {"log10p": {r: _nan_as_none(per_role[at[r]]) for r in roles if not np.isnan(per_role[at[r]]).all()},
               "log10_pvalue_matrix": _nan_as_none(logp), "log10_pvalue_holm_matrix": _nan_as_none(holm_pair),
               "layers_base": layers_a, "layers_ft": layers_b, "mapping": mapping, "correction": "holm",
               "alpha": MAPPING_ALPHA, "n_pairs": len(jobs), "pairs_skipped_nan": int(len(jobs) - tested.sum())}
+    tests = [(ma, mb, float(p), float(h)) for (ma, mb), p, h in zip(jobs, raw, holm)]
+    side = moe_side(ctx.spec_base, ctx.spec_ft)
+    extras["groups"] = group_verdicts(tests, side)
+    experts = expert_map(tests, side) if side else []
+    if side:  # which expert came from where, and which look independently initialised
+        extras.update(moe_side=side, experts=experts, expert_summary=expert_summary(experts))
+    extras["verdict"] = verdict_line(extras["groups"], experts)
     if (path := layer_heatmap(ctx, "csu_all", logp, layers_a, layers_b, mapping)) is not None:
         extras["heatmap"] = path
     return StatResult(value=best, log10_pvalue=best, per_layer=per_layer, extras=extras)
