@@ -32,6 +32,8 @@ from tracing.sources.base import Source
 from tracing.statistics import StatContext
 from tracing.statistics.pvalues import perm_pair_spearman
 
+NO_MOE = ("{stat} compares the gate and up activations of dense MLPs, and {model_type} routes tokens to experts "
+          "(a mixture of experts): use csh (every expert's activations), csu or csu_all")
 MAPPING_ALPHA = 0.05  # family-wise level of an inferred layer mapping (Holm)
 NO_GATE = ("{stat} needs a gated MLP (gate_proj and up_proj), which {model_type} does not have; "
            "use csh or csu instead")
@@ -72,8 +74,10 @@ def check_same_shapes(a: Source, b: Source, stat_name: str = "this statistic", v
 
 
 def check_gated(ctx: StatContext, stat: str) -> None:
-    """match and match_all compare gate with up activations: both models need a gated MLP."""
+    """match and match_all compare gate with up activations of dense MLPs: both models need a gated dense MLP."""
     for spec in (ctx.spec_base, ctx.spec_ft):
+        if spec.is_moe:
+            raise TracingError(NO_MOE.format(stat=stat, model_type=spec.model_type))
         if not spec.gated:
             raise TracingError(NO_GATE.format(stat=stat, model_type=spec.model_type))
 

@@ -5,21 +5,30 @@ neurons to B's by cosine similarity (`--matching`, tracing/matching.py: units co
 tokens left out, ties in random order), test whether the matching is the identity with a one-sided
 Spearman correlation, and combine the layers with Fisher's method. One forward pass per model: the cosines
 come from streaming Gram accumulators (tracing/grams.py).
+
+Mixtures of experts: an expert computes only on the tokens routed to it, so its up projection cannot be hooked over
+all tokens; instead every MLP input is hooked (tracing/grams.py: `input_moments`, its second moments in both models)
+and each unit matrix csu tests (tracing/units.py: each routed expert's up rows, the router's rows, the shared
+expert's up rows) is compared as the activations u = W x it would give on every token (biases left out): expert e of
+base against expert e of ft, exact under H0 like the dense test, Fisher over every test of every layer.
 """
 
 from __future__ import annotations
 
 from tracing import matching
 from tracing.activations import check_same_mlp, mlp_width
-from tracing.grams import LayerGram, layer_grams
+from tracing.grams import LayerGram, input_moments, layer_grams
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import identity_test, matching_extras
+from tracing.statistics.common import check_same_shapes, identity_test, matching_extras
 from tracing.statistics.pvalues import fisher_log10p
+from tracing.units import up_matrices
 
 
 @register("csh", aliases=("csh_sp",), needs_data=True, scalar=False,
           help="cosine similarity of MLP up-projection activations: matching vs identity, Spearman, Fisher")
 def csh(ctx: StatContext) -> StatResult:
+    if ctx.spec_base.is_moe or ctx.spec_ft.is_moe:
+        return _csh_units(ctx)
     check_same_mlp(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, "csh")
     counter: dict = {}
     grams = layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("up",),
@@ -36,3 +45,30 @@ def csh(ctx: StatContext) -> StatResult:
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
                       extras={"forward_passes": counter["forward_passes"], "n_tokens": counter["n_tokens"],
                               "layers_skipped_nan": int(n_nan), **matching_extras(ctx.matching, per_layer)})
+
+
+def _csh_units(ctx: StatContext) -> StatResult:
+    """csh over the unit matrices of each layer (MoE models), from the moments of the MLP inputs."""
+    check_same_shapes(ctx.source_base, ctx.source_ft, "csh")
+    counter: dict = {}
+    moments = input_moments(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, layers=ctx.layers,
+                            batch_size=ctx.batch_size, counter=counter, progress=ctx.progress)
+    per_layer, tests = [], []
+    for m in moments:
+        recs = []
+        for ma, mb in zip(up_matrices(ctx.spec_base, m.layer), up_matrices(ctx.spec_ft, m.layer)):
+            if ma.kind == "router" and ctx.spec_base.layers[m.layer].moe.n_experts < matching.MIN_UNITS:
+                continue  # too few experts to test their order (as csu)
+            cos, ok_a, ok_b = m.compare(ma.read(ctx.source_base), mb.read(ctx.source_ft))
+            seed = (ctx.seed, m.layer, 1 + (ma.expert or 0) if ma.kind == "expert" else 0)
+            recs.append((ma, identity_test(cos, ok_a, ok_b, ctx.matching, seed)))
+        tests += [r for _, r in recs]
+        combined, _ = fisher_log10p([r["log10_pvalue"] for _, r in recs])
+        per_layer.append({"layer": m.layer, "log10_pvalue": combined, "n_tests": len(recs),
+                          "experts": [{"expert": u.expert, **r} for u, r in recs if u.kind == "expert"],
+                          **{u.kind: r for u, r in recs if u.kind in ("router", "shared", "mlp")}})
+    combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in tests])
+    return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
+                      extras={"forward_passes": counter["forward_passes"], "n_tokens": counter["n_tokens"],
+                              "n_tests": len(tests), "tests_skipped_nan": int(n_nan),
+                              **matching_extras(ctx.matching, tests)})
