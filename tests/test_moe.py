@@ -88,6 +88,19 @@ def test_moe_vs_its_finetune_and_its_expert_permuted_copy(saved, tmp_path, loade
     assert code == 0 and rec["log10_pvalue"] > UNRELATED and rec["aligned_log10_pvalue"] < RELATED
 
 
+def test_csu_all_maps_each_expert_to_its_own_despite_an_upcycle_s_lookalikes(models):
+    """The experts of an upcycle are near-copies of one MLP (all at the p floor against each other): the map still
+    names the expert each came from, by the closest matched units."""
+    shuffled = recipes.permute_experts(models["tuned"], seed=14, neurons=False)
+    stacked = "model.layers.1.mlp.experts.gate_up_proj"
+    moved = [next(f for f in range(4) if torch.equal(shuffled.state_dict()[stacked][e],
+                                                     models["tuned"].state_dict()[stacked][f])) for e in range(4)]
+    assert moved != [0, 1, 2, 3]
+    for ft, order in ((models["tuned"], [0, 1, 2, 3]), (shuffled, moved)):
+        experts = get_stat("csu_all").fn(ctx(models["moe"], ft)).extras["experts"]
+        assert [r["source_unit"] for r in experts if r["layer"] == 1] == [f"expert {f}" for f in order]
+
+
 def test_align_recovers_the_expert_order_of_a_finetuned_permuted_copy(models):
     spec = get_spec(models["moe"].config)
     planted = random_perm(spec, models["tuned"].state_dict(), seed=11)

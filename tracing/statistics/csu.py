@@ -146,7 +146,8 @@ def csu_all(ctx: StatContext) -> StatResult:
 
     results = matching.map_in_threads(test_pair, jobs)
     bar = tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)
-    raw = np.array([rec["log10_pvalue"] for rec in bar])  # the bar first: its last pull lets it reach 100% and close
+    recs = list(bar)  # the bar first: its last pull lets it reach 100% and close
+    raw = np.array([rec["log10_pvalue"] for rec in recs])
     tested = ~np.isnan(raw)
     holm = np.full_like(raw, np.nan)
     holm[tested] = holm_log10(raw[tested])  # one family: every (role, layer, unit, layer, unit) test that gave a p
@@ -166,7 +167,7 @@ def csu_all(ctx: StatContext) -> StatResult:
               "log10_pvalue_matrix": _nan_as_none(logp), "log10_pvalue_holm_matrix": _nan_as_none(holm_pair),
               "layers_base": layers_a, "layers_ft": layers_b, "mapping": mapping, "correction": "holm",
               "alpha": MAPPING_ALPHA, "n_pairs": len(jobs), "pairs_skipped_nan": int(len(jobs) - tested.sum())}
-    tests = [(ma, mb, float(p), float(h)) for (ma, mb), p, h in zip(jobs, raw, holm)]
+    tests = [(ma, mb, float(p), float(h), rec["matched_cos"]) for (ma, mb), p, h, rec in zip(jobs, raw, holm, recs)]
     side = moe_side(ctx.spec_base, ctx.spec_ft)
     extras["groups"] = group_verdicts(tests, side)
     experts = expert_map(tests, side) if side else []

@@ -5,13 +5,14 @@
     groups = group_verdicts(tests, side)          # {"attn": {...}, "expert": {...}, "router": {...}, ...}
     line = verdict_line(groups, experts)          # "attention related (...); routed experts: 2 of 8 related ..."
 
-`tests` are csu_all's (base matrix, ft matrix, raw log10 p, Holm-adjusted log10 p) over one Holm family. An expert
-is related to the matrix of the other model with its smallest raw p when that test's Holm-adjusted p is below
-MAPPING_ALPHA (the layer map's rule, tracing/statistics/common.py), else it looks independently initialised. An
-expert whose tests all gave no p-value (zeroed, constant: degenerate units) is reported as degenerate, never as
-related. A group (attention, dense MLP, shared expert, routed experts, router) is related when its best test is:
-so an MoE whose experts were re-initialised but whose attention was kept reads "attention related, routed experts
-not", not "unrelated".
+`tests` are csu_all's (base matrix, ft matrix, raw log10 p, Holm-adjusted log10 p, mean cosine of the matched units)
+over one Holm family. An expert is related to the matrix of the other model with its smallest raw p (among equal ones,
+e.g. at the floor -log10 n! where the experts of an upcycle all sit, the most similar) when that test's Holm-adjusted
+p is below MAPPING_ALPHA (the layer map's rule, tracing/statistics/common.py), else it looks independently
+initialised. An expert whose tests all gave no p-value (zeroed, constant: degenerate units) is reported as
+degenerate, never as related. A group (attention, dense MLP, shared expert, routed experts, router) is related
+when its best test is: so an MoE whose experts were re-initialised but whose attention was kept reads "attention
+related, routed experts not", not "unrelated".
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tracing.arch import ArchSpec
 from tracing.statistics.common import MAPPING_ALPHA
 from tracing.units import Matrix
 
-Test = tuple  # (Matrix of base, Matrix of ft, raw log10 p, Holm-adjusted log10 p); NaN: no p-value
+Test = tuple  # (Matrix of base, Matrix of ft, raw log10 p, Holm-adjusted log10 p, matched_cos); NaN: no p-value
 GROUP_NAMES = {"attn": "attention", "mlp": "dense MLP", "shared": "shared expert", "expert": "routed experts",
                "router": "router", "norm": "other block weights"}
 
@@ -60,7 +61,7 @@ def expert_map(tests: list[Test], side: str) -> list[dict]:
             out.append({"layer": layer, "expert": e, "source_layer": None, "source_unit": None, "degenerate": True,
                         "log10_pvalue": None, "log10_pvalue_holm": None})
             continue
-        best = min(scored, key=lambda t: (t[2], t[3]))
+        best = min(scored, key=lambda t: (t[2], -t[4]))  # ties at the p floor: the closest matrix
         other, hit = _theirs(best, side), _related(best[3])
         out.append({"layer": layer, "expert": e, "source_layer": other.layer if hit else None,
                     "source_unit": other.unit if hit else None, "degenerate": False,
@@ -101,8 +102,11 @@ def verdict_line(groups: dict[str, dict], experts: list[dict]) -> str:
         g = groups.get(kind)
         if g is None or kind == "expert" and experts:
             continue
-        p = "no p-value" if g["log10_pvalue_holm"] is None else f"Holm log10 p {g['log10_pvalue_holm']:.1f}"
-        parts.append(f"{GROUP_NAMES[kind]} {'related' if g['related'] else 'not related'} ({p})")
+        if g["log10_pvalue_holm"] is None:
+            parts.append(f"{GROUP_NAMES[kind]}: no p-value (degenerate, or too few units)")
+            continue
+        parts.append(f"{GROUP_NAMES[kind]} {'related' if g['related'] else 'not related'} "
+                     f"(Holm log10 p {g['log10_pvalue_holm']:.1f})")
     if experts:
         s = expert_summary(experts)
         layers = ", ".join(s["from_layers"])
