@@ -41,7 +41,7 @@ def expert_signatures(src: Source, layer: int, proj: str, resid: torch.Tensor | 
                       device: torch.device | None = None, seed: int = 0) -> torch.Tensor:
     """(n_experts, hidden * k) float32: each expert's Gram sketch Wᵀ (W R) of projection `proj`, its residual axis
     re-indexed by `resid` when given (ft into base's basis), invariant to the order of the expert's neurons."""
-    hidden = expert_rows(src, layer, 0, proj).shape[1]
+    hidden = src.shape(src.spec.embed)[1]  # (vocab, hidden)
     k = min(SKETCH_COLUMNS, hidden)
     r = torch.randn(hidden, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     out = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tracing.arch import RESID, ArchSpec, mlp
+from tracing.arch import RESID, ArchSpec
 from tracing.moe import expert_rows
 from tracing.sources.base import Source
 
@@ -116,7 +116,3 @@ def up_matrices(spec: ArchSpec, i: int) -> list[Matrix]:
         out.append(Matrix(spec.local_key(roles.moe.router), i, roles.moe.router, "router"))
     return out
 
-
-def unit_name(m: Matrix, i: int | None = None) -> str:
-    """The permutation name of m's rows (for sizes and messages)."""
-    return mlp(m.layer if i is None else i) if m.kind in ("mlp", "shared") else m.unit
