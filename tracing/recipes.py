@@ -69,7 +69,8 @@ def upcycle(dense: transformers.PreTrainedModel, n_experts: int, noise: float = 
             seed: int = 0) -> transformers.PreTrainedModel:
     """Sparse upcycling: an MoE whose every expert (and shared expert) is a copy of the dense MLP of its layer, plus
     Gaussian noise of `noise` times each weight's std, drawn per expert; attention, norms, embeddings copied; the
-    router random (seeded)."""
+    router random. `seed` draws the router and the noise: two upcycles with the same seed share them (related by
+    construction), so independent upcycles need different seeds."""
     dense_spec = get_spec(dense.config)
     moe = _new(moe_config(dense.config, n_experts), seed, next(dense.parameters()).dtype)
     spec, sd = get_spec(moe.config), dense.state_dict()

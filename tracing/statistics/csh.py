@@ -15,12 +15,14 @@ base against expert e of ft, exact under H0 like the dense test, Fisher over eve
 
 from __future__ import annotations
 
+import math
+
 from tracing import matching
 from tracing.activations import check_same_mlp, mlp_width
 from tracing.grams import LayerGram, input_moments, layer_grams
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import check_same_shapes, identity_test, matching_extras
-from tracing.statistics.pvalues import fisher_log10p
+from tracing.statistics.pvalues import bonferroni_log10p, fisher_log10p
 from tracing.units import up_matrices
 
 
@@ -63,12 +65,13 @@ def _csh_units(ctx: StatContext) -> StatResult:
             seed = (ctx.seed, m.layer, 1 + (ma.expert or 0) if ma.kind == "expert" else 0)
             recs.append((ma, identity_test(cos, ok_a, ok_b, ctx.matching, seed)))
         tests += [r for _, r in recs]
-        combined, _ = fisher_log10p([r["log10_pvalue"] for _, r in recs])
-        per_layer.append({"layer": m.layer, "log10_pvalue": combined, "n_tests": len(recs),
+        per_layer.append({"layer": m.layer, "log10_pvalue": bonferroni_log10p([r["log10_pvalue"] for _, r in recs]),
+                          "n_tests": len(recs),
                           "experts": [{"expert": u.expert, **r} for u, r in recs if u.kind == "expert"],
                           **{u.kind: r for u, r in recs if u.kind in ("router", "shared", "mlp")}})
-    combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in tests])
+    combined, _ = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
                       extras={"forward_passes": counter["forward_passes"], "n_tokens": counter["n_tokens"],
-                              "n_tests": len(tests), "tests_skipped_nan": int(n_nan),
+                              "n_tests": len(tests), "layer_combination": "bonferroni",
+                              "tests_skipped_nan": sum(math.isnan(r["log10_pvalue"]) for r in tests),
                               **matching_extras(ctx.matching, tests)})

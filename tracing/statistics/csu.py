@@ -5,10 +5,13 @@ layout works; gated MLPs use up_proj as in the original code) of both models are
 similarity, matched (`--matching`, tracing/matching.py: degenerate rows left out, ties in random order), and
 the matching is tested against the identity with a one-sided Spearman correlation. The per-layer log10
 p-values are combined with Fisher's method. value = log10_pvalue = the combined log10 p (lower = more related).
-An MoE layer (tracing/units.py) gives one test per routed expert (expert e of base against expert e of ft, each
-expert's neurons a symmetry of their own, so each test is exact under H0 and independent of the others), one on the
-router's rows (the experts are its units: are they in the same order? run when a layer has >= 10 experts) and one
-on the shared expert; Fisher combines every test of every layer, and each MoE layer's record lists its tests.
+An MoE layer (tracing/units.py) gives one test per routed expert (expert e of base against expert e of ft), one on
+the router's rows (the experts are its units: are they in the same order? run when a layer has >= 10 experts) and
+one on the shared expert. Each is exact under H0, but they are not independent: an upcycle starts every expert (and
+the shared one) as a copy of one MLP, so the experts of a layer share their neuron order, and Fisher's method over
+them finds independently upcycled models related (measured: benchmarks/moe_calibration.py). A layer's tests are
+therefore combined by Bonferroni (valid under any dependence), and the layers by Fisher as for dense models; each
+MoE layer's record lists its tests.
 
 csu_all: the same test for every pair of 2-D weights of the same role (e.g. "mlp.up_proj.weight") in any layer
 of the base and any layer of the fine-tuned model whose residual axis agrees: depth may differ, and so may
@@ -41,7 +44,7 @@ from tracing.statistics.common import (
     selected_layers,
 )
 from tracing.statistics.experts import expert_map, expert_summary, group_verdicts, moe_side, verdict_line
-from tracing.statistics.pvalues import fisher_log10p, holm_log10
+from tracing.statistics.pvalues import bonferroni_log10p, fisher_log10p, holm_log10
 from tracing.units import Matrix, block_matrices, up_matrices
 
 
@@ -59,7 +62,8 @@ def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device 
 
 @register("csu", higher_is_related=False,
           help="MLP up-projection rows (each expert's and the router's in MoE layers): linear assignment on cosine "
-               "similarity, Spearman vs identity, Fisher over layers and experts (log10 p; exact under H0)")
+               "similarity, Spearman vs identity, Fisher over layers (Bonferroni over an MoE layer's experts; "
+               "log10 p; exact under H0)")
 @torch.no_grad()
 def csu(ctx: StatContext) -> StatResult:
     src_a, src_b = ctx.source_base, ctx.source_ft
@@ -79,23 +83,24 @@ def csu(ctx: StatContext) -> StatResult:
     results = matching.map_in_threads(test, jobs, item_bytes=3 * n * n * 8, device=ctx.compute_device or src_a.device)
     tests = list(tqdm(results, total=len(jobs), desc="csu matrices", disable=not ctx.progress))
     per_layer = [_layer_record(i, [(ma, r) for (j, ma, _), r in zip(jobs, tests) if j == i]) for i in layers]
-    combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in tests])
+    combined, _ = fisher_log10p([r["log10_pvalue"] for r in per_layer])
     extras = {"layers_skipped_nan": sum(math.isnan(r["log10_pvalue"]) for r in per_layer),
               **matching_extras(ctx.matching, tests)}
-    if ctx.spec_base.is_moe:  # Fisher over every test: each expert, router and shared expert of every layer
+    if ctx.spec_base.is_moe:  # a layer's tests by Bonferroni, layers by Fisher
         routers = sum(ma.kind == "router" for _, ma, _ in jobs)
-        extras.update(n_tests=len(tests), tests_skipped_nan=n_nan, router_tests=routers or
+        extras.update(n_tests=len(tests), tests_skipped_nan=sum(math.isnan(r["log10_pvalue"]) for r in tests),
+                      layer_combination="bonferroni", router_tests=routers or
                       f"none: fewer than {matching.MIN_UNITS} experts per layer (the router's rows are its units)")
     return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer, extras=extras)
 
 
 def _layer_record(i: int, tests: list[tuple[Matrix, dict]]) -> dict:
     """A dense layer's record is its one test's; an MoE layer's holds its tests (each expert, the router, the shared
-    expert) and their Fisher combination."""
+    expert) and their Bonferroni combination (dependent tests: module docstring)."""
     if len(tests) == 1 and tests[0][0].kind == "mlp":
         return {"layer": i, **tests[0][1]}
-    combined, _ = fisher_log10p([r["log10_pvalue"] for _, r in tests])
-    rec: dict = {"layer": i, "log10_pvalue": combined, "n_tests": len(tests),
+    rec: dict = {"layer": i, "log10_pvalue": bonferroni_log10p([r["log10_pvalue"] for _, r in tests]),
+                 "n_tests": len(tests),
                  "experts": [{"expert": m.expert, **r} for m, r in tests if m.kind == "expert"]}
     rec.update({m.kind: r for m, r in tests if m.kind in ("router", "shared")})
     return rec
