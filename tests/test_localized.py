@@ -114,9 +114,9 @@ def test_drift_free_needs_the_residual_basis_of_a(tokenizer, blocks):
 
 def test_csu_all_matches_a_narrower_mlp_into_the_wider_one(trained):
     r = run("csu_all", trained["base"], trained["pruned"])
-    up = np.array(r.extras["log10p"]["mlp.up_proj.weight"], dtype=float)  # (9, 6): 96 rows vs 64 rows
+    up = np.array(r.extras["log10p"]["mlp.up"], dtype=float)  # (9, 6): 96 rows vs 64 rows
     assert up[3, 2] == pytest.approx(-math.lgamma(65) / math.log(10))  # a perfect in-order match: p = 1/64!
-    assert r.per_layer[2]["role"] in ("mlp.up_proj.weight", "mlp.gate_proj.weight", "mlp.down_proj.weight",
+    assert r.per_layer[2]["role"] in ("mlp.up", "mlp.gate", "mlp.down",
                                       "self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                       "self_attn.v_proj.weight", "self_attn.o_proj.weight")
 
@@ -145,7 +145,7 @@ def test_null_of_drift_free_and_rectangular_csu_all_over_40_independent_trained_
         pair_ps["match_all_drift_free"] += [p for row in df.extras["log10_pvalue_matrix"] for p in row]
         stat_ps["match_all_drift_free"].append(df.log10_pvalue)
         ca = run("csu_all", a, b)
-        pair_ps["csu_all"] += [p for row in ca.extras["log10p"]["mlp.up_proj.weight"] for p in row]
+        pair_ps["csu_all"] += [p for row in ca.extras["log10p"]["mlp.up"] for p in row]
         stat_ps["csu_all"].append(ca.log10_pvalue)
     for stat in pair_ps:
         ps, n = np.array(pair_ps[stat]), len(pair_ps[stat])
@@ -161,12 +161,13 @@ def test_null_of_drift_free_and_rectangular_csu_all_over_40_independent_trained_
 def test_bad_input(trained, blocks, tokenizer):
     wide = zoo.tiny_model("llama", seed=0, vocab_size=len(tokenizer), layers=2, hidden=64, intermediate=96, heads=4,
                           kv_heads=2)
-    with pytest.raises(TracingError, match="hidden sizes must agree .*use match_all"):
+    with pytest.raises(TracingError, match=r"hidden sizes differ \(32 vs 64\); statistics that run on this pair: "
+                                           r"match_all, jsd$"):
         run("match_all_drift_free", trained["base"], wide, blocks)
     gpt2 = zoo.tiny_model("gpt2", seed=0, vocab_size=len(tokenizer), layers=2, hidden=32, intermediate=96, heads=4)
-    with pytest.raises(TracingError, match="csu or csh|csh or csu"):
+    with pytest.raises(TracingError, match="needs gated MLPs .* statistics that run on this pair: .*csh"):
         run("match_all_drift_free", gpt2, gpt2, blocks)
-    with pytest.raises(TracingError, match="no weight matrices of the same role"):
-        run("csu_all", trained["base"], gpt2)
+    with pytest.raises(TracingError, match="llama and gpt2 have no same-role matrices with the same hidden size"):
+        run("csu_all", wide, gpt2)
     with pytest.raises(TracingError, match="no tokens"):
         run("match_all_drift_free", trained["base"], trained["pruned"], torch.zeros((0, 32), dtype=torch.long))

@@ -22,7 +22,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import tokenizers
 import torch
+import transformers
 from tqdm import tqdm
 
 from tracing import zoo
@@ -42,14 +44,16 @@ Row = tuple  # (pair, statistic, log10 p or None, note or None)
 
 @contextlib.contextmanager
 def deterministic() -> Iterator[None]:
-    """One CPU thread (reductions always in the same order) and deterministic algorithms, restored after."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with threads(1):
-            yield
-    finally:
-        torch.use_deterministic_algorithms(before)
+    """zoo.deterministic (one CPU thread, deterministic algorithms) with one assignment worker, restored after."""
+    with zoo.deterministic(), threads(1):
+        yield
+
+
+def _built_with() -> dict:
+    """What decides the demo models' bits besides the recipe: another torch, transformers or tokenizers release
+    initialises or trains differently, so models built by one are never reused by another."""
+    return {"recipe": RECIPE, "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__}
 
 
 def _train_models(root: Path, progress: bool) -> None:
@@ -72,7 +76,7 @@ def _train_models(root: Path, progress: bool) -> None:
     for name, model in models.items():
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    (root / "recipe.json").write_text(json.dumps(r))
+    (root / "recipe.json").write_text(json.dumps(_built_with()))
 
 
 def _fit(model, ids, steps, seed, bar, lr=RECIPE["lr"]):
@@ -86,7 +90,7 @@ def ensure_demo_models(root: Path = DEMO_DIR, progress: bool = True) -> Path:
     """Build the demo models unless an identical recipe is already on disk."""
     root = Path(root)
     recipe = root / "recipe.json"
-    if recipe.exists() and json.loads(recipe.read_text()) == RECIPE and all(
+    if recipe.exists() and json.loads(recipe.read_text()) == _built_with() and all(
             (root / n / "config.json").exists() for n in ("base", "derived", "independent")):
         return root
     root.mkdir(parents=True, exist_ok=True)

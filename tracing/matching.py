@@ -42,26 +42,16 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from tracing.errors import TracingError
+from tracing.choices import DEFAULT_METHOD, METHODS, check_method  # noqa: F401 (re-exported)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-METHODS = {"fast": "greedy mutual-best matching; exact assignment where its p < 0.01 (default)",
-           "exact": "exact linear assignment everywhere (scipy, float64): the paper's statistic bit for bit"}
-DEFAULT_METHOD = "fast"
 SCREEN_LOG10P = -2.0  # "fast": the exact assignment runs where the greedy matching gives log10 p below this
 MIN_UNITS = 10  # a layer with fewer usable units on either side is skipped (counted)
 FLAT_TOL = 1e-6  # a unit whose values span at most this fraction of their magnitude is constant
 GREEDY_CANDIDATES = 8  # best partners each unit keeps in view during the greedy rounds
 Seed = int | tuple[int, ...]
-
-
-def check_method(name: str) -> str:
-    """A --matching value, or a TracingError listing the valid ones."""
-    if name in METHODS:
-        return name
-    raise TracingError(f"unknown --matching '{name}'; valid: " + "; ".join(f"{k} ({v})" for k, v in METHODS.items()))
 
 
 # ----------------------------------------------------------------------------------------- similarities

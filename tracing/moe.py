@@ -2,7 +2,7 @@
 
     rows = expert_rows(src, 3, e=5, proj="up")        # (n_neurons, hidden): expert 5's up rows, only its bytes read
     sig = expert_signatures(src, 3, proj="gate", resid=p)   # (n_experts, hidden * k): one per expert
-    check_same_experts(base_src, ft_src, "csu")        # the same expert counts and widths, else a one-line error
+    experts_mismatch(base_src, ft_src)                 # why expert e cannot meet expert e (None: it can)
 
 An expert's neurons may come in any order (each expert's neurons are a symmetry of its own), so experts are compared
 by a signature that does not depend on that order: a sketch of the Gram matrix Wᵀ W (hidden, hidden) of one of its
@@ -63,16 +63,22 @@ def expert_shapes(src: Source) -> dict[int, tuple[int, int]]:
     return out
 
 
-def check_same_experts(a: Source, b: Source, what: str) -> None:
-    """Both models have routed experts in the same layers, as many and as wide, else a one-line TracingError."""
+def experts_mismatch(a: Source, b: Source) -> str | None:
+    """Why expert e of one model cannot be compared with expert e of the other (None: it can): other MoE layers,
+    or other expert counts or widths."""
     ea, eb = expert_shapes(a), expert_shapes(b)
-    if not ea and not eb:
-        return
     if set(ea) != set(eb):
-        raise TracingError(f"{what} needs the same MoE layers in both models (base: {sorted(ea)}, fine-tuned: "
-                           f"{sorted(eb)}); use --stat csu_all, which compares every expert with every MLP")
+        return f"it compares the experts of layer i with those of layer i, and the models have MoE layers " \
+               f"{sorted(ea)} vs {sorted(eb)}"
     for i in ea:
         if ea[i] != eb[i]:
-            raise TracingError(f"{what}: layer {i} has {ea[i][0]} experts of {ea[i][1]} neurons in base and "
-                               f"{eb[i][0]} of {eb[i][1]} in the fine-tuned model (mismatched expert counts); use "
-                               "--stat csu_all, which compares every expert with every expert")
+            return (f"layer {i} has {ea[i][0]} experts of {ea[i][1]} neurons in base and {eb[i][0]} of {eb[i][1]} in "
+                    "the fine-tuned model (mismatched expert counts)")
+    return None
+
+
+def check_same_experts(a: Source, b: Source, what: str) -> None:
+    """`experts_mismatch` as a one-line TracingError naming the statistic that compares every expert with every."""
+    why = experts_mismatch(a, b)
+    if why:
+        raise TracingError(f"{what}: {why}; use --stat csu_all, which compares every expert with every expert")

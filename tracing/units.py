@@ -7,10 +7,10 @@
 A dense weight is one matrix; its rows are the units of its first permuted non-residual axis (an MLP's neurons,
 an attention projection's outputs). A stacked expert tensor is one matrix per expert and projection (a fused
 gate_up_proj gives a gate and an up matrix per expert). The router is one matrix whose rows are the experts.
-`role` says what a matrix may be compared with: the key's local key ("self_attn.q_proj.weight"), except that every
-projection of an MoE block's MLPs (routed and shared experts) has the role of the dense MLP projection it
-corresponds to, "mlp.up_proj.weight" / "mlp.gate_proj.weight" / "mlp.down_proj.weight", so that an expert is
-compared with the dense MLP of a model it may have been upcycled from.
+`role` says what a matrix may be compared with, the same in every family: "mlp.up", "mlp.gate", "mlp.down" for the
+projections of every MLP (a dense block's, and an MoE block's routed and shared experts: an expert meets the dense
+MLP of a model it may have been upcycled from, a Llama's up_proj a GPT-2's c_fc), "attn.out" for the attention's
+output projection, else the key's local key ("self_attn.q_proj.weight", "mlp.gate.weight" for a router).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ KINDS = ("mlp", "shared", "expert", "router", "attn", "norm", "emb")  # dense ML
 
 
 def mlp_role(proj: str) -> str:
-    """The role of an MLP projection of an MoE block ("up" -> "mlp.up_proj.weight", as Llama-like dense MLPs)."""
-    return f"mlp.{proj}_proj.weight"
+    """The role of an MLP projection ("up" -> "mlp.up"), dense or expert, in every family."""
+    return f"mlp.{proj}"
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,10 @@ def layer_matrices(spec: ArchSpec, i: int, shapes: dict[str, tuple[int, ...]]) -
             out.append(Matrix(spec.local_key(key), i, key, "router"))
         elif len(shapes[key]) == 2 and (key in dense or shapes[key][0] > 1):
             if key in dense:
-                moe = roles.moe is not None
-                out.append(Matrix(mlp_role(dense[key]) if moe else spec.local_key(key), i, key,
-                                  "shared" if moe else "mlp", proj=dense[key]))
+                out.append(Matrix(mlp_role(dense[key]), i, key, "shared" if roles.moe else "mlp", proj=dense[key]))
             else:
-                out.append(Matrix(spec.local_key(key), i, key, spec.group_of[key]))
+                role = "attn.out" if key == roles.attn_out else spec.local_key(key)
+                out.append(Matrix(role, i, key, spec.group_of[key]))
     return out
 
 
@@ -109,7 +108,7 @@ def up_matrices(spec: ArchSpec, i: int) -> list[Matrix]:
     router's rows (is each expert where it was?)."""
     roles, out = spec.layers[i], []
     if roles.up is not None:
-        out.append(Matrix(spec.local_key(roles.up), i, roles.up, "shared" if roles.moe else "mlp", proj="up"))
+        out.append(Matrix(mlp_role("up"), i, roles.up, "shared" if roles.moe else "mlp", proj="up"))
     if roles.moe is not None:
         key = roles.moe.key_of("up")
         out += [Matrix(mlp_role("up"), i, key, "expert", e, "up") for e in range(roles.moe.n_experts)]

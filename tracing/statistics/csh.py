@@ -10,7 +10,8 @@ Mixtures of experts: an expert computes only on the tokens routed to it, so its 
 all tokens; instead every MLP input is hooked (tracing/grams.py: `input_moments`, its second moments in both models)
 and each unit matrix csu tests (tracing/units.py: each routed expert's up rows, the router's rows, the shared
 expert's up rows) is compared as the activations u = W x it would give on every token (biases left out): expert e of
-base against expert e of ft, exact under H0 like the dense test, Fisher over every test of every layer.
+base against expert e of ft, exact under H0 like the dense test; a layer's tests combined by Bonferroni (an upcycle's
+experts are not independent: csu.py), the layers by Fisher.
 """
 
 from __future__ import annotations
@@ -18,20 +19,21 @@ from __future__ import annotations
 import math
 
 from tracing import matching
-from tracing.activations import check_same_mlp, mlp_width
+from tracing.activations import mlp_width
 from tracing.grams import LayerGram, input_moments, layer_grams
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import check_same_shapes, identity_test, matching_extras
+from tracing.statistics.common import identity_test, matching_extras
+from tracing.statistics.fits import mlps_differ, require_fit
 from tracing.statistics.pvalues import bonferroni_log10p, fisher_log10p
 from tracing.units import up_matrices
 
 
-@register("csh", aliases=("csh_sp",), needs_data=True, scalar=False,
+@register("csh", aliases=("csh_sp",), needs_data=True, fits=(mlps_differ,), scalar=False,
           help="cosine similarity of MLP up-projection activations: matching vs identity, Spearman, Fisher")
 def csh(ctx: StatContext) -> StatResult:
+    require_fit(ctx, "csh")
     if ctx.spec_base.is_moe or ctx.spec_ft.is_moe:
         return _csh_units(ctx)
-    check_same_mlp(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, "csh")
     counter: dict = {}
     grams = layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("up",),
                         layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=ctx.memory_budget,
@@ -51,7 +53,6 @@ def csh(ctx: StatContext) -> StatResult:
 
 def _csh_units(ctx: StatContext) -> StatResult:
     """csh over the unit matrices of each layer (MoE models), from the moments of the MLP inputs."""
-    check_same_shapes(ctx.source_base, ctx.source_ft, "csh")
     counter: dict = {}
     moments = input_moments(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, layers=ctx.layers,
                             batch_size=ctx.batch_size, counter=counter, progress=ctx.progress)

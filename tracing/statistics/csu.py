@@ -13,7 +13,7 @@ them finds independently upcycled models related (measured: benchmarks/moe_calib
 therefore combined by Bonferroni (valid under any dependence), and the layers by Fisher as for dense models; each
 MoE layer's record lists its tests.
 
-csu_all: the same test for every pair of 2-D weights of the same role (e.g. "mlp.up_proj.weight") in any layer
+csu_all: the same test for every pair of 2-D weights of the same role (e.g. "mlp.up"; tracing/units.py) in any layer
 of the base and any layer of the fine-tuned model whose residual axis agrees: depth may differ, and so may
 the number of units (a pruned MLP: the narrower matrix's rows are matched into the wider's). The layer map is
 match_all's: Holm's correction over every (role, layer, layer) test, layer j of ft mapped to the base layer
@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from tracing import matching
 from tracing.errors import TracingError
+from tracing.sources.base import Source
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import (
     MAPPING_ALPHA,
-    check_same_shapes,
     identity_test,
     layer_heatmap,
     layer_map,
@@ -44,6 +44,7 @@ from tracing.statistics.common import (
     selected_layers,
 )
 from tracing.statistics.experts import expert_map, expert_summary, group_verdicts, moe_side, verdict_line
+from tracing.statistics.fits import experts_differ, require_fit, weights_differ
 from tracing.statistics.pvalues import bonferroni_log10p, fisher_log10p, holm_log10
 from tracing.units import Matrix, block_matrices, up_matrices
 
@@ -60,14 +61,14 @@ def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device 
     return identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
 
 
-@register("csu", higher_is_related=False,
+@register("csu", fits=(experts_differ, weights_differ), higher_is_related=False,
           help="MLP up-projection rows (each expert's and the router's in MoE layers): linear assignment on cosine "
                "similarity, Spearman vs identity, Fisher over layers (Bonferroni over an MoE layer's experts; "
                "log10 p; exact under H0)")
 @torch.no_grad()
 def csu(ctx: StatContext) -> StatResult:
     src_a, src_b = ctx.source_base, ctx.source_ft
-    check_same_shapes(src_a, src_b, "csu")
+    require_fit(ctx, "csu")
     layers = selected_layers(ctx)
     # (layer, base matrix, ft matrix): the dense MLP's (or shared expert's) up rows, each expert's, the router's
     jobs = [(i, ma, mb) for i in layers for ma, mb in zip(up_matrices(ctx.spec_base, i), up_matrices(ctx.spec_ft, i))
@@ -117,29 +118,42 @@ def _seed(seed: int, ma: Matrix, mb: Matrix, role: int) -> tuple[int, ...]:
     return (seed, ma.layer, mb.layer, role) + (units if any(units) else ())
 
 
-@register("csu_all", same_shape=False, higher_is_related=False,
+def _comparable(a: Source, b: Source, layers_a: list[int] | None = None) -> tuple[list, list, dict, dict, list]:
+    """(A's matrices, B's, their row shapes, the roles both have) from headers (A's only in `layers_a`)."""
+    mats_a = [m for m in block_matrices(a.spec, a.shapes()) if layers_a is None or m.layer in layers_a]
+    mats_b = block_matrices(b.spec, b.shapes())
+    rows_a = {m: m.rows_shape(a.spec, a.shapes()) for m in mats_a}
+    rows_b = {m: m.rows_shape(b.spec, b.shapes()) for m in mats_b}
+    roles = list(dict.fromkeys(m.role for m in mats_a if any(m.role == n.role for n in mats_b)))
+    return mats_a, mats_b, rows_a, rows_b, roles
+
+
+def no_shared_roles(a: Source, b: Source) -> str | None:
+    """csu_all's fit check: some weight matrix of A and of B with the same role and the same input width."""
+    _, _, rows_a, rows_b, roles = _comparable(a, b)
+    if any(ra[1:] == rb[1:] for ma, ra in rows_a.items() if ma.role in roles
+           for mb, rb in rows_b.items() if mb.role == ma.role):
+        return None
+    why = "share no weight role" if not roles else "have no same-role matrices with the same hidden size"
+    return f"{a.spec.model_type} and {b.spec.model_type} {why}"
+
+
+@register("csu_all", fits=(no_shared_roles,), higher_is_related=False,
           help="csu for every pair of weight matrices of the same role in any two layers (depth and width may "
                "differ: the narrower matrix is matched into the wider; every expert of an MoE against every MLP or "
                "expert of the other model), Holm-corrected layer and expert map")
 @torch.no_grad()
 def csu_all(ctx: StatContext) -> StatResult:
-    sd_a, sd_b = ctx.source_base.shapes(), ctx.source_ft.shapes()
+    require_fit(ctx, "csu_all")
     layers_a, layers_b = selected_layers(ctx), list(range(ctx.spec_ft.n_layers))
-    mats_a = [m for m in block_matrices(ctx.spec_base, sd_a) if m.layer in layers_a]
-    mats_b = block_matrices(ctx.spec_ft, sd_b)
-    # shapes of the rows (n_units, rest) of each matrix; tensors are read in the worker that compares them
-    rows_a = {m: m.rows_shape(ctx.spec_base, sd_a) for m in mats_a}
-    rows_b = {m: m.rows_shape(ctx.spec_ft, sd_b) for m in mats_b}
-    roles = list(dict.fromkeys(m.role for m in mats_a if any(m.role == n.role for n in mats_b)))
+    # matrices and the shapes of their rows (n_units, rest); tensors are read in the worker that compares them
+    mats_a, mats_b, rows_a, rows_b, roles = _comparable(ctx.source_base, ctx.source_ft, layers_a)
     at = {r: k for k, r in enumerate(roles)}
     # comparable: same role, same residual (column) axis; the unit (row) axis may differ
     jobs = [(ma, mb) for r in roles for ma in mats_a if ma.role == r for mb in mats_b
             if mb.role == r and rows_a[ma][1:] == rows_b[mb][1:]]
-    if not jobs:
-        why = "share no weight role" if not roles else "have no same-role matrices with the same hidden size"
-        raise TracingError(f"csu_all found no weight matrices of the same role: {ctx.spec_base.model_type} and "
-                           f"{ctx.spec_ft.model_type} {why}; use match_all or jsd, which compare what the models "
-                           "compute")
+    if not jobs:  # only --layers can leave nothing to compare once the fit check holds
+        raise TracingError(f"csu_all has nothing to compare in --layers {ctx.layers}: pick other layers")
 
     # jobs run base matrix by base matrix: keep the last few base matrices read (each is compared n_b times)
     read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(lambda m: m.read(ctx.source_base))

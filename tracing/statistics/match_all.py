@@ -29,17 +29,10 @@ from tqdm.auto import tqdm
 
 from tracing.activations import check_blocks, check_layers, mlp_input_covariances, sample_activations, sample_positions
 from tracing.arch import ArchSpec, mlp
-from tracing.errors import TracingError
 from tracing.matching import euclid_similarity, map_in_threads, usable
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import (
-    MAPPING_ALPHA,
-    agreement_test,
-    check_gated,
-    layer_heatmap,
-    layer_map,
-    matching_extras,
-)
+from tracing.statistics.common import MAPPING_ALPHA, agreement_test, layer_heatmap, layer_map, matching_extras
+from tracing.statistics.fits import hidden_differs, require_fit, routed, ungated
 from tracing.statistics.pvalues import holm_log10
 
 DEFAULT_MAX_TOKENS = 2048
@@ -97,10 +90,10 @@ def _all_pairs(ctx: StatContext, stat: str, row_test, layers_a: list[int], layer
     return {"per_layer": per_layer, "extras": extras, "best": float(holm.min())}
 
 
-@register("match_all", needs_data=True, same_shape=False, scalar=False,
+@register("match_all", needs_data=True, fits=(routed, ungated), scalar=False,
           help="localized testing: match every layer of A against every layer of B, Holm-corrected layer map")
 def match_all(ctx: StatContext) -> StatResult:
-    check_gated(ctx, "match_all")
+    require_fit(ctx, "match_all")
     blocks = check_blocks(ctx.blocks)
     layers_a = check_layers(ctx.layers, ctx.spec_base.n_layers)
     layers_b = list(range(ctx.spec_ft.n_layers))
@@ -133,21 +126,17 @@ def _rows_with_bias(model: torch.nn.Module, spec: ArchSpec, layer: int, proj: st
     return torch.cat([w.to(device, torch.float32), b.to(device, torch.float32)[:, None]], dim=1)
 
 
-@register("match_all_drift_free", aliases=("match_all_df",), needs_data=True, same_shape=False, scalar=False,
+@register("match_all_drift_free", aliases=("match_all_df",), needs_data=True, fits=(routed, ungated, hidden_differs),
+          scalar=False,
           help="match_all on A's MLP inputs: layer j of B reads A's layer-i inputs (no forward pass of B, no "
                "depth drift); same hidden size and residual basis")
 @torch.no_grad()
 def match_all_drift_free(ctx: StatContext) -> StatResult:
     stat = "match_all_drift_free"
-    check_gated(ctx, stat)
+    require_fit(ctx, stat)
     blocks = check_blocks(ctx.blocks)
     layers_a = check_layers(ctx.layers, ctx.spec_base.n_layers)
     layers_b = list(range(ctx.spec_ft.n_layers))
-    hidden_a, hidden_b = (spec.neuron_rows(model.get_parameter(spec.layers[0].up), spec.layers[0].up, mlp(0)).shape[1]
-                          for model, spec in ((ctx.base, ctx.spec_base), (ctx.ft, ctx.spec_ft)))  # views, no copy
-    if hidden_a != hidden_b:
-        raise TracingError(f"{stat} feeds A's MLP inputs to B's weights, so the hidden sizes must agree "
-                           f"({hidden_a} vs {hidden_b}): use match_all")
     counter: dict = {}
     cov = mlp_input_covariances(ctx.base, ctx.spec_base, blocks, layers=layers_a, batch_size=ctx.batch_size,
                                 counter=counter, progress=ctx.progress)  # layer -> (hidden + 1, hidden + 1)
