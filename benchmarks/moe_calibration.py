@@ -1,6 +1,6 @@
 """Calibration of the MoE statistics under H0: how often independent MoE pairs (and MoE vs dense) get p < 0.05, 0.01.
 
-    python benchmarks/moe_calibration.py                          # 100 pairs (csu_all: 40), ~10 min on 2 cores
+    python benchmarks/moe_calibration.py                          # 40 pairs (csu_all: 20), ~30 min on 2 busy cores
     python benchmarks/moe_calibration.py --pairs 20 --all_pairs 10    # a quick look
     python benchmarks/moe_calibration.py --markdown docs/generated/moe_calibration.md
 
@@ -32,8 +32,8 @@ def main() -> None:
     from tracing import recipes, zoo
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=100)
-    ap.add_argument("--all_pairs", type=int, default=40, help="pairs for csu_all (every expert against every expert)")
+    ap.add_argument("--pairs", type=int, default=40)
+    ap.add_argument("--all_pairs", type=int, default=20, help="pairs for csu_all (every expert against every expert)")
     ap.add_argument("--markdown", default=None)
     args, head, t0 = bench_common.start(ap)
     tok = zoo.build_tokenizer(zoo.synthetic_text(3000, seed=0), vocab_size=512)
