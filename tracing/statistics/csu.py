@@ -34,14 +34,16 @@ from tqdm.auto import tqdm
 from tracing import matching
 from tracing.errors import TracingError
 from tracing.sources.base import Source
-from tracing.statistics import StatContext, StatResult, register
+from tracing.statistics import StatContext, StatResult, register, screen
 from tracing.statistics.common import (
     MAPPING_ALPHA,
+    dot_and_norms,
     identity_test,
     layer_heatmap,
     layer_map,
     matching_extras,
     selected_layers,
+    squared_distance,
 )
 from tracing.statistics.experts import expert_map, expert_summary, group_verdicts, moe_side, verdict_line
 from tracing.statistics.fits import experts_differ, require_fit, weights_differ
@@ -58,7 +60,12 @@ def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device 
     device = device or rows_a.device
     rows_a, rows_b = rows_a.to(device), rows_b.to(device)
     sim = matching.cosine_matrix(rows_a, rows_b)  # (n, m)
-    return identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
+    record = identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
+    if rows_a.shape == rows_b.shape:  # how far B's rows moved from A's, in place (tracing.describe)
+        norm_sq = dot_and_norms(rows_a, rows_a)[1]
+        record["rel_change"] = (squared_distance(rows_a, rows_b) / norm_sq) ** 0.5 if norm_sq > 0 else None
+    return record
+
 
 
 @register("csu", fits=(experts_differ, weights_differ), higher_is_related=False,
@@ -138,6 +145,26 @@ def no_shared_roles(a: Source, b: Source) -> str | None:
     return f"{a.spec.model_type} and {b.spec.model_type} {why}"
 
 
+SCREEN_ROLES = ("mlp.up", "attn.out")  # the roles "fast" screens and tests: an MLP's (or expert's), an attention's
+
+
+def _screened_jobs(ctx: StatContext, jobs: list[tuple[Matrix, Matrix]]) -> list[tuple[Matrix, Matrix]]:
+    """The candidate pairs among `jobs`: for each screened role and ft matrix (a layer's, or one expert's), the base
+    matrices whose units it finds best (screen.py); every matrix is read once for the screen, and only the few
+    screened rows of each ft matrix are kept."""
+    shared = [r for r in SCREEN_ROLES if any(ma.role == r for ma, _ in jobs)] or [jobs[0][0].role]
+    out = []
+    for r in shared:
+        pairs = {(ma, mb) for ma, mb in jobs if ma.role == r}
+        la = list(dict.fromkeys(ma for ma, _ in jobs if ma.role == r))
+        lb = list(dict.fromkeys(mb for ma, mb in jobs if ma.role == r))
+        rows_b = {mb: screen.screened_rows(mb.read(ctx.source_ft)) for mb in lb}  # (<= SCREEN_ROWS, d) each
+        rows_a = ((ma, ma.read(ctx.source_base)) for ma in la)
+        scores = screen.screen_scores(rows_a, rows_b, la, lb, ctx.compute_device)  # (len(la), len(lb))
+        out += [(la[a], lb[b]) for a, b in screen.candidates(scores) if (la[a], lb[b]) in pairs]
+    return out
+
+
 @register("csu_all", fits=(no_shared_roles,), higher_is_related=False,
           help="csu for every pair of weight matrices of the same role in any two layers (depth and width may "
                "differ: the narrower matrix is matched into the wider; every expert of an MoE against every MLP or "
@@ -155,6 +182,13 @@ def csu_all(ctx: StatContext) -> StatResult:
     if not jobs:  # only --layers can leave nothing to compare once the fit check holds
         raise TracingError(f"csu_all has nothing to compare in --layers {ctx.layers}: pick other layers")
 
+    family = jobs  # every comparable pair of matrices: the Holm family
+    if ctx.matching != "exact":  # screen every pair, test the candidates (statistics/screen.py)
+        jobs = _screened_jobs(ctx, jobs)
+        family = [job for job in family if job[0].role in {ma.role for ma, _ in jobs}]
+    pos_a, pos_b = {m: k for k, m in enumerate(mats_a)}, {m: k for k, m in enumerate(mats_b)}
+    jobs = sorted(jobs, key=lambda job: (at[job[0].role], pos_a[job[0]], pos_b[job[1]]))
+
     # jobs run base matrix by base matrix: keep the last few base matrices read (each is compared n_b times)
     read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(lambda m: m.read(ctx.source_base))
 
@@ -169,7 +203,8 @@ def csu_all(ctx: StatContext) -> StatResult:
     raw = np.array([rec["log10_pvalue"] for rec in recs])
     tested = ~np.isnan(raw)
     holm = np.full_like(raw, np.nan)
-    holm[tested] = holm_log10(raw[tested])  # one family: every (role, layer, unit, layer, unit) test that gave a p
+    # one family: every comparable pair that gave a p, and those screened out counted as p = 1
+    holm[tested] = holm_log10(np.concatenate([raw[tested], np.zeros(len(family) - len(jobs))]))[:tested.sum()]
     per_role = np.full((len(roles), len(layers_a), len(layers_b)), np.nan)  # raw log10 p, best unit pair; NaN: none
     holm_role = np.full_like(per_role, np.nan)
     row_of = {i: a for a, i in enumerate(layers_a)}
@@ -185,7 +220,8 @@ def csu_all(ctx: StatContext) -> StatResult:
     extras = {"log10p": {r: _nan_as_none(per_role[at[r]]) for r in roles if not np.isnan(per_role[at[r]]).all()},
               "log10_pvalue_matrix": _nan_as_none(logp), "log10_pvalue_holm_matrix": _nan_as_none(holm_pair),
               "layers_base": layers_a, "layers_ft": layers_b, "mapping": mapping, "correction": "holm",
-              "alpha": MAPPING_ALPHA, "n_pairs": len(jobs), "pairs_skipped_nan": int(len(jobs) - tested.sum())}
+              "alpha": MAPPING_ALPHA, "n_pairs": len(family), "n_tested": len(jobs),
+              "pairs_skipped_nan": int(len(jobs) - tested.sum())}
     tests = [(ma, mb, float(p), float(h), rec["matched_cos"]) for (ma, mb), p, h, rec in zip(jobs, raw, holm, recs)]
     side = moe_side(ctx.spec_base, ctx.spec_ft)
     extras["groups"] = group_verdicts(tests, side)
