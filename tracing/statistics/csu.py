@@ -150,8 +150,11 @@ SCREEN_ROLES = ("mlp.up", "attn.out")  # the roles "fast" screens and tests: an 
 
 def _screened_jobs(ctx: StatContext, jobs: list[tuple[Matrix, Matrix]]) -> list[tuple[Matrix, Matrix]]:
     """The candidate pairs among `jobs`: for each screened role and ft matrix (a layer's, or one expert's), the base
-    matrices whose units it finds best (screen.py); every matrix is read once for the screen, and only the few
-    screened rows of each ft matrix are kept."""
+    matrices whose units it finds best (screen.py); when only base is an MoE, for each of its matrices (each expert)
+    the ft matrices it is found best in, so that every expert gets its candidates. Every matrix is read once for the
+    screen, and only the few screened rows of each ft matrix are kept. (The screen is blind to unit order on both
+    sides, so picking by row or by column keeps the tested p-values exact: screen.py.)"""
+    per_base = moe_side(ctx.spec_base, ctx.spec_ft) == "base"
     shared = [r for r in SCREEN_ROLES if any(ma.role == r for ma, _ in jobs)] or [jobs[0][0].role]
     out = []
     for r in shared:
@@ -161,7 +164,8 @@ def _screened_jobs(ctx: StatContext, jobs: list[tuple[Matrix, Matrix]]) -> list[
         rows_b = {mb: screen.screened_rows(mb.read(ctx.source_ft)) for mb in lb}  # (<= SCREEN_ROWS, d) each
         rows_a = ((ma, ma.read(ctx.source_base)) for ma in la)
         scores = screen.screen_scores(rows_a, rows_b, la, lb, ctx.compute_device)  # (len(la), len(lb))
-        out += [(la[a], lb[b]) for a, b in screen.candidates(scores) if (la[a], lb[b]) in pairs]
+        picked = {(a, b) for b, a in screen.candidates(scores.T)} if per_base else screen.candidates(scores)
+        out += [(la[a], lb[b]) for a, b in picked if (la[a], lb[b]) in pairs]
     return out
 
 
