@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from tracing.arch import mlp
 from tracing.errors import TracingError
-from tracing.moe import experts_mismatch
+from tracing.moe import expert_shapes, experts_mismatch
 from tracing.sources.base import Source
 from tracing.statistics import StatContext, StatInfo, get_stat, runnable
 
@@ -64,7 +64,9 @@ def weights_or_vocab_differ(a: Source, b: Source) -> str | None:
 
 
 def mlp_units(src: Source, layer: int = 0) -> int:
-    """MLP neurons of one layer, from the up projection's shape."""
+    """MLP neurons of one layer, from the up projection's shape (an MoE block without a dense MLP: one expert's)."""
+    if src.spec.layers[layer].up is None:
+        return expert_shapes(src)[layer][1]
     key = src.spec.layers[layer].up
     return src.shape(key)[src.spec.axis(key, mlp(layer))]
 
