@@ -12,11 +12,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 # Lower layers never import higher ones (a layer may import itself: the cycle test keeps that acyclic).
 LAYERS = [
     ["errors", "naming", "choices", "matching", "plots", "zoo", "docs"],  # foundation: no model code
-    ["config", "model_lists", "results", "result_folder", "devices", "arch", "checkpoints", "lineage", "hub"],
+    ["config", "model_lists", "results", "result_folder", "devices", "arch", "checkpoints", "lineage", "hub",
+     "describe"],
     ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "moe", "units",
      "recipes"],  # tensors, models, experts
     ["statistics", "report"],  # what is computed on a pair
-    ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
+    ["pipeline", "auto", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs
     ["cli", "launcher", "examples"],  # main.py's and launch.py's flags; README examples from code
 ]

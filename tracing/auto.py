@@ -28,8 +28,7 @@ from tracing.config import RunConfig
 from tracing.describe import describe
 from tracing.errors import TracingError
 from tracing.statistics import StatContext, StatResult, get_stat
-from tracing.statistics.fits import advice, hidden_size, mlp_units
-from tracing.statistics.jsd import vocab_disagrees
+from tracing.statistics.fits import advice, hidden_size, mlp_units, vocab_disagrees
 
 STOP_LOG10P = -6.0  # the combined p that settles a pair: no further test runs
 ALPHA = 0.01  # verdict threshold: related when the combined p is at most this

@@ -116,6 +116,24 @@ def ungated(a: Source, b: Source) -> str | None:
     return f"it needs gated MLPs (gate_proj and up_proj), which {plain[0]} does not have" if plain else None
 
 
+def vocab_disagrees(a: Source, b: Source) -> str | None:
+    """jsd's fit check: both tokenizers give the same token string for every shared id they both define (without
+    a tokenizer, ids are taken to agree)."""
+    tok_a, tok_b = a.tokenizer, b.tokenizer
+    if tok_a is None or tok_b is None or tok_a is tok_b:
+        return None
+    n_shared = min(a.shape(a.spec.embed)[0], b.shape(b.spec.embed)[0])
+    inv_a = {i: t for t, i in tok_a.get_vocab().items() if i < n_shared}
+    inv_b = {i: t for t, i in tok_b.get_vocab().items() if i < n_shared}
+    common = sorted(set(inv_a) & set(inv_b))
+    bad = [i for i in common if inv_a[i] != inv_b[i]]
+    if bad:
+        i = bad[0]
+        return (f"the tokenizers disagree on {len(bad)} of {len(common)} shared token ids (e.g. id {i}: "
+                f"{inv_a[i]!r} vs {inv_b[i]!r}), so the next-token distributions are not comparable")
+    return None
+
+
 def advice(a: Source, b: Source) -> str:
     """What to run instead, for an error about this pair: only statistics whose checks hold on it."""
     ok = runnable(a, b)
