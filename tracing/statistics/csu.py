@@ -111,6 +111,8 @@ def _layer_record(i: int, tests: list[tuple[Matrix, dict]]) -> dict:
                  "n_tests": len(tests),
                  "experts": [{"expert": m.expert, **r} for m, r in tests if m.kind == "expert"]}
     rec.update({m.kind: r for m, r in tests if m.kind in ("router", "shared")})
+    moved = [r["rel_change"] for m, r in tests if m.kind != "router" and r.get("rel_change") is not None]
+    rec["rel_change"] = sum(moved) / len(moved) if moved else None  # the experts' mean (tracing.describe)
     return rec
 
 
