@@ -14,7 +14,7 @@ import transformers
 from gguf_files import write_gguf
 
 from tracing import zoo
-from tracing.checkpoints import locate, split_revision
+from tracing.access import locate, split_revision
 from tracing.devices import resolve_device, resolve_dtype
 from tracing.errors import TracingError
 from tracing.models import load_model
