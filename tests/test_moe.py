@@ -101,6 +101,14 @@ def test_csu_all_maps_each_expert_to_its_own_despite_an_upcycle_s_lookalikes(mod
         assert [r["source_unit"] for r in experts if r["layer"] == 1] == [f"expert {f}" for f in order]
 
 
+def test_auto_the_default_statistic_runs_on_moe_pairs(saved, tmp_path):
+    """auto plans csu (and csu --align) for two MoE models of one shape, csu_all for MoE vs dense."""
+    for base, ft, first in (("moe", "permuted", "csu"), ("dense", "moe", "csu_all")):
+        code, rec = cli(saved, tmp_path / ft, base, ft)
+        assert code == 0 and rec["stat"] == "auto" and rec["log10_pvalue"] < RELATED, rec and rec["error"]
+        assert rec["extras"]["plan"][0] == first
+
+
 def test_align_recovers_the_expert_order_of_a_finetuned_permuted_copy(models):
     spec = get_spec(models["moe"].config)
     planted = random_perm(spec, models["tuned"].state_dict(), seed=11)
