@@ -144,7 +144,7 @@ def others(good, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("ft, extra, needles", [
     ("nowhere", [], ["nowhere is neither a local directory"]),
     ("bert", [], ["unsupported architecture 'bert'"]),
-    ("wider", ["--stat", "csu"], ["shapes differ", "use match_all"]),
+    ("wider", ["--stat", "csu"], ["shapes differ", "statistics that run on this pair: auto, emb, csu_all"]),
     ("good", ["--stat", "match", "--block_size", "4096"], ["--block_size 4096 is longer than"]),
     ("gpt2", ["--rotate", "--stat", "match_all"], ["--rotate is not function-preserving for gpt2"]),
     ("good", ["--dtype", "bf61"], ["bf61"]),

@@ -19,9 +19,9 @@ CHILD = """
 import os, signal, sys
 import tracing.pipeline as pipeline
 real = pipeline.execute
-def execute(cfg, record, token=None):
+def execute(*args, **kwargs):
     os.kill(os.getpid(), signal.{sig})
-    return real(cfg, record, token)
+    return real(*args, **kwargs)
 pipeline.execute = execute
 from tracing.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -63,7 +63,8 @@ def test_derived_pair_is_related_and_record_is_plain(models, tmp_path, monkeypat
     assert rec["aligned_log10_pvalue"] is None
     text = json.dumps(rec)  # plain data only: JSON-serialisable as is
     assert "secret" not in text
-    argv = ["--base_model_id", models["base"], "--ft_model_id", models["derived"], "--save", str(tmp_path)]
+    argv = ["--base_model_id", models["base"], "--ft_model_id", models["derived"], "--save", str(tmp_path),
+            "--stat", "csu"]
     twin = json.loads(record_path(argv).with_suffix(".json").read_text())
     assert twin["log10_pvalue"] == rec["log10_pvalue"]
     assert set(rec["git"]) >= {"commit", "dirty"}

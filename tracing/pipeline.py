@@ -91,10 +91,10 @@ def open_pair(cfg: RunConfig, token: str | None, notes: list) -> OpenedPair:
 def check_inputs(cfg: RunConfig, info: StatInfo, pair: OpenedPair) -> None:
     """What configs and headers tell before any model is loaded: whether the statistic fits the pair (where both
     checkpoints stream), whether ft can be rotated, and whether --block_size fits both contexts."""
+    if cfg.rotate:  # the flag the user gave first: it cannot apply to this model whatever the statistic
+        check_rotatable(pair.checkpoints[1].spec)
     if pair.headers_known:
         check_fits(info, pair.source_base, pair.source_ft, align=cfg.align)
-    if cfg.rotate:
-        check_rotatable(pair.checkpoints[1].spec)
     if info.needs_data or cfg.eval:
         block_size(cfg, pair)
 
