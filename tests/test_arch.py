@@ -15,6 +15,12 @@ def test_spec_covers_every_state_dict_key(family):
     check_covers(spec, model.state_dict())
     assert spec.n_layers == 3 and len(spec.layers) == 3
     assert spec.gated == (family not in ("gpt2", "gpt_neox"))
+    assert spec.is_moe == (family in zoo.MOE_FAMILIES)
+
+
+def _up(roles) -> str:
+    """The key holding a block's up projection: its dense MLP's, else its stacked experts'."""
+    return roles.up or roles.moe.key_of("up")
 
 
 def test_every_supported_model_type_has_a_zoo_model():
@@ -30,12 +36,17 @@ def test_layer_structure_partitions_the_spec(family):
     assert set().union(*groups.values()) == set(spec.axes)
     assert sum(map(len, groups.values())) == len(spec.axes)
     for i, roles in enumerate(spec.layers):
-        assert {roles.up, roles.down} <= groups["mlp"] and set(roles.attn_in) <= groups["attn"]
+        mlp_keys = {roles.up, roles.down} - {None}
+        if roles.moe is not None:  # router and stacked experts are MLP weights too
+            mlp_keys |= {roles.moe.router, roles.moe.key_of("up"), roles.moe.down}
+        assert mlp_keys and mlp_keys <= groups["mlp"] and set(roles.attn_in) <= groups["attn"]
+        assert set(roles.mlp_in) <= groups["mlp"]
         in_block = {k for k in spec.axes if k.startswith(roles.prefix + ".")}
         assert {k for k, j in spec.layer_of.items() if j == i} == in_block
         if roles.pre_mlp_norm:
             assert roles.pre_mlp_norm in groups["norm"]
-        assert spec.local_key(roles.up) == spec.local_key(spec.layers[0].up)  # same role, any layer
+        same_kind = next(r for r in spec.layers if (r.moe is None) == (roles.moe is None))  # DeepSeek: dense, MoE
+        assert spec.local_key(_up(roles)) == spec.local_key(_up(same_kind))  # same role, any layer
     assert spec.embed in groups["emb"] and spec.embed not in spec.layer_of
     if family == "qwen2":
         assert "model.layers.1.self_attn.q_proj.bias" in groups["attn"]
@@ -47,14 +58,19 @@ def test_permutation_preserves_logits(family):
     spec = get_spec(model.config)
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        for key, b in model.named_buffers():  # DeepSeek-V3's expert score bias: nonzero, so its permutation counts
+            if key in spec.axes:
+                b.normal_(generator=torch.Generator().manual_seed(1))
         before = model(ids).logits
     perm = random_perm(spec, model.state_dict(), seed=1)
     apply_perm(model, spec, perm)
     with torch.no_grad():
         after = model(ids).logits
     assert (before - after).abs().max() <= 1e-4
-    up = spec.layers[0].up
+    up = _up(spec.layers[-1])
     assert not torch.equal(model.state_dict()[up], zoo.tiny_model(family).state_dict()[up])
+    if spec.is_moe:  # the experts moved, and each expert's neurons
+        assert {"experts.1", "mlp.1.0", "mlp.1.3"} <= set(perm)
 
 
 def test_unsupported_architecture_lists_supported_ones():

@@ -14,9 +14,9 @@ LAYERS = [
     ["errors", "naming", "choices", "matching", "plots", "zoo", "docs"],  # foundation: no model code
     ["config", "model_lists", "results", "result_folder", "devices", "arch", "access", "digests", "checkpoints",
      "lineage", "hub", "describe"],
-    # tensors, models, and the opened pair built from them
+    # tensors, models, and the opened pair built from them; experts
     ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "pair",
-     "derivations"],  # ... and derivation recipes
+     "derivations", "moe", "units", "recipes"],  # ... and derivation recipes
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs

@@ -116,7 +116,8 @@ def test_every_weight_of_every_family_gets_its_own_layer_module_cell(fam):
     spec = get_spec(base.config)
     ft = copy.deepcopy(base)
     with torch.no_grad():
-        for p in ft.parameters():
+        buffers = [b for k, b in ft.named_buffers() if k in spec.axes]  # e.g. DeepSeek-V3's expert score bias
+        for p in [*ft.parameters(), *buffers]:
             p.add_(0.01)
     diff = weight_diff(base, ft, spec, progress=False)
     cells = [(r["layer"], r["module"]) for r in diff["per_key"]]

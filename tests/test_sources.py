@@ -157,13 +157,15 @@ def test_rotated_view_equals_rotate_residual(family):
 
 
 # ---------------------------------------------------------------------- GGUF
-GGUF_SHAPES = {"llama": {}, "qwen2": {}, "gpt2": dict(intermediate=256, max_positions=1024)}  # GGUF's defaults
+# GGUF's defaults (transformers reads no expert width from a GGUF: Qwen3-MoE's default, 768)
+GGUF_SHAPES = {"llama": {}, "qwen2": {}, "gpt2": dict(intermediate=256, max_positions=1024),
+               "qwen3_moe": dict(intermediate=768)}
 
 
 @pytest.fixture(scope="session")
 def ggufs(tmp_path_factory, tokenizer) -> dict[str, tuple[str, str]]:
-    """family -> (base .gguf, derived .gguf) for the three GGUF tensor processors (q/k un-interleave, none,
-    Conv1D transposes)."""
+    """family -> (base .gguf, derived .gguf) for the four GGUF tensor processors (q/k un-interleave, none,
+    Conv1D transposes, MoE experts fused)."""
     root = tmp_path_factory.mktemp("gguf")
     out = {}
     for family, shape in GGUF_SHAPES.items():

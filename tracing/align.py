@@ -14,6 +14,10 @@
 Each matching is tracing.matching's (`--matching`): degenerate units (zero, constant, non-finite weights) are
 left out and placed at random, ties broken in a seeded random order; "fast" matches greedily (related
 layers: the optimal assignment, every unit's best partner is distinct), "exact" by optimal assignment.
+3. Each MoE layer's routed experts: experts matched by assignment on a signature of their gate weights that does
+   not depend on the order of their neurons (tracing/moe.py: a sketch of Wᵀ W, in base's residual basis), then the
+   neurons within each matched pair as in step 2 ("experts.{i}", then "mlp.{i}.{e}" for the expert put in slot e).
+   The router is left out, like the up rows: csu tests it (are the experts in the same order?).
 The result is a `Perm` in the same currency as `random_perm`: applying it to ft aligns it to base.
 Weights are read one at a time (the embeddings in chunks of rows), so memory does not grow with the model.
 """
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tracing.arch import RESID, ArchSpec, mlp
+from tracing.arch import RESID, ArchSpec, expert_mlp, experts, mlp
 from tracing.errors import TracingError
 from tracing.matching import (
     DEFAULT_METHOD,
@@ -36,6 +40,7 @@ from tracing.matching import (
     usable,
     usable_from_range,
 )
+from tracing.moe import check_same_experts, expert_rows, expert_signatures, n_experts
 from tracing.perm import Perm
 from tracing.sources.base import Source, as_source
 
@@ -113,8 +118,10 @@ def align_weights(base: Source | torch.nn.Module, ft: Source | torch.nn.Module, 
     if hidden_b != hidden_f:
         raise TracingError(f"cannot align: hidden sizes differ ({hidden_b} vs {hidden_f}); "
                            "use --stat match_all, which handles different depth and width")
-    keys = [roles.gate or roles.down for roles in spec.layers]  # never up: csu tests it (module docstring)
-    for i, key in enumerate(keys):
+    check_same_experts(base, ft, "alignment")
+    dense = [i for i, roles in enumerate(spec.layers) if roles.up is not None]  # a dense MLP or a shared expert
+    keys = {i: spec.layers[i].gate or spec.layers[i].down for i in dense}  # never up: csu tests it (docstring)
+    for i, key in keys.items():
         if base.shape(key) != ft.shape(key):
             raise TracingError(f"cannot align layer {i}: MLP shapes differ "
                                f"({tuple(base.shape(key))} vs {tuple(ft.shape(key))}); "
@@ -123,14 +130,37 @@ def align_weights(base: Source | torch.nn.Module, ft: Source | torch.nn.Module, 
     vocab = min(base.shape(spec.embed)[0], ft.shape(spec.embed)[0])  # the shared vocabulary
     resid = permutation(*embedding_similarity(base, ft, spec, vocab, device), method, (seed, 0, 0))  # (hidden,)
 
-    def align_layer(i: int) -> torch.Tensor:  # runs in a worker thread
-        rows_b = _neuron_rows(spec, base, keys[i], mlp(i), None, device)  # (n_neurons, hidden)
-        rows_f = _neuron_rows(spec, ft, keys[i], mlp(i), resid, device)  # (n_neurons, hidden)
-        return _match_rows(rows_b, rows_f, method, (seed, 1, i))  # (n_neurons,)
+    def align_layer(i: int) -> Perm:  # runs in a worker thread
+        out: Perm = {}
+        if i in keys:
+            rows_b = _neuron_rows(spec, base, keys[i], mlp(i), None, device)  # (n_neurons, hidden)
+            rows_f = _neuron_rows(spec, ft, keys[i], mlp(i), resid, device)  # (n_neurons, hidden)
+            out[mlp(i)] = _match_rows(rows_b, rows_f, method, (seed, 1, i))  # (n_neurons,)
+        if spec.layers[i].moe is not None:
+            out.update(align_experts(base, ft, i, resid, device, method, seed))
+        return out
 
-    n = base.shape(keys[0])[spec.axis(keys[0], mlp(0))]
-    mlps = map_in_threads(align_layer, range(len(keys)), item_bytes=3 * n * n * 8)
+    n = max([base.shape(k)[spec.axis(k, mlp(i))] for i, k in keys.items()] + [1])
+    layers = [i for i in range(spec.n_layers) if i in keys or spec.layers[i].moe is not None]
     perm: Perm = {RESID: resid}
-    for i, p in enumerate(tqdm(mlps, total=len(keys), desc="align MLP", disable=not progress)):
-        perm[mlp(i)] = p
+    for p in tqdm(map_in_threads(align_layer, layers, item_bytes=3 * n * n * 8), total=len(layers),
+                  desc="align MLP", disable=not progress):
+        perm.update(p)
     return perm
+
+
+def align_experts(base: Source, ft: Source, layer: int, resid: torch.Tensor, device: torch.device,
+                  method: str = DEFAULT_METHOD, seed: int = 0) -> Perm:
+    """The expert order of ft's `layer` that matches base's ("experts.{i}"), and each matched expert's neuron
+    order ("mlp.{i}.{e}"), from the gate rows (the up rows of a non-gated MLP are never used: csu tests them)."""
+    proj = "gate" if base.spec.layers[layer].moe.gated else "down"
+    sig_b = expert_signatures(base, layer, proj, None, device, seed)  # (E, hidden * k)
+    sig_f = expert_signatures(ft, layer, proj, resid, device, seed)
+    order = permutation(cosine_matrix(sig_b, sig_f), usable(sig_b), usable(sig_f), "exact", (seed, 2, layer),
+                        min_units=1)  # (E,): ft's expert order[e] goes to slot e
+    out: Perm = {experts(layer): order}
+    for e in range(n_experts(base.spec, layer)):
+        rows_b = expert_rows(base, layer, e, proj, device)  # (n_neurons, hidden)
+        rows_f = expert_rows(ft, layer, int(order[e]), proj, device).index_select(1, resid.to(device))
+        out[expert_mlp(layer, e)] = _match_rows(rows_b, rows_f, method, (seed, 3, layer, e))
+    return out

@@ -190,13 +190,13 @@ def _indices(ok: torch.Tensor | None, n: int, device: torch.device) -> torch.Ten
 
 
 def pair_units(sim: torch.Tensor, ok_a: torch.Tensor | None = None, ok_b: torch.Tensor | None = None,
-               solver: str = "lap", seed: Seed = 0) -> Pairs:
+               solver: str = "lap", seed: Seed = 0, min_units: int = MIN_UNITS) -> Pairs:
     """Match the usable units of A (rows of sim (n, m)) and B (columns): the narrower side into the wider.
 
     Units whose similarities are not all finite are left out too (those with no finite value first). Unless
     every unit of the narrower side has a strict, distinct best partner (then that is the answer, no tie
     involved), both sides are put in a seeded random order before solving, so ties never follow index order.
-    A side with fewer than MIN_UNITS usable units gives an empty (skipped) result."""
+    A side with fewer than `min_units` usable units gives an empty (skipped) result."""
     n, m = sim.shape
     ia, ib = _indices(ok_a, n, sim.device), _indices(ok_b, m, sim.device)
     s = sim if len(ia) == n and len(ib) == m else sim.index_select(0, ia).index_select(1, ib)  # (n', m')
@@ -207,7 +207,7 @@ def pair_units(sim: torch.Tensor, ok_a: torch.Tensor | None = None, ok_b: torch.
             keep = rule(torch.isfinite(s), dim=0)
             ib, s = ib[keep], s[:, keep]
     b_complete = len(ib) <= len(ia)
-    if min(len(ia), len(ib)) < MIN_UNITS:
+    if min(len(ia), len(ib)) < min_units:
         empty = np.zeros(0, dtype=np.int64)
         return Pairs(empty, empty, n - len(ia), m - len(ib), b_complete)
     pairs = _distinct_best(s)
@@ -235,13 +235,13 @@ def screened(method: str, test: Callable[[str], tuple]) -> tuple[tuple, str]:
 
 
 def permutation(sim: torch.Tensor, ok_a: torch.Tensor | None = None, ok_b: torch.Tensor | None = None,
-                method: str = DEFAULT_METHOD, seed: Seed = 0) -> torch.Tensor:
+                method: str = DEFAULT_METHOD, seed: Seed = 0, min_units: int = MIN_UNITS) -> torch.Tensor:
     """A full permutation p (n,) for a square sim (n, n), B's unit p[i] matched to A's unit i (alignment).
 
     Usable units are matched ("fast": greedy; "exact": optimal assignment); units left out (degenerate or
     too few) are paired with the remaining ones in a seeded random order."""
     n = sim.shape[0]
-    pairs = pair_units(sim, ok_a, ok_b, "lap" if check_method(method) == "exact" else "greedy", seed)
+    pairs = pair_units(sim, ok_a, ok_b, "lap" if check_method(method) == "exact" else "greedy", seed, min_units)
     perm = np.full(n, -1, dtype=np.int64)
     perm[pairs.a] = pairs.b
     perm[perm < 0] = np.random.default_rng(seed).permutation(np.setdiff1d(np.arange(n), pairs.b))

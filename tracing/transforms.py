@@ -57,7 +57,7 @@ def _norm_readers(spec: ArchSpec) -> dict[str, tuple[str, ...]]:
         if roles.pre_attn_norm:
             readers[roles.pre_attn_norm] = roles.attn_in
         if roles.pre_mlp_norm:
-            readers[roles.pre_mlp_norm] = tuple(k for k in (roles.gate, roles.up) if k)
+            readers[roles.pre_mlp_norm] = roles.mlp_in  # gate/up, router, stacked experts, shared expert gate
     if spec.final_norm and spec.lm_head:
         readers[spec.final_norm] = (spec.lm_head,)
     return readers
@@ -116,7 +116,8 @@ class RotatedSource(View):
         whole = rows is not None and a == 0  # rotating axis 0 mixes every row: read them all
         t = self.inner.get(key, None if whole else rows)
         out = torch.empty(t.shape, dtype=self._out(t.dtype), device=t.device)
-        src, dst = t.movedim(a, -1), out.movedim(a, -1)  # (..., hidden): each row a vector of the residual space
+        src = t.movedim(a, -1)  # (..., hidden): each row a vector of the residual space
+        dst = out.movedim(a, -1) if a == t.dim() - 1 or t.dim() == 2 else torch.empty(src.shape, dtype=out.dtype)
         src2, dst2 = (src, dst) if src.dim() == 2 else (src.reshape(-1, src.shape[-1]), dst.view(-1, dst.shape[-1]))
         qt = self.q.T.contiguous().to(t.device)
         g = self.gains.get(key)
@@ -126,6 +127,8 @@ class RotatedSource(View):
             if g is not None:
                 block = block * g
             dst2[s:s + _CHUNK].copy_(block @ qt)  # v -> Q v, row form v^T Q^T
+        if dst.data_ptr() != out.data_ptr():  # a middle axis of a stacked tensor (gpt-oss experts): rotated apart
+            out.movedim(a, -1).copy_(dst)
         return out[rows] if whole else out
 
 

@@ -1,9 +1,12 @@
 """GGUF files of small models, written as llama.cpp's converter writes them (names, layouts, tokenizer), in
 float32 or quantized to Q8_0 / Q4_0 with the `gguf` package (what transformers' GGUF loader dequantizes).
 
-    write_gguf(model, tokenizer, "tiny.gguf")                 # llama, qwen2 or gpt2; float32 tensors
+    write_gguf(model, tokenizer, "tiny.gguf")                 # llama, qwen2, qwen3_moe or gpt2; float32 tensors
     write_gguf(model, tokenizer, "tiny.Q4_0.gguf", "Q4_0")    # 2-D tensors quantized (rows a multiple of 32)
     state = round_trip(model, "Q4_0")                         # the values that file loads as, by state-dict key
+
+MoE experts are written as llama.cpp writes them: one (experts, ...) tensor per projection (ffn_gate_exps,
+ffn_up_exps, ffn_down_exps), which transformers fuses back into gate_up_proj on load.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 
 from tracing.arch import get_spec
 
-GGUF_TYPES = ("llama", "qwen2", "gpt2")  # what this writer writes (and transformers' GGUF loader reads)
+GGUF_TYPES = ("llama", "qwen2", "gpt2", "qwen3_moe")  # what this writer writes (and transformers' GGUF loader reads)
+GGUF_ARCH = {"qwen3_moe": "qwen3moe"}  # llama.cpp's name where it differs from the model type
+QWEN_MOE_WIDTH = 768  # transformers reads no expert width from a Qwen3-MoE GGUF file: its config class's default
 QTYPES = ("Q8_0", "Q4_0")
 
 
@@ -34,6 +39,9 @@ def gguf_refusal(config: Any) -> str | None:
         return (f"transformers reads a gpt2 GGUF file with an MLP of 4 x hidden and 1024 positions, this model has "
                 f"{config.n_inner} and {config.n_positions}: build it with intermediate={4 * config.n_embd}, "
                 f"max_positions=1024")
+    if arch == "qwen3_moe" and config.moe_intermediate_size != QWEN_MOE_WIDTH:
+        return (f"transformers reads a qwen3_moe GGUF file with experts of {QWEN_MOE_WIDTH} neurons (it reads no "
+                f"expert width from the file), this model's have {config.moe_intermediate_size}")
     return None
 
 
@@ -51,11 +59,18 @@ def _tensors(model) -> Iterator[tuple[str, str, np.ndarray, Any]]:
     import gguf
 
     cfg, arch = model.config, model.config.model_type
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[GGUF_ARCH.get(arch, arch).upper()], cfg.num_hidden_layers)
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         module, suffix = key.rsplit(".", 1)
+        if suffix in ("gate_up_proj", "down_proj"):  # stacked experts (experts, ...): one tensor per projection
+            a = tensor.detach().float().numpy()
+            parts = {"gate": a[:, :a.shape[1] // 2], "up": a[:, a.shape[1] // 2:]} if suffix == "gate_up_proj" \
+                else {"down": a}
+            for proj, part in parts.items():
+                yield key, f"{names.get_name(f'{module}.{proj}_proj')}.weight", np.ascontiguousarray(part), None
+            continue
         name = names.get_name(module)
         a, back = tensor.detach().float().numpy(), (lambda x: x)
         if arch == "llama" and name.endswith(("attn_q", "attn_k")):
@@ -96,7 +111,7 @@ def write_gguf(model, tokenizer, path, qtype: str | None = None) -> None:
     import gguf
 
     cfg, arch = model.config, model.config.model_type
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), GGUF_ARCH.get(arch, arch))
     w.add_name(f"tiny-{arch}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_embedding_length(cfg.hidden_size)
@@ -113,6 +128,12 @@ def write_gguf(model, tokenizer, path, qtype: str | None = None) -> None:
         w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
         w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
         w.add_vocab_size(cfg.vocab_size)
+    if arch == "qwen3_moe":
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if qtype:
         w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]

@@ -67,10 +67,12 @@ def _short_names(spec: ArchSpec, i: int) -> dict[str, str]:
         names[key.rsplit(".", 1)[0]] = "qkv" if len(r.attn_in) == 1 else "qkv"[j]
     if r.attn_out:
         names[r.attn_out.rsplit(".", 1)[0]] = "o"
-    if r.gate:
-        names[r.gate.rsplit(".", 1)[0]] = "gate"
-    names[r.up.rsplit(".", 1)[0]] = "up"
-    names[r.down.rsplit(".", 1)[0]] = "down"
+    shared = "shared_" if r.moe is not None else ""  # an MoE block's dense MLP is its shared expert
+    for proj, key in (("gate", r.gate), ("up", r.up), ("down", r.down)):
+        if key:
+            names[key.rsplit(".", 1)[0]] = shared + proj
+    if r.moe is not None:  # stacked experts keep their own labels (experts.gate_up_proj, experts.down_proj)
+        names[r.moe.router.rsplit(".", 1)[0]] = "router"
     if r.pre_attn_norm:
         names[r.pre_attn_norm.rsplit(".", 1)[0]] = "attn_norm"
     if r.pre_mlp_norm:

@@ -153,7 +153,11 @@ def _config_sizes(spec: ArchSpec, config: Any, key: str) -> dict:
     hidden = getattr(cfg, "hidden_size", None)
     mlp_width = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or \
         (4 * hidden if spec.family == "gpt2" and hidden else None)
-    sizes: dict = {RESID: hidden, **{mlp(i): mlp_width for i in range(spec.n_layers)}}
+    sizes: dict = {RESID: hidden, **{mlp(i): mlp_width for i in range(spec.n_layers)}, **spec.widths}
+    fused = spec.fused.get(key)
+    if fused is not None:  # a fused axis holds each unit once per part
+        units = [a for a in spec.axes[key] if a and a.startswith("mlp.") and a in sizes]
+        sizes.update({a: sizes[a] * len(fused.parts) for a in units})
     if key in (spec.embed, spec.lm_head):
         sizes[None] = getattr(cfg, "vocab_size", None)  # the vocabulary axis
     return sizes

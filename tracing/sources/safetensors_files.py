@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from tracing.checkpoints import INDEX, REFETCH, weight_files
 from tracing.errors import TracingError
 from tracing.sources.base import Source, check_checkpoint
-from tracing.sources.renaming import key_map
+from tracing.sources.renaming import Stacked, key_map
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -35,6 +35,21 @@ def open_safetensors(path: Path):
     except (SafetensorError, OSError) as e:
         raise TracingError(f"{path}: a weight file is truncated or corrupt ({str(e).splitlines()[0]}): "
                            f"{REFETCH}") from None
+
+
+def _stacked(model_key: str, stacked: Stacked, stored: dict) -> tuple[Path, tuple[int, ...], torch.dtype]:
+    """(first file, shape, dtype) of a model tensor stacked from per-expert checkpoint tensors; every expert's part
+    must have the same shape and dtype (else the checkpoint is broken: a one-line TracingError)."""
+    parts = []
+    for part in stacked.parts:
+        kinds = {stored[k][1:] for k in part}  # (shape, dtype) of each expert's tensor
+        if len(kinds) > 1:
+            shapes = sorted(str(s) + " " + str(d).replace("torch.", "") for s, d in kinds)
+            raise TracingError(f"{model_key} is stacked from one tensor per expert, and they differ ({shapes[0]} vs "
+                               f"{shapes[-1]}, e.g. {part[0]}): {REFETCH}")
+        parts.append(next(iter(kinds)))
+    (shape, dtype), rows = parts[0], sum(s[0] for s, _ in parts)
+    return stored[stacked.parts[0][0]][0], (len(stacked.parts[0]), rows, *shape[1:]), dtype
 
 
 class SafetensorsSource(Source):
@@ -64,12 +79,15 @@ class SafetensorsSource(Source):
             if stray:
                 raise TracingError(f"{Path(directory) / INDEX} puts {stray[0]} in {weight_map[stray[0]]}, "
                                    f"which does not hold it: {REFETCH}")
-        names = key_map(config, self.spec, list(stored))  # model key -> checkpoint key
-        self._stored = {model_key: (key, *stored[key]) for model_key, key in names.items()}
-        unexpected = sorted(set(stored) - set(names.values()))
+        names = key_map(config, self.spec, list(stored))  # model key -> checkpoint key (or its per-expert keys)
+        self._stored = {model_key: (key, *(_stacked(model_key, key, stored) if isinstance(key, Stacked) else
+                                           stored[key])) for model_key, key in names.items()}
+        used = {k for key in names.values() for k in (key.keys if isinstance(key, Stacked) else [key])}
+        unexpected = sorted(set(stored) - used)
         check_checkpoint(self.name, self.spec, config, {k: v[2] for k, v in self._stored.items()}, unexpected,
                          allow_keys, notes)
         self._present = [k for k in self.spec.axes if k in self._stored or k in self.alias]
+        self._files = {k: v[0] for k, v in stored.items()}  # checkpoint key -> its file
 
     def _keys(self) -> list[str]:
         return self._present
@@ -84,7 +102,14 @@ class SafetensorsSource(Source):
         return self._stored[self.alias.get(key, key)][1]
 
     def _read(self, key: str, rows: slice | None) -> torch.Tensor:
-        stored_as, path = self._stored[key][:2]
+        stored_as, path, shape = self._stored[key][:3]
+        if isinstance(stored_as, Stacked):  # the experts asked for, each from its own tensors (parts on axis 1)
+            files = self._files
+            return torch.stack([torch.cat([self._read_file(part[e], files[part[e]], None) for part in stored_as.parts])
+                                for e in range(shape[0])[rows or slice(None)]])
+        return self._read_file(stored_as, path, rows)
+
+    def _read_file(self, stored_as: str, path: Path, rows: slice | None) -> torch.Tensor:
         with open_safetensors(path) as f:  # reopened per tensor: see the module docstring
             t = f.get_tensor(stored_as) if rows is None else f.get_slice(stored_as)[rows]
             # a view of the file mapping would be read page by page wherever it is first touched: read it here,

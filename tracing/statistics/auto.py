@@ -198,8 +198,9 @@ def evidence(pair, results: dict[str, StatResult], decided: str | None) -> dict:
         if ev["hidden"][0] == ev["hidden"][1] and decided in ("csu", "csu --align", "csu_all"):  # units line up
             vocab["embedding_cosine"] = get_stat("emb").fn(StatContext(source_base=a, source_ft=b,
                                                                        progress=False)).value
-        key = b.spec.layers[0].up
-        ev["quant_bits"] = quant_bits(b.get(key))
+        roles = b.spec.layers[0]  # its dense MLP's up rows; an MoE block without one: one expert's
+        key, rows = (roles.up, None) if roles.up else (roles.moe.key_of("up"), slice(0, 1))
+        ev["quant_bits"] = quant_bits(b.get(key, rows))
     ckpt = pair.checkpoints[1]
     if ckpt.adapter is not None:
         ev["adapter_rank"] = ckpt.adapter.get("r")

@@ -164,7 +164,8 @@ def identity_test(sim: torch.Tensor, ok_a: torch.Tensor | None, ok_b: torch.Tens
     """φ_CSU / φ_CSH for one layer: match A's units (rows of sim (n, m)) and B's (columns), test the matched
     pairs against the identity with a one-sided Spearman correlation (`--matching` method; degenerate units
     left out). Returns the layer's record: rho, log10_pvalue (NaN when skipped), n_units, excluded_base,
-    excluded_ft, solver, lap_seconds (time in matching)."""
+    excluded_ft, solver, lap_seconds (time in matching), matched_cos (the mean similarity of the matched pairs: which
+    of several matrices at the p-value floor -log10 n! is closest, e.g. which expert of an upcycled MoE)."""
     t0 = time.perf_counter()
     first: list = []  # the greedy result: when immediate, the exact matching of the same matrix is the same
 
@@ -176,7 +177,10 @@ def identity_test(sim: torch.Tensor, ok_a: torch.Tensor | None, ok_b: torch.Tens
         return first[-1]
 
     (rho, log10p, n, pairs), solver = matching.screened(method, test)
-    return _layer_record(rho, log10p, n, pairs, solver, time.perf_counter() - t0)
+    rec = _layer_record(rho, log10p, n, pairs, solver, time.perf_counter() - t0)
+    pa, pb = (torch.from_numpy(x).to(sim.device) for x in (pairs.a, pairs.b))
+    rec["matched_cos"] = math.nan if pairs.skipped else float(sim[pa, pb].double().mean())
+    return rec
 
 
 def _identity(pairs: matching.Pairs) -> tuple:

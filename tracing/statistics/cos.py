@@ -1,8 +1,9 @@
 """cos: per-layer mean cosine similarity of corresponding weight matrices (a baseline; higher = related).
 
-For each transformer block, every 2-D weight of the block (attention and MLP projections) is flattened
-and compared with its counterpart by cosine similarity; the layer's value is the mean over its matrices,
-and `value` is the mean over layers (ctx.layers when set). Not robust to permuted hidden units.
+For each transformer block, every weight matrix of the block (attention and MLP projections; an MoE block's router
+and stacked experts) is flattened and compared with its counterpart by cosine similarity; the layer's value is the
+mean over its matrices, and `value` is the mean over layers (ctx.layers when set). Not robust to permuted hidden
+units.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def cos(ctx: StatContext) -> StatResult:
     sims: dict[int, list[float]] = {i: [] for i in layers}
     for key, pieces in paired_weights(ctx):
         i = layer_of.get(key)
-        if i not in sims or len(ctx.spec_base.axes[key]) != 2:
+        if i not in sims or len(ctx.spec_base.axes[key]) < 2:  # matrices (and stacked experts), not norms or biases
             continue
         dot = sq_a = sq_b = 0.0
         for a, b in pieces:

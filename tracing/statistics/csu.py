@@ -5,8 +5,15 @@ layout works; gated MLPs use up_proj as in the original code) of both models are
 similarity, matched (`--matching`, tracing/matching.py: degenerate rows left out, ties in random order), and
 the matching is tested against the identity with a one-sided Spearman correlation. The per-layer log10
 p-values are combined with Fisher's method. value = log10_pvalue = the combined log10 p (lower = more related).
+An MoE layer (tracing/units.py) gives one test per routed expert (expert e of base against expert e of ft), one on
+the router's rows (the experts are its units: are they in the same order? run when a layer has >= 10 experts) and
+one on the shared expert. Each is exact under H0, but they are not independent: an upcycle starts every expert (and
+the shared one) as a copy of one MLP, so the experts of a layer share their neuron order, and Fisher's method over
+them finds independently upcycled models related (measured: benchmarks/moe_calibration.py). A layer's tests are
+therefore combined by Bonferroni (valid under any dependence), and the layers by Fisher as for dense models; each
+MoE layer's record lists its tests.
 
-csu_all: the same test for every pair of 2-D weights of the same role (e.g. "mlp.up_proj.weight") in any layer
+csu_all: the same test for every pair of 2-D weights of the same role (e.g. "mlp.up"; tracing/units.py) in any layer
 of the base and any layer of the fine-tuned model whose residual axis agrees: depth may differ, and so may
 the number of units (a pruned MLP: the narrower matrix's rows are matched into the wider's). The layer map is
 match_all's: Holm's correction over every (role, layer, layer) test, layer j of ft mapped to the base layer
@@ -18,13 +25,13 @@ log10 p (None where not comparable), extras["log10_pvalue_matrix"] the best role
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tracing import matching
-from tracing.arch import RESID, ArchSpec, mlp
 from tracing.errors import TracingError
 from tracing.sources.base import Source
 from tracing.statistics import StatContext, StatResult, register, screen
@@ -38,8 +45,10 @@ from tracing.statistics.common import (
     selected_layers,
     squared_distance,
 )
-from tracing.statistics.fits import require_fit, weights_differ
-from tracing.statistics.pvalues import fisher_log10p, holm_log10
+from tracing.statistics.experts import expert_map, expert_summary, group_verdicts, moe_side, verdict_line
+from tracing.statistics.fits import experts_differ, require_fit, weights_differ
+from tracing.statistics.pvalues import bonferroni_log10p, fisher_log10p, holm_log10
+from tracing.units import Matrix, block_matrices, up_matrices
 
 
 @torch.no_grad()
@@ -58,103 +67,53 @@ def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device 
     return record
 
 
-def _rows(spec: ArchSpec, key: str, w: torch.Tensor, perm: str | None = None) -> torch.Tensor:
-    """`w` with the axis of `perm` (or else its first non-residual axis) first: (n_units, rest)."""
-    if perm is None:
-        perm = next((p for p in spec.axes[key] if p != RESID), None)
-        if perm is None:
-            return w.movedim(next(a for a, p in enumerate(spec.axes[key]) if p != RESID), 0)
-    return spec.neuron_rows(w, key, perm)
 
-
-@register("csu", fits=(weights_differ,), higher_is_related=False,
-          help="MLP up-projection rows: linear assignment on cosine similarity, Spearman vs identity, "
-               "Fisher over layers (log10 p; exact under H0)")
+@register("csu", fits=(experts_differ, weights_differ), higher_is_related=False,
+          help="MLP up-projection rows (each expert's and the router's in MoE layers): linear assignment on cosine "
+               "similarity, Spearman vs identity, Fisher over layers (Bonferroni over an MoE layer's experts; "
+               "log10 p; exact under H0)")
 @torch.no_grad()
 def csu(ctx: StatContext) -> StatResult:
     src_a, src_b = ctx.source_base, ctx.source_ft
     require_fit(ctx, "csu")
     layers = selected_layers(ctx)
+    # (layer, base matrix, ft matrix): the dense MLP's (or shared expert's) up rows, each expert's, the router's
+    jobs = [(i, ma, mb) for i in layers for ma, mb in zip(up_matrices(ctx.spec_base, i), up_matrices(ctx.spec_ft, i))
+            if ma.kind != "router" or ctx.spec_base.layers[i].moe.n_experts >= matching.MIN_UNITS]
 
-    def test_layer(i: int) -> dict:  # runs in a worker thread (match_rows is no_grad itself)
-        key_a, key_b = ctx.spec_base.layers[i].up, ctx.spec_ft.layers[i].up
-        rows_a = ctx.spec_base.neuron_rows(src_a.get(key_a), key_a, mlp(i))  # (n_neurons, hidden), read now
-        rows_b = ctx.spec_ft.neuron_rows(src_b.get(key_b), key_b, mlp(i))  # (n_neurons, hidden)
-        return {"layer": i, **match_rows(rows_a, rows_b, ctx.compute_device, ctx.matching, (ctx.seed, i))}
+    def test(job: tuple[int, Matrix, Matrix]) -> dict:  # runs in a worker thread (match_rows is no_grad itself)
+        i, ma, mb = job
+        seed = (ctx.seed, i) if ma.kind in ("mlp", "shared") else (ctx.seed, i, 1 + (ma.expert or 0)) \
+            if ma.kind == "expert" else (ctx.seed, i, 0)
+        return match_rows(ma.read(src_a), mb.read(src_b), ctx.compute_device, ctx.matching, seed)  # rows read now
 
-    key0 = ctx.spec_base.layers[0].up
-    n = src_a.shape(key0)[ctx.spec_base.axis(key0, mlp(0))]  # MLP width
-    results = matching.map_in_threads(test_layer, layers, item_bytes=3 * n * n * 8,
-                                      device=ctx.compute_device or src_a.device)
-    per_layer = list(tqdm(results, total=len(layers), desc="csu layers", disable=not ctx.progress))
-    combined, n_nan = fisher_log10p([r["log10_pvalue"] for r in per_layer])
-    return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer,
-                      extras={"layers_skipped_nan": n_nan, **matching_extras(ctx.matching, per_layer)})
-
-
-def _role(spec: ArchSpec, key: str) -> str:
-    """What a weight does in its block: "mlp.up", "mlp.gate", "mlp.down", "attn.out" (the same in every family, so
-    a Llama's up_proj meets a GPT-2's c_fc), else its key without the layer prefix (e.g. "self_attn.q_proj.weight")."""
-    r = spec.layers[spec.layer_of[key]]
-    named = {r.up: "mlp.up", r.gate: "mlp.gate", r.down: "mlp.down", r.attn_out: "attn.out"}
-    return named.get(key) or spec.local_key(key)
-
-
-def _keys_by_role(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[int, str]]:
-    """Role (`_role`) -> {layer: key}, 2-D weights only."""
-    out: dict[str, dict[int, str]] = {}
-    for key, i in spec.layer_of.items():
-        if key in shapes and len(shapes[key]) == 2:
-            out.setdefault(_role(spec, key), {})[i] = key
-    return out
+    n = max(ma.rows_shape(ctx.spec_base, src_a.shapes())[0] for _, ma, _ in jobs)  # the widest matrix's units
+    results = matching.map_in_threads(test, jobs, item_bytes=3 * n * n * 8, device=ctx.compute_device or src_a.device)
+    tests = list(tqdm(results, total=len(jobs), desc="csu matrices", disable=not ctx.progress))
+    per_layer = [_layer_record(i, [(ma, r) for (j, ma, _), r in zip(jobs, tests) if j == i]) for i in layers]
+    combined, _ = fisher_log10p([r["log10_pvalue"] for r in per_layer])
+    extras = {"layers_skipped_nan": sum(math.isnan(r["log10_pvalue"]) for r in per_layer),
+              **matching_extras(ctx.matching, tests)}
+    if ctx.spec_base.is_moe:  # a layer's tests by Bonferroni, layers by Fisher
+        routers = sum(ma.kind == "router" for _, ma, _ in jobs)
+        extras.update(n_tests=len(tests), tests_skipped_nan=sum(math.isnan(r["log10_pvalue"]) for r in tests),
+                      layer_combination="bonferroni", router_tests=routers or
+                      f"none: fewer than {matching.MIN_UNITS} experts per layer (the router's rows are its units)")
+    return StatResult(value=float(combined), log10_pvalue=float(combined), per_layer=per_layer, extras=extras)
 
 
-def _unit_rows(src: Source) -> tuple[dict[str, dict[int, str]], dict[tuple[str, int], tuple[int, ...]]]:
-    """(role -> {layer: key}, (role, layer) -> the (n_units, rest) shape of its rows), from headers."""
-    shapes = src.shapes()
-    roles = _keys_by_role(src.spec, shapes)
-    rows = {(r, i): _rows_shape(src.spec, k, shapes[k]) for r, keys in roles.items() for i, k in keys.items()}
-    return roles, rows
-
-
-def no_shared_roles(a: Source, b: Source) -> str | None:
-    """csu_all's fit check: some weight matrix of A and of B with the same role and the same input width."""
-    (roles_a, rows_a), (roles_b, rows_b) = _unit_rows(a), _unit_rows(b)
-    shared = [r for r in roles_a if r in roles_b]
-
-    def widths(rows: dict, role: str) -> set[tuple[int, ...]]:
-        return {shape[1:] for (r, _), shape in rows.items() if r == role}
-
-    if any(widths(rows_a, r) & widths(rows_b, r) for r in shared):
-        return None
-    why = "share no weight role" if not shared else "have no same-role matrices with the same hidden size"
-    return f"{a.spec.model_type} and {b.spec.model_type} {why}"
-
-
-def _rows_shape(spec: ArchSpec, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape `_rows` gives a tensor of `shape` stored under `key`, without reading it."""
-    return tuple(_rows(spec, key, torch.empty(shape, device="meta")).shape)
-
-
-SCREEN_ROLES = ("mlp.up", "attn.out")  # the roles "fast" screens and tests: an MLP's and an attention block's
-
-
-def _screened_jobs(ctx: StatContext, roles_a: dict, roles_b: dict, jobs: list, layers_a: list[int],
-                   layers_b: list[int]) -> list[tuple[str, int, int]]:
-    """The candidate (role, base layer, ft layer) pairs among `jobs`: for each screened role and ft layer, the
-    base layers whose units it finds best (screen.py); every matrix is read once for the screen."""
-    shared = [r for r in SCREEN_ROLES if any(job[0] == r for job in jobs)] or [jobs[0][0]]
-    out = []
-    for r in shared:
-        pairs = {(i, j) for rr, i, j in jobs if rr == r}
-        la, lb = sorted({i for i, _ in pairs}), sorted({j for _, j in pairs})
-        rows_b = {j: _rows(ctx.spec_ft, roles_b[r][j], ctx.source_ft.get(roles_b[r][j])) for j in lb}
-        rows_a = ((i, _rows(ctx.spec_base, roles_a[r][i], ctx.source_base.get(roles_a[r][i]))) for i in la)
-        scores = screen.screen_scores(rows_a, rows_b, la, lb, ctx.compute_device)  # (L_A, L_B)
-        for a, b in screen.candidates(scores):
-            if (la[a], lb[b]) in pairs:
-                out.append((r, la[a], lb[b]))
-    return out
+def _layer_record(i: int, tests: list[tuple[Matrix, dict]]) -> dict:
+    """A dense layer's record is its one test's; an MoE layer's holds its tests (each expert, the router, the shared
+    expert) and their Bonferroni combination (dependent tests: module docstring)."""
+    if len(tests) == 1 and tests[0][0].kind == "mlp":
+        return {"layer": i, **tests[0][1]}
+    rec: dict = {"layer": i, "log10_pvalue": bonferroni_log10p([r["log10_pvalue"] for _, r in tests]),
+                 "n_tests": len(tests),
+                 "experts": [{"expert": m.expert, **r} for m, r in tests if m.kind == "expert"]}
+    rec.update({m.kind: r for m, r in tests if m.kind in ("router", "shared")})
+    moved = [r["rel_change"] for m, r in tests if m.kind != "router" and r.get("rel_change") is not None]
+    rec["rel_change"] = sum(moved) / len(moved) if moved else None  # the experts' mean (tracing.describe)
+    return rec
 
 
 def _nan_as_none(m: np.ndarray) -> list[list[float | None]]:
@@ -162,62 +121,120 @@ def _nan_as_none(m: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in m]
 
 
+def _seed(seed: int, ma: Matrix, mb: Matrix, role: int) -> tuple[int, ...]:
+    """The tie-breaking seed of one csu_all test (dense pairs: the seed they always had)."""
+    units = tuple(1 + m.expert if m.kind == "expert" else 0 for m in (ma, mb))
+    return (seed, ma.layer, mb.layer, role) + (units if any(units) else ())
+
+
+def _comparable(a: Source, b: Source, layers_a: list[int] | None = None) -> tuple[list, list, dict, dict, list]:
+    """(A's matrices, B's, their row shapes, the roles both have) from headers (A's only in `layers_a`)."""
+    mats_a = [m for m in block_matrices(a.spec, a.shapes()) if layers_a is None or m.layer in layers_a]
+    mats_b = block_matrices(b.spec, b.shapes())
+    rows_a = {m: m.rows_shape(a.spec, a.shapes()) for m in mats_a}
+    rows_b = {m: m.rows_shape(b.spec, b.shapes()) for m in mats_b}
+    roles = list(dict.fromkeys(m.role for m in mats_a if any(m.role == n.role for n in mats_b)))
+    return mats_a, mats_b, rows_a, rows_b, roles
+
+
+def no_shared_roles(a: Source, b: Source) -> str | None:
+    """csu_all's fit check: some weight matrix of A and of B with the same role and the same input width."""
+    _, _, rows_a, rows_b, roles = _comparable(a, b)
+    if any(ra[1:] == rb[1:] for ma, ra in rows_a.items() if ma.role in roles
+           for mb, rb in rows_b.items() if mb.role == ma.role):
+        return None
+    why = "share no weight role" if not roles else "have no same-role matrices with the same hidden size"
+    return f"{a.spec.model_type} and {b.spec.model_type} {why}"
+
+
+SCREEN_ROLES = ("mlp.up", "attn.out")  # the roles "fast" screens and tests: an MLP's (or expert's), an attention's
+
+
+def _screened_jobs(ctx: StatContext, jobs: list[tuple[Matrix, Matrix]]) -> list[tuple[Matrix, Matrix]]:
+    """The candidate pairs among `jobs`: for each screened role and ft matrix (a layer's, or one expert's), the base
+    matrices whose units it finds best (screen.py); when only base is an MoE, for each of its matrices (each expert)
+    the ft matrices it is found best in, so that every expert gets its candidates. Every matrix is read once for the
+    screen, and only the few screened rows of each ft matrix are kept. (The screen is blind to unit order on both
+    sides, so picking by row or by column keeps the tested p-values exact: screen.py.)"""
+    per_base = moe_side(ctx.spec_base, ctx.spec_ft) == "base"
+    shared = [r for r in SCREEN_ROLES if any(ma.role == r for ma, _ in jobs)] or [jobs[0][0].role]
+    out = []
+    for r in shared:
+        pairs = {(ma, mb) for ma, mb in jobs if ma.role == r}
+        la = list(dict.fromkeys(ma for ma, _ in jobs if ma.role == r))
+        lb = list(dict.fromkeys(mb for ma, mb in jobs if ma.role == r))
+        rows_b = {mb: screen.screened_rows(mb.read(ctx.source_ft)) for mb in lb}  # (<= SCREEN_ROWS, d) each
+        rows_a = ((ma, ma.read(ctx.source_base)) for ma in la)
+        scores = screen.screen_scores(rows_a, rows_b, la, lb, ctx.compute_device)  # (len(la), len(lb))
+        picked = {(a, b) for b, a in screen.candidates(scores.T)} if per_base else screen.candidates(scores)
+        out += [(la[a], lb[b]) for a, b in picked if (la[a], lb[b]) in pairs]
+    return out
+
+
 @register("csu_all", fits=(no_shared_roles,), higher_is_related=False,
           help="csu for every pair of weight matrices of the same role in any two layers (depth and width may "
-               "differ: the narrower matrix is matched into the wider), Holm-corrected layer map")
+               "differ: the narrower matrix is matched into the wider; every expert of an MoE against every MLP or "
+               "expert of the other model), Holm-corrected layer and expert map")
 @torch.no_grad()
 def csu_all(ctx: StatContext) -> StatResult:
     require_fit(ctx, "csu_all")
-    # shapes of the rows (n_units, rest) of each matrix; tensors are read in the worker that compares them
-    (roles_a, rows_a), (roles_b, rows_b) = _unit_rows(ctx.source_base), _unit_rows(ctx.source_ft)
     layers_a, layers_b = selected_layers(ctx), list(range(ctx.spec_ft.n_layers))
-    roles = [r for r in roles_a if r in roles_b]
+    # matrices and the shapes of their rows (n_units, rest); tensors are read in the worker that compares them
+    mats_a, mats_b, rows_a, rows_b, roles = _comparable(ctx.source_base, ctx.source_ft, layers_a)
+    at = {r: k for k, r in enumerate(roles)}
     # comparable: same role, same residual (column) axis; the unit (row) axis may differ
-    jobs = [(r, i, j) for r in roles for i in layers_a if (r, i) in rows_a for j in layers_b if (r, j) in rows_b
-            and rows_a[r, i][1:] == rows_b[r, j][1:]]
+    jobs = [(ma, mb) for r in roles for ma in mats_a if ma.role == r for mb in mats_b
+            if mb.role == r and rows_a[ma][1:] == rows_b[mb][1:]]
     if not jobs:  # only --layers can leave nothing to compare once the fit check holds
         raise TracingError(f"csu_all has nothing to compare in --layers {ctx.layers}: pick other layers")
 
-    family = jobs  # every comparable (role, base layer, ft layer): the Holm family
+    family = jobs  # every comparable pair of matrices: the Holm family
     if ctx.matching != "exact":  # screen every pair, test the candidates (statistics/screen.py)
-        jobs = _screened_jobs(ctx, roles_a, roles_b, jobs, layers_a, layers_b)
-        family = [job for job in family if job[0] in {r for r, _, _ in jobs}]
+        jobs = _screened_jobs(ctx, jobs)
+        family = [job for job in family if job[0].role in {ma.role for ma, _ in jobs}]
+    pos_a, pos_b = {m: k for k, m in enumerate(mats_a)}, {m: k for k, m in enumerate(mats_b)}
+    jobs = sorted(jobs, key=lambda job: (at[job[0].role], pos_a[job[0]], pos_b[job[1]]))
 
     # jobs run base matrix by base matrix: keep the last few base matrices read (each is compared n_b times)
-    read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(ctx.source_base.get)
+    read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(lambda m: m.read(ctx.source_base))
 
-    def test_pair(job: tuple[str, int, int]) -> dict:  # runs in a worker thread
-        r, i, j = job
-        ka, kb = roles_a[r][i], roles_b[r][j]
-        return match_rows(_rows(ctx.spec_base, ka, read_a(ka)), _rows(ctx.spec_ft, kb, ctx.source_ft.get(kb)),
-                          ctx.compute_device, ctx.matching, (ctx.seed, i, j, at[r]))
+    def test_pair(job: tuple[Matrix, Matrix]) -> dict:  # runs in a worker thread
+        ma, mb = job
+        return match_rows(read_a(ma), mb.read(ctx.source_ft), ctx.compute_device, ctx.matching,
+                          _seed(ctx.seed, ma, mb, at[ma.role]))
 
-    per_role = np.full((len(roles), len(layers_a), len(layers_b)), np.nan)  # raw log10 p; NaN: not tested
-    at = {r: k for k, r in enumerate(roles)}
-    row_of = {i: a for a, i in enumerate(layers_a)}
-    results = matching.map_in_threads(test_pair, sorted(jobs, key=lambda job: (at[job[0]], job[1], job[2])))
+    results = matching.map_in_threads(test_pair, jobs)
     bar = tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)
-    for rec, (r, i, j) in zip(bar, sorted(jobs, key=lambda job: (at[job[0]], job[1], job[2]))):
-        per_role[at[r], row_of[i], j] = rec["log10_pvalue"]  # the bar first: zip's last pull closes it
-    screened_out = np.zeros_like(per_role, dtype=bool)  # in the family, not tested: p = 1 in Holm's count
-    for r, i, j in set(family) - set(jobs):
-        screened_out[at[r], row_of[i], j] = True
-    tested = ~np.isnan(per_role)
-    holm = np.full_like(per_role, np.nan)
-    counted = np.where(screened_out, 0.0, per_role)[tested | screened_out]  # log10 p; screened out: p = 1
-    holm[tested | screened_out] = holm_log10(counted)  # one family: every (role, layer, layer) pair that counts
-    holm[screened_out] = np.nan
-    logp, holm_pair = np.fmin.reduce(per_role, axis=0), np.fmin.reduce(holm, axis=0)  # (L_A, L_B): best role
+    recs = list(bar)  # the bar first: its last pull lets it reach 100% and close
+    raw = np.array([rec["log10_pvalue"] for rec in recs])
+    tested = ~np.isnan(raw)
+    holm = np.full_like(raw, np.nan)
+    # one family: every comparable pair that gave a p, and those screened out counted as p = 1
+    holm[tested] = holm_log10(np.concatenate([raw[tested], np.zeros(len(family) - len(jobs))]))[:tested.sum()]
+    per_role = np.full((len(roles), len(layers_a), len(layers_b)), np.nan)  # raw log10 p, best unit pair; NaN: none
+    holm_role = np.full_like(per_role, np.nan)
+    row_of = {i: a for a, i in enumerate(layers_a)}
+    for (ma, mb), p, h in zip(jobs, raw, holm):
+        cell = (at[ma.role], row_of[ma.layer], mb.layer)
+        per_role[cell], holm_role[cell] = np.fmin(per_role[cell], p), np.fmin(holm_role[cell], h)
+    logp, holm_pair = np.fmin.reduce(per_role, axis=0), np.fmin.reduce(holm_role, axis=0)  # (L_A, L_B): best role
     per_layer, mapping = layer_map(logp, holm_pair, layers_a, layers_b, "csu_all")
     for b, rec in enumerate(per_layer):
         if rec["best_layer_base"] is not None:
             rec["role"] = roles[int(np.nanargmin(per_role[:, row_of[rec["best_layer_base"]], b]))]
     best = float(np.nanmin(holm))
-    extras = {"log10p": {r: _nan_as_none(per_role[at[r]]) for r in roles if tested[at[r]].any()},
+    extras = {"log10p": {r: _nan_as_none(per_role[at[r]]) for r in roles if not np.isnan(per_role[at[r]]).all()},
               "log10_pvalue_matrix": _nan_as_none(logp), "log10_pvalue_holm_matrix": _nan_as_none(holm_pair),
               "layers_base": layers_a, "layers_ft": layers_b, "mapping": mapping, "correction": "holm",
               "alpha": MAPPING_ALPHA, "n_pairs": len(family), "n_tested": len(jobs),
               "pairs_skipped_nan": int(len(jobs) - tested.sum())}
+    tests = [(ma, mb, float(p), float(h), rec["matched_cos"]) for (ma, mb), p, h, rec in zip(jobs, raw, holm, recs)]
+    side = moe_side(ctx.spec_base, ctx.spec_ft)
+    extras["groups"] = group_verdicts(tests, side)
+    experts = expert_map(tests, side) if side else []
+    if side:  # which expert came from where, and which look independently initialised
+        extras.update(moe_side=side, experts=experts, expert_summary=expert_summary(experts))
+    extras["verdict"] = verdict_line(extras["groups"], experts)
     if (path := layer_heatmap(ctx, "csu_all", logp, layers_a, layers_b, mapping)) is not None:
         extras["heatmap"] = path
     return StatResult(value=best, log10_pvalue=best, per_layer=per_layer, extras=extras)

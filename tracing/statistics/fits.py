@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from tracing.arch import mlp
 from tracing.errors import TracingError
+from tracing.moe import expert_shapes, experts_mismatch
 from tracing.sources.base import Source
 from tracing.statistics import StatContext, StatInfo, get_stat, runnable
 
@@ -63,7 +64,9 @@ def weights_or_vocab_differ(a: Source, b: Source) -> str | None:
 
 
 def mlp_units(src: Source, layer: int = 0) -> int:
-    """MLP neurons of one layer, from the up projection's shape."""
+    """MLP neurons of one layer, from the up projection's shape (an MoE block without a dense MLP: one expert's)."""
+    if src.spec.layers[layer].up is None:
+        return expert_shapes(src)[layer][1]
     key = src.spec.layers[layer].up
     return src.shape(key)[src.spec.axis(key, mlp(layer))]
 
@@ -72,8 +75,28 @@ def hidden_size(src: Source) -> int:
     return src.shape(src.spec.embed)[1]  # (vocab, hidden)
 
 
+def experts_differ(a: Source, b: Source) -> str | None:
+    """Fit check: the same routed experts (MoE layers, expert counts and widths) in both models, for statistics that
+    compare expert e of layer i with expert e of layer i; None for two dense models."""
+    if a.spec.is_moe != b.spec.is_moe:
+        moe, dense = (a, b) if a.spec.is_moe else (b, a)
+        return (f"{moe.spec.model_type} routes tokens to experts (a mixture of experts) and {dense.spec.model_type} "
+                "is dense")
+    return experts_mismatch(a, b)
+
+
+def routed(a: Source, b: Source) -> str | None:
+    """Fit check: dense MLPs in both models (statistics that hook a dense MLP's gate and up projections)."""
+    moe = [s.spec.model_type for s in (a, b) if s.spec.is_moe]
+    return (f"it compares the gate and up activations of dense MLPs, and {moe[0]} routes tokens to experts "
+            "(a mixture of experts)") if moe else None
+
+
 def mlps_differ(a: Source, b: Source) -> str | None:
-    """Fit check: the same depth and MLP width (activation statistics that compare layer i with layer i)."""
+    """Fit check: the same depth and MLP width (activation statistics that compare layer i with layer i); for
+    mixtures of experts, the same experts and the same shapes of everything else."""
+    if a.spec.is_moe or b.spec.is_moe:
+        return experts_differ(a, b) or weights_differ(a, b)
     shape_a, shape_b = (a.spec.n_layers, mlp_units(a)), (b.spec.n_layers, mlp_units(b))
     if shape_a != shape_b:
         return (f"it compares layer i with layer i, and the models have {shape_a[0]} layers x {shape_a[1]} MLP "

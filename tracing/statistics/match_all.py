@@ -32,7 +32,7 @@ from tracing.arch import ArchSpec, mlp
 from tracing.matching import euclid_similarity, map_in_threads, usable
 from tracing.statistics import StatContext, StatResult, register, screen
 from tracing.statistics.common import MAPPING_ALPHA, agreement_test, layer_heatmap, layer_map, matching_extras
-from tracing.statistics.fits import hidden_differs, require_fit, ungated, vocab_disagrees
+from tracing.statistics.fits import hidden_differs, require_fit, routed, ungated, vocab_disagrees
 from tracing.statistics.pvalues import holm_log10
 
 DEFAULT_MAX_TOKENS = 2048
@@ -94,7 +94,7 @@ def _all_pairs(ctx: StatContext, stat: str, row_test, layers_a: list[int], layer
     return {"per_layer": per_layer, "extras": extras, "best": float(holm.min())}
 
 
-@register("match_all", needs_data=True, fits=(ungated, vocab_disagrees), scalar=False,
+@register("match_all", needs_data=True, fits=(routed, ungated, vocab_disagrees), scalar=False,
           help="localized testing: match every layer of A against every layer of B, Holm-corrected layer map")
 def match_all(ctx: StatContext) -> StatResult:
     require_fit(ctx, "match_all")
@@ -135,7 +135,7 @@ def _rows_with_bias(model: torch.nn.Module, spec: ArchSpec, layer: int, proj: st
     return torch.cat([w.to(device, torch.float32), b.to(device, torch.float32)[:, None]], dim=1)
 
 
-@register("match_all_drift_free", aliases=("match_all_df",), needs_data=True, fits=(ungated, hidden_differs),
+@register("match_all_drift_free", aliases=("match_all_df",), needs_data=True, fits=(routed, ungated, hidden_differs),
           scalar=False,
           help="match_all on A's MLP inputs: layer j of B reads A's layer-i inputs (no forward pass of B, no "
                "depth drift); same hidden size and residual basis")

@@ -5,6 +5,7 @@ computed as a logarithm, and "how small" stays visible (e.g. -1.2e4) instead of 
 
     rho, lp = identity_spearman(cols)          # matching vs identity, one-sided
     combined, n_skipped = fisher_log10p([lp1, lp2, ...])
+    layer = bonferroni_log10p([lp1, lp2, ...])   # dependent tests (the experts of one layer)
     adjusted = holm_log10(matrix)               # Holm's step-down correction, any shape
     permtest_log10p(observed, null, higher_is_related=True)
 """
@@ -143,6 +144,17 @@ def fisher_log10p(log10ps: Sequence[float]) -> tuple[float, int]:
     j = np.arange(k, dtype=np.float64)
     ln_sf = -y + float(scipy.special.logsumexp(j * math.log(y) - scipy.special.gammaln(j + 1)))
     return min(ln_sf / LN10, 0.0), n_skipped
+
+
+def bonferroni_log10p(log10ps: Sequence[float]) -> float:
+    """Bonferroni's combination of k log10 p-values: log10 min(1, k · min p), valid under any dependence between
+    them (NaN inputs skipped and not counted; none usable: NaN). For the experts of one MoE layer, which an upcycle
+    makes near-copies of each other: their tests are not independent, so Fisher's method would overstate."""
+    vals = np.asarray([math.nan if v is None else float(v) for v in log10ps], dtype=np.float64)
+    vals = vals[~np.isnan(vals)]
+    if len(vals) == 0:
+        return math.nan
+    return min(float(vals.min()) + math.log10(len(vals)), 0.0)
 
 
 # ---------------------------------------------------------------------------- Holm
