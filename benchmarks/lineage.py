@@ -39,7 +39,8 @@ EXPECT = {"finetune": "fine-tuned", "finetune-long": "fine-tuned", "lora": "fine
           "merge-linear": "fine-tuned", "merge-slerp": "fine-tuned", "merge-task-arithmetic": "fine-tuned",
           "merge-ties": "fine-tuned", "merge-dare": "fine-tuned", "passthrough": "not from base",
           "quant-int8": "8-bit", "quant-int4": "4-bit", "quant-gguf-q8_0": "8-bit", "quant-gguf-q4_0": "4-bit",
-          "permute": "permuted", "rotate": "re-based"}
+          "permute": "permuted", "rotate": "re-based", "moe-upcycle": "upcycled into a mixture of experts",
+          "moe-upcycle-partial": "look independently initialised"}
 
 
 def build_key() -> str:

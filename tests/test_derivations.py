@@ -21,7 +21,8 @@ from tracing.sources import open_source
 
 FAMILIES = ("llama", "qwen2", "gpt_neox", "gpt2")
 SHAPES = {"gpt2": dict(intermediate=256, max_positions=1024)}  # what transformers' GGUF reader assumes for gpt2
-REFUSED = {"gpt_neox": {"rotate", "quant-gguf-q8_0", "quant-gguf-q4_0"}, "gpt2": {"rotate"}}
+MOE = {"moe-upcycle", "moe-upcycle-partial", "moe-of-independent"}  # sparse upcycling: Llama/Mistral/Qwen only
+REFUSED = {"gpt_neox": {"rotate", "quant-gguf-q8_0", "quant-gguf-q4_0", *MOE}, "gpt2": {"rotate", *MOE}}
 FAST = dict(steps=2)  # every option that trains: a couple of steps (steps=0 below where exactness is checked)
 
 

@@ -14,7 +14,8 @@ The evidence is plain data (what `tracing.auto` gathers; keys are optional unles
     weight_change   relative change ‖B - A‖ / ‖A‖ of the MLP rows the identity test matched (units in place)
     quant_bits      B's weights take at most 2^bits values per block (a quantization round trip), or None
     adapter_rank    B is a LoRA adapter of this rank over its base, or None
-    experts         {"a": E_A, "b": E_B} for mixture-of-experts models
+    moe             {"base": bool, "ft": bool, "verdict": str}: which side is a mixture of experts, and csu_all's
+                    per-group line (attention, dense MLPs, routed experts mapped to dense layers)
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ def describe(ev: dict[str, Any]) -> str:
         tests = ev.get("tests") or []
         return (f"unrelated: no test found base in it ({len(tests)} test(s), combined log10 p "
                 f"{ev.get('log10_pvalue', 0.0):.1f})")
+    moe = ev.get("moe")
+    if moe and moe["base"] != moe["ft"]:  # a dense model and a mixture of experts: the expert map says it
+        what = "upcycled into a mixture of experts" if moe["ft"] else "a dense model made from a mixture of experts"
+        return f"related: {what}: {moe['verdict']}"
     parts = [p for p in (_layers(ev), *_widths(ev), _vocab(ev), _units(ev), _change(ev)) if p]
-    experts = ev.get("experts")
-    if experts and experts.get("b") and not experts.get("a"):
-        parts.insert(0, f"upcycled into {experts['b']} experts")
     return "related: " + ("; ".join(parts) if parts else "derived from base")

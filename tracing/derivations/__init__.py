@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from tracing.checkpoints import guard
-from tracing.derivations import layers, merges, nulls, quant, tuning, width
+from tracing.derivations import experts, layers, merges, nulls, quant, tuning, width
 from tracing.derivations.core import BASE, KINDS, TRUTH_FIELDS, Derived, Recipe, get_recipe
 from tracing.derivations.train import independent, pretrain
 
 __all__ = ["BASE", "KINDS", "TRUTH_FIELDS", "Derived", "Recipe", "derive", "independent", "pretrain", "save",
-           "layers", "merges", "nulls", "quant", "tuning", "width"]
+           "experts", "layers", "merges", "nulls", "quant", "tuning", "width"]
 
 TRUTH_FILE = "truth.json"
 ORDER = ("finetune", "finetune-long", "lora", "lora-adapter", "vocab-extend", "tokenizer-transplant",
@@ -37,7 +37,7 @@ ORDER = ("finetune", "finetune-long", "lora", "lora-adapter", "vocab-extend", "t
          "width-prune-hidden", "merge-linear", "merge-slerp", "merge-task-arithmetic", "merge-ties", "merge-dare",
          "passthrough", "quant-int8", "quant-int4", "quant-gguf-q8_0", "quant-gguf-q4_0", "permute", "rotate",
          "independent", "independent-other-data", "damaged-zeroed", "damaged-duplicated", "damaged-constant",
-         "merge-of-independents")
+         "merge-of-independents", "moe-upcycle", "moe-upcycle-partial", "moe-of-independent")
 assert set(ORDER) == set(KINDS), sorted(set(ORDER) ^ set(KINDS))
 KINDS.update({kind: KINDS.pop(kind) for kind in ORDER})  # registered module by module; listed in this order
 

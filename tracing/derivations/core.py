@@ -90,7 +90,8 @@ def widths(model: Model) -> dict[str, int]:
     spec = get_spec(model.config)
     sd = model.state_dict()
     sizes = perm_sizes(spec, {k: v.shape for k, v in sd.items()})
-    return {"layers": spec.n_layers, "hidden": sizes[RESID], "mlp": sizes[mlp(0)],
+    mlp_width = sizes.get(mlp(0), sizes.get(f"{mlp(0)}.0"))  # a dense MLP, else layer 0's first expert
+    return {"layers": spec.n_layers, "hidden": sizes[RESID], "mlp": mlp_width,
             "heads": int(model.config.num_attention_heads), "vocab": int(sd[spec.embed].shape[0])}
 
 

@@ -58,7 +58,10 @@ def _plan(a: Source, b: Source) -> list[Step]:
     fits = {name: get_stat(name).misfit(a, b) is None for name in ("csu", "match", "csu_all", "match_all")}
     if fits["csu"]:
         steps = [Step("csu", "csu"), Step("csu --align", "csu", align=True)]
-        return steps + ([Step("match", "match")] if fits["match"] else [])
+        if fits["match"]:
+            return [*steps, Step("match", "match")]
+        csh = get_stat("csh").misfit(a, b) is None and a.spec.is_moe  # MoE: csh sees experts, match cannot
+        return [*steps, Step("csh", "csh")] if csh else steps
     steps = [Step(n, n) for n in ("csu_all", "match_all") if fits[n]]
     narrower = hidden_size(b) < hidden_size(a) and a.spec.family == b.spec.family
     if narrower and vocab_disagrees(a, b) is None:  # weights compare once base keeps only ft's channels
@@ -193,6 +196,8 @@ def evidence(pair, results: dict[str, StatResult], decided: str | None) -> dict:
     ev["vocab"] = vocab
     if decided is not None:
         res = results[decided]
+        if "verdict" in res.extras:  # csu_all on a mixture of experts: the per-group line and the expert map
+            ev["moe"] = {"base": a.spec.is_moe, "ft": b.spec.is_moe, "verdict": res.extras["verdict"]}
         ev["layer_map"] = _layer_map(res)
         ev["weight_change"] = _weight_change(res, ev["layer_map"] if "mapping" not in res.extras else None)
         if ev["hidden"][0] == ev["hidden"][1] and decided in ("csu", "csu --align", "csu_all"):  # units line up
