@@ -105,7 +105,7 @@ class Checkpoint:
             return Path(self.path)
         try:
             return Path(huggingface_hub.snapshot_download(self.path, revision=self.revision, local_files_only=True))
-        except Exception:
+        except Exception:  # any hub client failure means the same here
             raise TracingError(f"{self.name}: its files are not in the Hugging Face cache") from None
 
     def weight_files(self) -> list[Path]:

@@ -28,7 +28,7 @@ from typing import Any
 CACHE_ENV = "MODEL_TRACING_CACHE"
 VERSION = 1  # part of every digest: a change of definition never meets an old cached value
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")  # who saved it, not what it is
-_BLOCK = 8 << 20  # bytes per read
+_BLOCK = 1 << 20  # bytes per read
 
 
 def cache_dir() -> Path:
