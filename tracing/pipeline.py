@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracing.checkpoints import Checkpoint, resolve
+from tracing.checkpoints import Checkpoint, hash_files, resolve
 from tracing.config import RunConfig
 from tracing.data import load_blocks
 from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype, return_freed_memory
@@ -192,7 +192,7 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
     pair = blocks = identities = None
     try:
         pair, blocks = prepare(cfg, info, token, record)
-        identities = _Background(checkpoint_identities, *pair.checkpoints)  # hashing overlaps the run
+        identities = _Background(_identities, pair)  # hashing overlaps the run
     except TracingError:
         raise  # bad input, nothing loaded yet: no record (the caller prints the line, exit 2)
     except Exception as e:  # a bug or a crash: kept in a record with its traceback
@@ -231,6 +231,11 @@ def prepare(cfg: RunConfig, info: StatInfo, token: str | None, record: dict) -> 
     if blocks is not None:
         record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
     return pair, blocks
+
+
+def _identities(pair: OpenedPair) -> dict:
+    hash_files(list(pair.checkpoints))  # both checkpoints' files at once, in parallel threads
+    return checkpoint_identities(*pair.checkpoints)
 
 
 class _Background:
