@@ -1,7 +1,7 @@
 """How often one run locates each checkpoint name and reads its config, adapter config and tokenizer (CPU, offline).
 
     python benchmarks/checkpoint_reads.py
-    python benchmarks/checkpoint_reads.py --markdown docs/generated/checkpoint_reads.md
+    python benchmarks/checkpoint_reads.py --baseline /tmp/old-checkout --markdown docs/generated/checkpoint_reads.md
 
 Builds a tiny Llama (base, a fine-tuned copy), a LoRA adapter over the base and a GGUF file of the base, then
 runs one pair per row through `tracing.pipeline.run_pair`, each in a fresh process, counting:
@@ -13,7 +13,9 @@ runs one pair per row through `tracing.pipeline.run_pair`, each in a fresh proce
   AutoTokenizer makes itself).
 The hub id is `org/tiny-llama`, served offline from a Hugging Face cache holding the derived model's snapshot
 (HF_HUB_OFFLINE=1, HF_HUB_CACHE in the build folder). Counts are for the whole run (both models), with a fresh
-digest cache (MODEL_TRACING_CACHE in the build folder): content hashes are computed. About 30 s in all.
+digest cache (MODEL_TRACING_CACHE in the build folder): content hashes are computed. With `--baseline DIR`
+each cell reads "baseline → this checkout", DIR's tracing package running the same rows. About 30 s per
+checkout.
 """
 
 from __future__ import annotations
@@ -130,25 +132,31 @@ def count(base: str, ft: str, options: dict, save: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", default=None, help="also write the table here")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)  # BASE FT OPTIONS_JSON SAVE
+    ap.add_argument("--baseline", default=None, help="another checkout to count the same runs in")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # CHECKOUT BASE FT OPTIONS_JSON SAVE
     if "--child" in sys.argv:
         args = ap.parse_args()
-        print(json.dumps(count(args.child[0], args.child[1], json.loads(args.child[2]), args.child[3])))
+        sys.path.insert(0, args.child[0])  # that checkout's tracing package
+        print(json.dumps(count(args.child[1], args.child[2], json.loads(args.child[3]), args.child[4])))
         return
     args, head, t0 = start(ap)
     lines = ["| run | " + " | ".join(f"`{c}`" for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     with tempfile.TemporaryDirectory() as tmp:
         paths = build(Path(tmp))
+        checkouts = [args.baseline, ROOT] if args.baseline else [ROOT]
         for row, (base, ft, options) in ROWS.items():
-            cmd = [sys.executable, __file__, "--child", paths[base], paths[ft], json.dumps(options),
-                   str(Path(tmp) / "out")]
-            env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(Path(tmp) / "hub"),
-                                "MODEL_TRACING_CACHE": tempfile.mkdtemp(dir=tmp)}
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            if r["status"] != "ok":
-                raise SystemExit(f"{row}: {r['error']}")
-            lines.append(f"| {row} | " + " | ".join(str(r[c]) for c in COLUMNS) + " |")
+            counts = []
+            for checkout in checkouts:
+                cmd = [sys.executable, __file__, "--child", str(Path(checkout).resolve()), paths[base], paths[ft],
+                       json.dumps(options), str(Path(tmp) / "out")]
+                env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(Path(tmp) / "hub"),
+                                    "MODEL_TRACING_CACHE": tempfile.mkdtemp(dir=tmp)}
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=checkout, env=env).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                if r["status"] != "ok":
+                    raise SystemExit(f"{row} ({checkout}): {r['error']}")
+                counts.append(r)
+            lines.append(f"| {row} | " + " | ".join(" → ".join(str(r[c]) for r in counts) for c in COLUMNS) + " |")
             print(lines[-1], flush=True)
     publish(lines, head, t0, args.markdown)
 

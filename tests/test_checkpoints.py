@@ -83,6 +83,7 @@ def test_an_adapters_hash_covers_its_base(saved, tmp_path):
 
 def test_a_file_is_hashed_once_then_read_from_the_cache(saved, tmp_path, monkeypatch):
     monkeypatch.setenv(tracing.digests.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(tracing.digests, "_MEMO", {})  # as in a fresh process
     read = collections.Counter()
     real = tracing.digests._sha256_file
 
@@ -92,10 +93,13 @@ def test_a_file_is_hashed_once_then_read_from_the_cache(saved, tmp_path, monkeyp
 
     monkeypatch.setattr(tracing.digests, "_sha256_file", counting)
     first = resolve(str(saved / "again")).content_hash
+    tracing.digests._MEMO.clear()  # a later process: the cache folder answers
     assert resolve(str(saved / "again")).content_hash == first and read == {"model.safetensors": 1}
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv(tracing.digests.CACHE_ENV, str(tmp_path / "a-file" / "cache"))  # cannot be written
+    tracing.digests._MEMO.clear()
     assert resolve(str(saved / "again")).content_hash == first and read == {"model.safetensors": 2}
+    assert resolve(str(saved / "again")).content_hash == first and read == {"model.safetensors": 2}  # this process
 
 
 def test_resolving_reads_the_config_once_and_checks_the_architecture(saved, tmp_path, monkeypatch):

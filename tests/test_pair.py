@@ -63,11 +63,11 @@ def test_weight_statistics_stream_and_load_nothing(dirs, loads):
 def test_activation_statistics_load_each_model_once(dirs, loads, text_ids):
     pair = _open(dirs)
     cfg = RunConfig(base_model_id=dirs["base"], ft_model_id=dirs["derived"], no_progress=True)
-    streamed = get_stat("csu").fn(StatContext.for_pair(cfg, pair))
-    pair.load()
+    streamed = get_stat("csu").fn(StatContext.for_pair(cfg, pair, get_stat("csu")))
+    assert not pair.loaded
     blocks = text_ids[:128].view(4, 32)
-    for stat in ("csh", "match", "csu", "l2"):
-        res = get_stat(stat).fn(StatContext.for_pair(cfg, pair, blocks=blocks))
+    for stat in ("csh", "match", "csu", "l2"):  # csh runs the models: its context loads the pair, once
+        res = get_stat(stat).fn(StatContext.for_pair(cfg, pair, get_stat(stat), blocks=blocks))
         assert res.log10_pvalue is None or res.log10_pvalue < -3, stat
         if stat == "csu":  # the loaded model's tensors: the files' values bit for bit
             assert res.log10_pvalue == streamed.log10_pvalue

@@ -4,6 +4,7 @@ builds on these to resolve a name once into a `Checkpoint`.
 
     loc = locate("org/model@v1.0")     # Location("hub", "org/model", "v1.0")
     loc = locate("/ckpt/lora")         # Location("adapter", "/ckpt/lora")
+    read_config(loc, name, token=None, trust_remote_code=False)   # its transformers config, failures as one line
     with guard(token, progress=False):  # loading code: no token in logs or exceptions, quiet progress bars
         ...
 """
@@ -25,9 +26,12 @@ import huggingface_hub.utils as hub_utils
 import transformers
 from huggingface_hub import errors as he
 from safetensors import SafetensorError
+from transformers.utils import cached_file
 
 from tracing.errors import TracingError
 from tracing.hub import fix, offline_reason
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 # ---------------------------------------------------------------------- where the checkpoint lives
@@ -198,3 +202,41 @@ def corrupt_error(exc: BaseException, name: str, file: str = "a JSON file") -> T
         return TracingError(f"{name}: a weight file is truncated or corrupt ({first}): download or save the "
                             f"checkpoint again")
     return None
+
+
+# ---------------------------------------------------------------------- configs
+def read_config(src: Location, name: str, *, token, trust_remote_code: bool):
+    """The transformers config of `src` (a GGUF file: from its metadata); failures as one-line TracingErrors."""
+    kw = dict(revision=src.revision, token=token, trust_remote_code=trust_remote_code)
+    if src.gguf_file:
+        kw["gguf_file"] = src.gguf_file
+    try:
+        return transformers.AutoConfig.from_pretrained(src.path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        err = hub_error(e, src, name, token) or corrupt_error(e, name, "config.json")
+        if err is not None:
+            raise err from None
+        if src.gguf_file:
+            raise TracingError(f"cannot read GGUF file {src.gguf_file}: {str(e).splitlines()[0]} "
+                               f"(transformers' GGUF support covers llama/mistral/qwen2/qwen3/gemma/gpt2 "
+                               f"files; pass the original checkpoint otherwise)") from None
+        raise
+
+
+def read_adapter_config(src: Location, name: str, token) -> dict:
+    """adapter_config.json of a local adapter dir or a hub repository ({} when a hub repository has none)."""
+    if src.kind == "adapter":
+        try:
+            return json.loads((Path(src.path) / ADAPTER_CONFIG).read_text())
+        except json.JSONDecodeError as e:
+            raise corrupt_error(e, name, ADAPTER_CONFIG) from None
+    try:
+        f = cached_file(src.path, ADAPTER_CONFIG, revision=src.revision, token=token,
+                        _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)  # offline: the config read decides
+    except OSError as e:
+        raise (hub_error(e, src, name, token) or not_found(name)) from None
+    try:
+        return json.loads(Path(f).read_text()) if f else {}
+    except json.JSONDecodeError as e:
+        raise corrupt_error(e, name, ADAPTER_CONFIG) from None

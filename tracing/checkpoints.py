@@ -17,11 +17,10 @@ TracingErrors from `resolve`, before any weight is read.
 Content hash (sha256, hex; `tracing.digests`): over the kind of checkpoint, its config.json without the keys
 that name the saving library, and the sha256 of each weight file by name (the same digest as `sha256sum` and
 the hub's LFS id); a GGUF file: its sha256 (its config is inside it); an adapter: its adapter_config.json (the
-recorded base path left out), its weight files and its base's content hash. Equal hashes mean the same config
-and byte-identical weight files, so equal weights; the same weights saved twice the same way hash equal, and a
-hub snapshot hashes as a local copy of it does. Equal weights stored differently (re-sharded, another dtype or
-format, merged from an adapter) hash differently: a hash is an identity, not a similarity. The first hash of
-a checkpoint reads all of its weight files once (about 1 GB/s per core); later ones come from a cache.
+recorded base path left out), its weight files and its base's content hash. Equal hashes: the same config and
+byte-identical weight files, so equal weights (saved twice the same way, or a hub snapshot and its local copy,
+hash equal; re-sharded, re-typed or merged, they do not). The first hash reads each weight file once (~1 GB/s
+per core), later ones come from a cache (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -37,9 +36,8 @@ from typing import Any
 
 import huggingface_hub
 import transformers
-from transformers.utils import cached_file
 
-from tracing.access import Location, corrupt_error, guard, hub_error, locate, not_found
+from tracing.access import ADAPTER_CONFIG, Location, guard, locate, read_adapter_config, read_config
 from tracing.arch import ArchSpec, get_spec
 from tracing.digests import combine, config_digest, file_digests, json_digest
 from tracing.errors import TracingError
@@ -49,7 +47,6 @@ log = logging.getLogger(__name__)
 # what a tokenizer is made of: downloaded with a hub checkpoint, and how a local directory shows it has one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "spiece.model")
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -105,7 +102,7 @@ class Checkpoint:
             return Path(self.path)
         try:
             return Path(huggingface_hub.snapshot_download(self.path, revision=self.revision, local_files_only=True))
-        except Exception:
+        except Exception:  # any hub client failure means the same here
             raise TracingError(f"{self.name}: its files are not in the Hugging Face cache") from None
 
     def weight_files(self) -> list[Path]:
@@ -151,6 +148,18 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, {self.kind}, {self.spec.model_type})"
+
+def hash_files(ckpts: list[Checkpoint]) -> None:
+    """Hash the weight files of `ckpts` (and of adapters' bases) together, in parallel threads, so that their
+    content hashes read no file afterwards."""
+    files = []
+    for ckpt in ckpts:
+        for c in (ckpt, ckpt.base) if ckpt.base is not None else (ckpt,):
+            try:
+                files += c.weight_files()
+            except (TracingError, OSError):
+                pass  # content_hash says why
+    file_digests(sorted(set(files)))
 
 
 # ---------------------------------------------------------------------- resolving a name
@@ -203,43 +212,6 @@ def _adapter_base(name: str, adapter: dict, adapter_base: str | None, *, token, 
         log.warning("adapter %s: recorded base %s is not reachable; using %s", name, recorded, base_name)
     return _resolve(base_name, loc, token=token, trust_remote_code=trust_remote_code, adapter_base=None,
                     config=config)
-
-
-def read_config(src: Location, name: str, *, token, trust_remote_code: bool):
-    """The transformers config of `src` (a GGUF file: from its metadata); failures as one-line TracingErrors."""
-    kw = dict(revision=src.revision, token=token, trust_remote_code=trust_remote_code)
-    if src.gguf_file:
-        kw["gguf_file"] = src.gguf_file
-    try:
-        return transformers.AutoConfig.from_pretrained(src.path, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        err = hub_error(e, src, name, token) or corrupt_error(e, name, "config.json")
-        if err is not None:
-            raise err from None
-        if src.gguf_file:
-            raise TracingError(f"cannot read GGUF file {src.gguf_file}: {str(e).splitlines()[0]} "
-                               f"(transformers' GGUF support covers llama/mistral/qwen2/qwen3/gemma/gpt2 "
-                               f"files; pass the original checkpoint otherwise)") from None
-        raise
-
-
-def read_adapter_config(src: Location, name: str, token) -> dict:
-    """adapter_config.json of a local adapter dir or a hub repository ({} when a hub repository has none)."""
-    if src.kind == "adapter":
-        try:
-            return json.loads((Path(src.path) / ADAPTER_CONFIG).read_text())
-        except json.JSONDecodeError as e:
-            raise corrupt_error(e, name, ADAPTER_CONFIG) from None
-    try:
-        f = cached_file(src.path, ADAPTER_CONFIG, revision=src.revision, token=token,
-                        _raise_exceptions_for_missing_entries=False,
-                        _raise_exceptions_for_connection_errors=False)  # offline: the config read decides
-    except OSError as e:
-        raise (hub_error(e, src, name, token) or not_found(name)) from None
-    try:
-        return json.loads(Path(f).read_text()) if f else {}
-    except json.JSONDecodeError as e:
-        raise corrupt_error(e, name, ADAPTER_CONFIG) from None
 
 
 # ---------------------------------------------------------------------- its files

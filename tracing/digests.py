@@ -25,10 +25,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tracing.matching import default_workers
+
 CACHE_ENV = "MODEL_TRACING_CACHE"
 VERSION = 1  # part of every digest: a change of definition never meets an old cached value
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")  # who saved it, not what it is
-_BLOCK = 8 << 20  # bytes per read
+_BLOCK = 1 << 20  # bytes per read
 
 
 def cache_dir() -> Path:
@@ -58,19 +60,25 @@ def _canonical_config(path: Path) -> str:
     return json_digest({k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS})
 
 
+_MEMO: dict[tuple, str] = {}  # this process's digests, also where the cache folder cannot be written
+
+
 def _cached(path: Path, kind: str, compute) -> str:
     """compute(path), or its cached value for this very file (same resolved path, size, mtime, inode)."""
     real = Path(path).resolve()
     st = real.stat()
     stamp = [str(real), st.st_size, st.st_mtime_ns, st.st_ino, VERSION]
+    if (kind, *stamp) in _MEMO:
+        return _MEMO[(kind, *stamp)]
     entry = cache_dir() / "digests" / f"{kind}-{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
     try:
         saved = json.loads(entry.read_text())
         if saved.get("stamp") == stamp:
+            _MEMO[(kind, *stamp)] = saved["sha256"]
             return saved["sha256"]
     except (OSError, ValueError, AttributeError, KeyError):
         pass
-    digest = compute(real)
+    digest = _MEMO[(kind, *stamp)] = compute(real)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=entry.parent, suffix=".tmp", delete=False) as f:
@@ -92,11 +100,12 @@ def config_digest(path: str | Path) -> str:
 
 
 def file_digests(paths: Sequence[str | Path], workers: int | None = None) -> list[str]:
-    """file_digest of each path, in parallel threads (at most `workers`, default the usable CPUs, at most 8)."""
+    """file_digest of each path, in parallel threads (at most `workers`, default --threads' worker count, at
+    most 8)."""
     if len(paths) <= 1:
         return [file_digest(p) for p in paths]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(paths), workers or min(cpus, 8))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(paths), workers or min(default_workers(), 8))) \
+            as pool:
         return list(pool.map(file_digest, paths))
 
 

@@ -23,13 +23,14 @@ record).
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
 
 import torch
 
-from tracing.checkpoints import Checkpoint, resolve
+from tracing.checkpoints import Checkpoint, hash_files, resolve
 from tracing.config import RunConfig
 from tracing.data import load_blocks
 from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype, return_freed_memory
@@ -212,9 +213,10 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
                   ft_ppl=None, notes=[], streamed=None, load_s=None, data_s=None, stat_s=None, checkpoints=None)
     return_freed_memory()
     reset_peak_memory()
-    pair = blocks = None
+    pair = blocks = identities = None
     try:
         pair, blocks = prepare(cfg, info, token, record)
+        identities = _Background(_identities, pair)  # hashing overlaps the run
     except TracingError:
         raise  # bad input, nothing loaded yet: no record (the caller prints the line, exit 2)
     except Exception as e:  # a bug or a crash: kept in a record with its traceback
@@ -227,8 +229,11 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
             record.update(status="failed", error=str(e), error_kind="input")
         except Exception as e:  # unexpected: keep the traceback in the record
             _failed(record, e)
-    if pair is not None:
-        record["checkpoints"] = checkpoint_identities(*pair.checkpoints)
+    if identities is not None:
+        try:
+            record["checkpoints"] = identities.result()
+        except Exception as e:  # the run's outcome stands without them
+            record["notes"].append(f"the checkpoints' identities could not be recorded: {type(e).__name__}: {e}")
     record["wall_time_s"] = time.perf_counter() - t0
     record["peak_rss_mib"], record["peak_gpu_mib"] = peak_memory_mib()
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -250,6 +255,33 @@ def prepare(cfg: RunConfig, info: StatInfo, token: str | None, record: dict) -> 
     if blocks is not None:
         record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
     return pair, blocks
+
+
+def _identities(pair: OpenedPair) -> dict:
+    hash_files(list(pair.checkpoints))  # both checkpoints' files at once, in parallel threads
+    return checkpoint_identities(*pair.checkpoints)
+
+
+class _Background:
+    """fn(*args) in a daemon thread, so that it overlaps the run and a Ctrl-C never waits for it."""
+
+    def __init__(self, fn, *args):
+        self._out: list = []
+
+        def target() -> None:
+            try:
+                self._out.append(fn(*args))
+            except Exception as e:  # handed to the caller by result()
+                self._out.append(e)
+        self._thread = threading.Thread(target=target, daemon=True)
+        self._thread.start()
+
+    def result(self):
+        """fn's return value; its exception is raised here."""
+        self._thread.join()
+        if isinstance(self._out[0], Exception):
+            raise self._out[0]
+        return self._out[0]
 
 
 def _failed(record: dict, e: Exception) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tracing.errors import TracingError
+from tracing.models import gguf_name_maps_cached
 from tracing.sources.base import Source, check_checkpoint
 from tracing.sources.renaming import skeleton
 
@@ -51,7 +52,8 @@ class GGUFSource(Source):
         arch = tf_gguf.read_field(self._reader, "general.architecture")[0]
         self._processor = tf_gguf.TENSOR_PROCESSORS.get(arch, tf_gguf.TensorProcessor)(config=parsed["config"])
         model = skeleton(config)
-        to_hf = tf_gguf.get_gguf_hf_weights_map(model, self._processor)
+        with gguf_name_maps_cached():
+            to_hf = tf_gguf.get_gguf_hf_weights_map(model, self._processor)
         to_hf.setdefault("output.weight", "lm_head.weight")  # GPT-2's processor renames it itself
         self._to_hf = to_hf
         self._tensors: dict[str, list[Any]] = {}  # HF key -> its gguf ReaderTensors (MoE gate and up: two)

@@ -110,9 +110,12 @@ class StatContext:
         return cls(**options, progress=not cfg.no_progress, **runtime)
 
     @classmethod
-    def for_pair(cls, cfg: RunConfig, pair: OpenedPair, **runtime: Any) -> StatContext:
+    def for_pair(cls, cfg: RunConfig, pair: OpenedPair, info: StatInfo | None = None, **runtime: Any) -> StatContext:
         """A context for one run on an opened pair: the options from `cfg`; the sources, specs and (once the pair
-        is loaded) models and tokenizers from `pair`; blocks and the rest from `runtime`."""
+        is loaded) models and tokenizers from `pair`; blocks and the rest from `runtime`. Given the statistic
+        `info`, a pair it runs the models of is loaded first (once: `pair.load()`)."""
+        if info is not None and info.needs_data and not pair.loaded:
+            pair.load()
         return cls.for_run(cfg, **_from_pair(pair), **runtime)
 
     def on(self, pair: OpenedPair) -> StatContext:
