@@ -152,6 +152,21 @@ def _from_pretrained(src: Location, config, *, dtype, device, device_map, token,
     return transformers.AutoModelForCausalLM.from_pretrained(src.path, **kw)
 
 
+def stored_dtype(name: str, *, token: str | None = None, trust_remote_code: bool = False) -> torch.dtype | None:
+    """The dtype a checkpoint's config says its weights are stored in (None: unknown, an adapter or GGUF file),
+    read without loading any weight; for resolve_dtype's CPU default."""
+    token = token or os.environ.get("HF_TOKEN") or None
+    with guard(token, progress=False):
+        src = locate(name, None)
+        if src.kind == "adapter" or src.gguf_file:
+            return None
+        config = read_config(src, name, token=token, trust_remote_code=trust_remote_code)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):  # "bfloat16" in an older config
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else None
+
+
 # ---------------------------------------------------------------------- the entry point
 def load_model(name: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "auto",
                device_map: str | dict | None = None, trust_remote_code: bool = False, token: str | None = None,

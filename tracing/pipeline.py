@@ -30,7 +30,7 @@ from tracing.data import load_blocks
 from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype, return_freed_memory
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss, perplexity
-from tracing.models import check_block_size, load_model
+from tracing.models import check_block_size, load_model, stored_dtype
 from tracing.perm import apply_perm, permuted, random_perm
 from tracing.report import read_prompts, write_report
 from tracing.results import check_writable, finite_only, new_record, save_outcome, to_plain
@@ -69,8 +69,13 @@ def _open_pair(cfg: RunConfig, token: str | None, notes: list) -> tuple[Source, 
     return open_source(cfg.base_model_id, **kw), open_source(cfg.ft_model_id, **kw)
 
 
-def _load_pair(cfg: RunConfig, token: str | None, notes: list):
-    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+def _load_pair(cfg: RunConfig, token: str | None, notes: list, record: dict):
+    device = resolve_device(cfg.device)
+    stored = () if cfg.dtype or device.type == "cuda" else [  # the CPU default follows the checkpoints
+        stored_dtype(name, token=token, trust_remote_code=cfg.trust_remote_code)
+        for name in (cfg.base_model_id, cfg.ft_model_id)]
+    dtype = resolve_dtype(cfg.dtype, device, stored)
+    record["dtype"] = str(dtype).removeprefix("torch.")
     kw = dict(dtype=dtype, device=cfg.device, device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code,
               token=token, adapter_base=cfg.adapter_base, progress=not cfg.no_progress,
               allow_keys=cfg.allow_keys or (), notes=notes)
@@ -97,7 +102,7 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
         compute_device = resolve_device(cfg.device)
         record["compute_device"] = str(compute_device)
     else:
-        base, tok_base, ft, tok_ft = _load_pair(cfg, token, record["notes"])
+        base, tok_base, ft, tok_ft = _load_pair(cfg, token, record["notes"], record)
         src_base, src_ft = ModuleSource(base, tokenizer=tok_base), ModuleSource(ft, tokenizer=tok_ft)
     record["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
