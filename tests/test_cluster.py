@@ -187,6 +187,33 @@ def test_non_numeric_resources_are_a_tracing_error():
         cluster.executor_parameters({"timeout_min": None}, {}, "local", "x")
 
 
+@pytest.mark.parametrize("executor", ["slurm", "local", "debug"])
+@pytest.mark.parametrize("yaml_slurm, flags, said", [
+    ("{cpus_per_task: -2, mem_gb: 0}", [], "slurm: cpus_per_task must be at least 1, got -2"),
+    ("{mem_gb: 0}", [], "slurm: mem_gb must be a positive number, got 0"),
+    ("{}", ["--cpus_per_task", "0"], "--cpus_per_task must be at least 1, got 0"),
+    ("{}", ["--gpus_per_node", "-1"], "--gpus_per_node must be at least 0"),
+    ("{}", ["--timeout_min", "1"], "--timeout_min must be at least 2"),
+    ("{}", ["--array_parallelism", "0"], "--array_parallelism must be at least 1"),
+])
+def test_resources_below_their_minimum_are_refused_before_anything_runs(tmp_path, executor, yaml_slurm, flags, said):
+    """sbatch would refuse these; a local or debug run used to go ahead with them (exit 0)."""
+    overrides = dict(zip([f[2:] for f in flags[::2]], [float(v) for v in flags[1::2]]))
+    lc = load_config(write_yaml(tmp_path / "c.yaml", f"models: [a, b]\nslurm: {yaml_slurm}\n"))
+    with pytest.raises(TracingError) as err:
+        cluster.executor_parameters(lc.slurm, overrides, executor, "x")
+    assert said in str(err.value)
+
+
+def test_dry_run_refuses_a_save_folder_under_a_regular_file(tmp_path, models):
+    (tmp_path / "file").write_text("not a folder")
+    cfg = write_yaml(tmp_path / "c.yaml", "models: [%s]\n" % ", ".join(models[:2]))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(cfg), "--cluster", "local",
+                           "--save", str(tmp_path / "file" / "out"), "--dry_run"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "is a file, not a folder; pass --save a writable folder" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+
+
 def test_launch_cli_exits_1_when_a_waited_pair_failed(tmp_path, models):
     cfg = write_yaml(tmp_path / "c.yaml", "models: [%s, %s]\nmain: {stat: l2, device: cpu}\n"
                      % (models[0], tmp_path / "no-such-model"))

@@ -13,7 +13,7 @@ from tracing.errors import TracingError
 from tracing.perm import apply_perm, random_perm
 from tracing.sources import ModuleSource
 from tracing.statistics import StatContext, StatInfo, get_stat
-from tracing.statistics.common import check_same_shapes
+from tracing.statistics.fits import check_same_shapes
 from tracing.statistics.permtest import permtest
 
 FAMILIES = zoo.FAMILIES  # every supported model type
@@ -104,17 +104,20 @@ def test_emb_and_l2_compare_the_shared_vocabulary_when_tokens_were_added(pairs):
     grown.resize_token_embeddings(base.config.vocab_size + 8)
     assert run("emb", base, grown).value == pytest.approx(1.0)
     assert run("l2", base, grown).value == 0.0
-    assert get_stat("mode").same_vocab and get_stat("jsd").same_vocab and not get_stat("l2").same_vocab
-    with pytest.raises(TracingError, match="shapes differ"):  # interpolation needs identical shapes
-        check_same_shapes(ModuleSource(base), ModuleSource(grown), "mode", vocab_ok=False)
+    a, b = ModuleSource(base), ModuleSource(grown)
+    assert get_stat("l2").misfit(a, b) is None and get_stat("emb").misfit(a, b) is None
+    assert "shapes differ" in get_stat("mode").misfit(a, b)  # interpolation needs identical shapes
+    with pytest.raises(TracingError, match="shapes differ"):
+        check_same_shapes(a, b, "mode", vocab_ok=False)
 
 
 @pytest.mark.parametrize("shape", [dict(layers=3), dict(intermediate=256)])
 def test_shape_mismatch_names_the_statistics_that_handle_it(tokenizer, pairs, shape):
     base = pairs["llama"]["base"]
     other = zoo.tiny_model("llama", seed=0, vocab_size=len(tokenizer), **shape)
-    with pytest.raises(TracingError, match="shapes differ .*use match_all"):
+    with pytest.raises(TracingError, match="csu cannot run on this pair: their shapes differ") as err:
         run("csu", base, other)
+    assert "statistics that run on this pair: emb, csu_all, " in str(err.value)
 
 
 def test_csu_all_localizes_layers_of_a_deeper_derived_model(tokenizer, pairs):
@@ -126,7 +129,7 @@ def test_csu_all_localizes_layers_of_a_deeper_derived_model(tokenizer, pairs):
     assert res.log10_pvalue < -6
     assert res.extras["mapping"] == [None, 0, 1]  # ft layer j <- base layer mapping[j] (Holm-corrected)
     assert [(r["layer_ft"], r["layer_base"]) for r in res.per_layer] == [(0, None), (1, 0), (2, 1)]
-    up = res.extras["log10p"]["mlp.up_proj.weight"]  # (2 base layers, 3 ft layers)
+    up = res.extras["log10p"]["mlp.up"]  # (2 base layers, 3 ft layers)
     assert len(up) == 2 and len(up[0]) == 3
     assert up[0][1] < -6 and up[0][0] > -3 and up[1][0] > -3
 

@@ -60,17 +60,6 @@ def check_blocks(blocks: torch.Tensor | None) -> torch.Tensor:
     return blocks
 
 
-def check_same_mlp(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec, spec_ft: ArchSpec,
-                   stat: str) -> None:
-    """Same depth and MLP width in both models, else point to the statistic that handles it."""
-    wa = module_width(base, spec_base.layers[0].up_module)
-    wb = module_width(ft, spec_ft.layers[0].up_module)
-    if spec_base.n_layers != spec_ft.n_layers or wa != wb:
-        raise TracingError(f"{stat} needs models of the same shape, got {spec_base.n_layers} layers x {wa} MLP "
-                           f"neurons vs {spec_ft.n_layers} x {wb}; use --stat match_all, which handles "
-                           "different depth and MLP width")
-
-
 def mlp_width(model: torch.nn.Module, spec: ArchSpec, layer: int = 0) -> int:
     """MLP neurons of one layer (the up projection's output width)."""
     return module_width(model, spec.layers[layer].up_module)

@@ -4,7 +4,8 @@
     tracing.cli.main(["--base_model_id", "A", "--ft_model_id", "B"])   # the same, in-process
     parse_run_flags(["--stat", "l2", "--align"])                       # {'stat': 'l2', 'align': True}
 
-Flag defaults are RunConfig's: the parser only records the flags that were given.
+Flag defaults are RunConfig's: the parser only records the flags that were given. Start-up is kept light:
+parsing, `--help` and flag errors import no torch; the pipeline is imported once a run starts.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import dataclasses
 import os
 import sys
 
+from tracing import __version__
 from tracing.config import FIELDS, RunConfig, parse_alphas, parse_keys, parse_layers
-from tracing.demo import run_demo
-from tracing.devices import threads
 from tracing.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TracingError, exit_on_error
-from tracing.pipeline import check, run_pair, summary
 from tracing.results import outcome_path
 
 
@@ -100,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add(g, "threads", "torch threads and assignment workers (default: the CPUs this process may use: "
           "its affinity, at most $SLURM_CPUS_PER_TASK in a Slurm job)", type=int)
     g.add_argument("--demo", action="store_true", help="build small models offline and print verdicts")
+    p.add_argument("--version", action="version", version=f"model-tracing {__version__}")
     return p
 
 
@@ -124,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     flags = vars(build_parser().parse_args(argv))
     token = flags.pop("token", None) or os.environ.get("HF_TOKEN") or None
     if flags.pop("demo", False):
-        return run_demo(progress=not flags.get("no_progress", False))
+        from tracing.demo import run_demo  # start-up: torch is imported once a run starts, never for --help
+        return exit_on_error(lambda: run_demo(progress=not flags.get("no_progress", False)))
 
     def run() -> int:
         cfg = RunConfig.from_dict(flags, "main.py")
+        from tracing.devices import threads
+        from tracing.pipeline import check, run_pair, summary
         check(cfg)  # nothing is written for an error found here
         with threads(cfg.threads):
             record = run_pair(cfg, token)

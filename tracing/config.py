@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracing import matching, naming
+from tracing import naming
+from tracing.choices import DEFAULT_METHOD, check_method
 from tracing.errors import TracingError
 from tracing.naming import GENERATED_DIR, RESULTS_DIR
 
@@ -98,11 +99,11 @@ class RunConfig:
     emb: bool = False  # mode: also interpolate embeddings
     layers: tuple[int, ...] | None = None  # restrict per-layer statistics
     max_tokens: int | None = None  # activation statistics: token sample per layer
-    matching: str = matching.DEFAULT_METHOD  # neuron matching: fast | exact (tracing/matching.py)
+    matching: str = DEFAULT_METHOD  # neuron matching: fast | exact (tracing/matching.py)
     memory_budget: int | None = None  # bytes for activation accumulators; None: from free device memory / RAM
     # data
     dataset: str = "wikitext"
-    block_size: int = 512
+    block_size: int | None = None  # None: 512, shortened to the shorter context of the two models
     batch_size: int = 1
     max_blocks: int | None = None
     generated_dir: str = str(GENERATED_DIR)
@@ -133,9 +134,9 @@ class RunConfig:
                 raise TracingError(f"--alpha/--alphas must lie in [0, 1], got {a}")
         if self.num_perm < 0:
             raise TracingError(f"--num_perm must be >= 0, got {self.num_perm}")
-        if self.block_size < 1 or self.batch_size < 1:
+        if (self.block_size is not None and self.block_size < 1) or self.batch_size < 1:
             raise TracingError("--block_size and --batch_size must be positive")
-        matching.check_method(self.matching)
+        check_method(self.matching)
         if self.threads is not None and self.threads < 1:
             raise TracingError(f"--threads must be >= 1, got {self.threads}")
         if self.compare and "=" not in self.compare:

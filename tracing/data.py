@@ -79,7 +79,7 @@ def _wikitext(split: str) -> list[str]:
         user = set_by_user(datasets=True)
         unset = f", or unset {user.split('=')[0]} to download it" if reason and user else ""
         raise TracingError(f"cannot load WikiText-103 ({split} split): {why}: pass a local .txt/.jsonl/.parquet "
-                           f"file with --dataset PATH (or --dataset random){unset}") from None
+                           f"file with --dataset FILE, or --dataset random | generated{unset}") from None
     return _wikitext_articles(rows)
 
 

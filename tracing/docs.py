@@ -1,17 +1,19 @@
-"""README numbers come from code: generated markdown files are spliced into README's marked blocks.
+"""Documentation numbers come from code: generated markdown files are spliced into the marked blocks of README.md
+and every page under docs/.
 
     python benchmarks/weight_stats.py --markdown docs/generated/weight_stats.md   # a script writes a table
-    python -m tracing.docs                                                          # README takes it in
-    python -m tracing.docs --check                                                  # exit 1 if README is stale
-    python -m tracing.examples                      # regenerates the demo, report and launch files, then README
+    python -m tracing.docs                                                          # the pages take it in
+    python -m tracing.docs --check                                                  # exit 1 if a page is stale
+    python -m tracing.examples                      # regenerates the demo, report and launch files, then the pages
 
-A block in README reads
+A block in a page reads
 
     <!-- generated: docs/generated/weight_stats.md -->
     ...the file's content, copied here by `python -m tracing.docs`...
     <!-- end generated -->
 
-so nobody retypes a number: whatever a script measured is what README shows.
+(paths relative to the repository root), so nobody retypes a number: whatever a script measured is what the
+pages show.
 """
 
 from __future__ import annotations
@@ -27,25 +29,30 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"(<!-- generated: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.DOTALL)
 
 
-def render(readme: str, root: Path = ROOT) -> str:
-    """README text with every generated block replaced by its file's current content."""
+def pages(root: Path = ROOT) -> list[Path]:
+    """README.md and every documentation page (docs/*.md)."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def render(text: str, root: Path = ROOT) -> str:
+    """A page's text with every generated block replaced by its file's current content."""
     def fill(m: re.Match) -> str:
         path = root / m["path"]
         if not path.is_file():
-            raise TracingError(f"README names {m['path']}, which does not exist: run the script that writes it")
+            raise TracingError(f"a page names {m['path']}, which does not exist: run the script that writes it")
         body = path.read_text()
         return m.group(1) + body + ("" if body.endswith("\n") else "\n") + m.group(4)
-    return BLOCK.sub(fill, readme)
+    return BLOCK.sub(fill, text)
 
 
-def stale_blocks(readme: str, root: Path = ROOT) -> list[str]:
-    """Paths of the generated blocks whose README copy differs from the file."""
-    fresh = {m["path"]: m["body"] for m in BLOCK.finditer(render(readme, root))}
-    return [m["path"] for m in BLOCK.finditer(readme) if m["body"] != fresh[m["path"]]]
+def stale_blocks(text: str, root: Path = ROOT) -> list[str]:
+    """Paths of the generated blocks whose copy in the page differs from the file."""
+    fresh = {m["path"]: m["body"] for m in BLOCK.finditer(render(text, root))}
+    return [m["path"] for m in BLOCK.finditer(text) if m["body"] != fresh[m["path"]]]
 
 
 def write_markdown(path: str | Path, text: str) -> Path:
-    """What a script calls to publish a table: the file README embeds (folders made as needed)."""
+    """What a script calls to publish a table: the file a page embeds (folders made as needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n")
@@ -54,20 +61,20 @@ def write_markdown(path: str | Path, text: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tracing.docs", description=__doc__.splitlines()[0])
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
     p.add_argument("--check", action="store_true", help="only report stale blocks (exit 1 if any)")
     args = p.parse_args(argv)
 
     def run() -> int:
-        path = Path(args.readme)
-        text = path.read_text()
-        stale = stale_blocks(text, path.parent)
+        stale = {page: stale_blocks(page.read_text()) for page in pages()}
         if args.check:
-            for s in stale:
-                print(f"stale: {s} (run python -m tracing.docs)", file=sys.stderr)
-            return 1 if stale else 0
-        path.write_text(render(text, path.parent))
-        print(f"updated {len(stale)} block(s) of {path}" + (f": {', '.join(stale)}" if stale else ""))
+            for page, paths in stale.items():
+                for s in paths:
+                    print(f"stale: {s} in {page.relative_to(ROOT)} (run python -m tracing.docs)", file=sys.stderr)
+            return 1 if any(stale.values()) else 0
+        for page, paths in stale.items():
+            if paths:
+                page.write_text(render(page.read_text()))
+                print(f"updated {len(paths)} block(s) of {page.relative_to(ROOT)}: {', '.join(paths)}")
         return 0
 
     return exit_on_error(run)

@@ -32,7 +32,7 @@ from tracing import zoo
 from tracing.config import RunConfig
 from tracing.demo import deterministic, ensure_demo_models
 from tracing.devices import usable_cpus
-from tracing.docs import ROOT, render, write_markdown
+from tracing.docs import ROOT, pages, render, write_markdown
 from tracing.errors import TracingError, exit_on_error
 from tracing.pipeline import run_pair
 
@@ -198,7 +198,6 @@ def regenerate_launch(out: Path = GENERATED) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tracing.examples", description=__doc__.splitlines()[0])
     p.add_argument("what", nargs="?", choices=("demo", "report", "launch", "all"), default="all")
-    p.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose generated blocks to update")
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -211,13 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             written += regenerate_report()
         if args.what in ("launch", "all"):
             written += regenerate_launch()
-        readme = Path(args.readme)
-        if not readme.is_file():
-            raise TracingError(f"no README at {readme}: pass --readme PATH")
-        readme.write_text(render(readme.read_text(), readme.parent))
+        for page in pages():
+            page.write_text(render(page.read_text()))
         for path in written:
             print(f"wrote {path.relative_to(ROOT)}")
-        print(f"updated {readme} ({time.perf_counter() - t0:.0f} s)")
+        print(f"updated README.md and docs/*.md ({time.perf_counter() - t0:.0f} s)")
         return 0
 
     return exit_on_error(run)

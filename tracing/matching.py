@@ -56,27 +56,17 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from tracing.errors import TracingError
+from tracing.choices import DEFAULT_METHOD, METHODS, check_method  # noqa: F401 (re-exported)
 from tracing.solvers import SOLVERS, distinct_best
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-METHODS = {"fast": "greedy mutual-best matching; exact assignment where its p is in (1e-10, 0.01) (default)",
-           "exact": "exact linear assignment everywhere (scipy, float64): the paper's statistic bit for bit"}
-DEFAULT_METHOD = "fast"
 SCREEN_LOG10P = -2.0  # "fast": the exact assignment runs where the greedy matching gives log10 p below this
 DECISIVE_LOG10P = -10.0  # "fast": ... and above this; at or below, the greedy p (doubled) is reported
 MIN_UNITS = 10  # a layer with fewer usable units on either side is skipped (counted)
 FLAT_TOL = 1e-6  # a unit whose values span at most this fraction of their magnitude is constant
 Seed = int | tuple[int, ...]
-
-
-def check_method(name: str) -> str:
-    """A --matching value, or a TracingError listing the valid ones."""
-    if name in METHODS:
-        return name
-    raise TracingError(f"unknown --matching '{name}'; valid: " + "; ".join(f"{k} ({v})" for k, v in METHODS.items()))
 
 
 # ----------------------------------------------------------------------------------------- similarities

@@ -20,7 +20,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -124,19 +124,32 @@ def check_loading_info(name: str, info: dict, allow_keys: Sequence[str] = (), no
                            f"or --allow_keys with these names (glob patterns) if that is expected")
 
 
-def context_length(model: PreTrainedModel) -> int | None:
-    """The longest input the model takes (max_position_embeddings; GPT-2's n_positions), None if unknown."""
-    n = getattr(model.config, "max_position_embeddings", None)
+DEFAULT_BLOCK_SIZE = 512  # tokens per block when --block_size is not given (shortened to fit both contexts)
+
+
+def context_length(config) -> int | None:
+    """The longest input a model of this config (or a model) takes (max_position_embeddings; GPT-2's
+    n_positions), None if unknown."""
+    config = getattr(config, "config", config)
+    n = getattr(config, "max_position_embeddings", None)
     return n if isinstance(n, int) and n > 0 else None
 
 
-def check_block_size(block_size: int, models: dict[str, PreTrainedModel]) -> None:
-    """A token block longer than a model's context is a TracingError naming --block_size."""
-    for who, model in models.items():
-        n = context_length(model)
-        if n is not None and block_size > n:
-            raise TracingError(f"--block_size {block_size} is longer than the {who} model's context ({n} positions, "
-                               f"max_position_embeddings): pass --block_size {n} or less")
+def fit_block_size(block_size: int | None, configs: dict[str, Any]) -> tuple[int, str | None]:
+    """(tokens per block, a note when the default was shortened) for models of these configs (or models):
+    `block_size` as given, or DEFAULT_BLOCK_SIZE cut to the shorter context. A given block longer than a model's
+    context is a TracingError naming --block_size."""
+    contexts = {who: n for who, c in configs.items() if (n := context_length(c)) is not None}
+    if block_size is not None:
+        for who, n in contexts.items():
+            if block_size > n:
+                raise TracingError(f"--block_size {block_size} is longer than the {who} model's context ({n} "
+                                   f"positions, max_position_embeddings): pass --block_size {n} or less")
+        return block_size, None
+    if not contexts or min(contexts.values()) >= DEFAULT_BLOCK_SIZE:
+        return DEFAULT_BLOCK_SIZE, None
+    who, n = min(contexts.items(), key=lambda kv: kv[1])
+    return n, f"blocks of {n} tokens, the {who} model's context (default {DEFAULT_BLOCK_SIZE}; set --block_size)"
 
 
 def _from_pretrained(src: Location, config, *, dtype, device, device_map, token, trust_remote_code):

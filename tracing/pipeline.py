@@ -30,13 +30,13 @@ from tracing.data import load_blocks
 from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype, return_freed_memory
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss, perplexity
-from tracing.models import check_block_size, load_model, stored_dtype
+from tracing.models import fit_block_size, load_model, stored_dtype
 from tracing.perm import apply_perm, permuted, random_perm
 from tracing.report import read_prompts, write_report
 from tracing.results import check_writable, finite_only, new_record, save_outcome, to_plain
 from tracing.sources import ModuleSource, Source, leaves, open_source
 from tracing.statistics import StatContext, StatInfo, StatResult, get_stat
-from tracing.statistics.common import check_same_shapes
+from tracing.statistics.fits import check_fits
 from tracing.statistics.permtest import permtest
 from tracing.transforms import RotatedSource, rotate_residual
 
@@ -106,8 +106,7 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
         src_base, src_ft = ModuleSource(base, tokenizer=tok_base), ModuleSource(ft, tokenizer=tok_ft)
     record["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if info.same_shape or cfg.align:
-        check_same_shapes(src_base, src_ft, info.name, vocab_ok=not info.same_vocab)
+    check_fits(info, src_base, src_ft, align=cfg.align)
     if cfg.permute:
         perm = random_perm(src_ft.spec, src_ft.shapes(), seed=cfg.seed)
         if streamed:
@@ -123,9 +122,11 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
 
     blocks = None
     if info.needs_data or cfg.eval:
-        check_block_size(cfg.block_size, {"base": base, "fine-tuned": ft})
+        block_size, note = fit_block_size(cfg.block_size, {"base": base, "fine-tuned": ft})
+        if note:
+            record["notes"].append(note)
         vocab = min(base.get_input_embeddings().num_embeddings, ft.get_input_embeddings().num_embeddings)
-        blocks = load_blocks(cfg.dataset, tok_base, cfg.block_size, max_blocks=cfg.max_blocks, seed=cfg.seed,
+        blocks = load_blocks(cfg.dataset, tok_base, block_size, max_blocks=cfg.max_blocks, seed=cfg.seed,
                              vocab_size=vocab, model_ids=(cfg.base_model_id, cfg.ft_model_id),
                              generated_dir=cfg.generated_dir, progress=not cfg.no_progress)
         record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])

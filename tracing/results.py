@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tracing import __version__
 from tracing.errors import TracingError
 from tracing.naming import failed_path
 
@@ -97,8 +98,9 @@ def to_plain(obj: Any) -> Any:
 
 
 def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "numpy", "scipy", "peft", "submitit", "model-tracing"):
+    """The code's own version and the libraries that can move a result's numbers."""
+    out = {"model-tracing": __version__, "python": platform.python_version()}
+    for dist in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "peft", "submitit"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -193,11 +195,21 @@ def save_record(record: dict, path: str | Path) -> Path:
     return path
 
 
-def check_writable(folder: str | Path, flag: str = "--save") -> Path:
-    """Make `folder` (parents too) and prove a file can be written there, before any work is done.
+def check_writable(folder: str | Path, flag: str = "--save", create: bool = True) -> Path:
+    """Make `folder` (parents too) and prove a file can be written there, before any work is done; with
+    `create=False` (a dry run) only check that it could be made: no folder under a regular file, the nearest
+    existing folder writable.
 
     A folder that cannot take a file is a TracingError naming `flag`, so no result is computed and then lost."""
     folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise TracingError(f"cannot write to {folder}: {existing} is a file, not a folder; pass {flag} a writable "
+                           "folder")
+    if not create:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise TracingError(f"cannot write to {existing} (permission denied): pass {flag} a writable folder")
+        return folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")

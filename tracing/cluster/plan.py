@@ -22,6 +22,10 @@ from tracing.pipeline import check
 CLUSTERS = ("slurm", "local", "debug")
 SLURM_DEFAULTS = {"gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 64, "timeout_min": 240,
                   "array_parallelism": 64}
+# the smallest value each resource may take (submitit warns a job with --signal=USR2@90 that its time is up at
+# once when timeout_min < 2); checked for every executor, so --dry_run and --cluster local refuse what sbatch would
+MINIMUM = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1e-3, "timeout_min": 2, "array_parallelism": 1,
+           "nodes": 1}
 
 
 @dataclass(frozen=True)
@@ -61,16 +65,22 @@ def executor_parameters(cfg_slurm: dict, overrides: dict, cluster: str, name: st
     s = {**SLURM_DEFAULTS, **cfg_slurm, **{k: v for k, v in overrides.items() if v is not None}}
 
     def number(key: str, kind: type = int, default: Any = None) -> Any:
+        where = f"--{key}" if overrides.get(key) is not None else f"slurm: {key}"
         try:
-            return kind(s.get(key, default))
+            value = kind(s.get(key, default))
         except (TypeError, ValueError):
-            raise TracingError(f"slurm: {key} must be a number, got {s.get(key)!r}") from None
+            raise TracingError(f"{where} must be a number, got {s.get(key)!r}") from None
+        if value < MINIMUM[key]:
+            least = "a positive number" if kind is float else f"at least {MINIMUM[key]}"
+            raise TracingError(f"{where} must be {least}, got {s.get(key)!r}")
+        return value
 
     params: dict[str, Any] = {"name": name, "timeout_min": number("timeout_min"),
                               "gpus_per_node": number("gpus_per_node"), "cpus_per_task": number("cpus_per_task"),
                               "mem_gb": number("mem_gb", float), "nodes": number("nodes", default=1)}
+    parallel = number("array_parallelism")
     if cluster == "slurm":
-        params["slurm_array_parallelism"] = number("array_parallelism")
+        params["slurm_array_parallelism"] = parallel
         for key in ("partition", "account", "qos", "constraint"):
             if s.get(key):
                 params[f"slurm_{key}"] = str(s[key])

@@ -86,6 +86,7 @@ def launch(config: str | Path, save: str | Path, flags: dict, cluster: str | Non
           + (f", {lc.duplicates} duplicate/self pairs dropped" if lc.duplicates else "")
           + f"); {skipped} already done, {len(todo)} to run on {cluster}", file=out, flush=True)
     result = {"tasks": tasks, "skipped": skipped, "jobs": [], "status": None, "open": []}
+    check_writable(save, create=not dry_run)
     if cluster == "slurm" and todo:
         preflight(params, out)
     if dry_run:
@@ -96,7 +97,6 @@ def launch(config: str | Path, save: str | Path, flags: dict, cluster: str | Non
         return result
     if not todo:
         return result
-    check_writable(save)
     folder = save / naming.SUBMITIT_SUBDIR
     wait = wait or cluster == "debug"  # the debug executor runs a job when its result is asked for
     if force:  # a job skips a pair whose record is ok (a requeue after it finished): remove the old ones first

@@ -193,7 +193,10 @@ class ModuleSource(Source):
         return self._sd()[key].dtype
 
     def _read(self, key: str, rows: slice | None) -> torch.Tensor:
-        t = self._sd()[key].detach()
+        try:
+            t = self.model.get_parameter(key).detach()  # one lookup, not a whole state_dict() per tensor
+        except AttributeError:  # a buffer
+            t = self._sd()[key].detach()
         return t if rows is None else t[rows]
 
 

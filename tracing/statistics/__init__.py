@@ -91,9 +91,9 @@ class StatContext:
 
     def __post_init__(self) -> None:
         if self.source_base is None and self.base is not None:
-            self.source_base = ModuleSource(self.base, self.spec_base)
+            self.source_base = ModuleSource(self.base, self.spec_base, tokenizer=self.tokenizer_base)
         if self.source_ft is None and self.ft is not None:
-            self.source_ft = ModuleSource(self.ft, self.spec_ft)
+            self.source_ft = ModuleSource(self.ft, self.spec_ft, tokenizer=self.tokenizer_ft)
         if self.source_base is None or self.source_ft is None:
             raise ValueError("a StatContext needs the two models or the two sources")
         self.spec_base = self.spec_base or self.source_base.spec
@@ -106,6 +106,9 @@ class StatContext:
         return cls(**options, progress=not cfg.no_progress, **runtime)
 
 
+Misfit = Callable[[Source, Source], "str | None"]  # why a statistic cannot run on a pair of sources (None: it can)
+
+
 @dataclass(frozen=True)
 class StatInfo:
     name: str
@@ -113,10 +116,13 @@ class StatInfo:
     help: str
     aliases: tuple[str, ...] = ()
     needs_data: bool = False  # needs ctx.blocks
-    same_shape: bool = True  # needs identical shapes in base and ft
-    same_vocab: bool = False  # ... including the vocabulary axis (compares or mixes whole output layers)
+    fits: tuple[Misfit, ...] = ()  # what the pair must satisfy, asked of headers and configs before anything runs
     scalar: bool = True  # `value` can be wrapped in PERMTEST (--num_perm)
     higher_is_related: bool = True  # direction of `value` for PERMTEST
+
+    def misfit(self, a: Source, b: Source) -> str | None:
+        """Why this statistic cannot run on the pair (the first reason), None when it can."""
+        return next((why for check in self.fits if (why := check(a, b))), None)
 
 
 _REGISTRY: dict[str, StatInfo] = {}
@@ -125,11 +131,9 @@ _MODULES = ("l2", "cos", "emb", "csu", "mode", "csh", "match", "match_all", "jsd
 
 
 def register(name: str, *, help: str, aliases: tuple[str, ...] = (), needs_data: bool = False,
-             same_shape: bool = True, same_vocab: bool = False, scalar: bool = True,
-             higher_is_related: bool = True):
+             fits: tuple[Misfit, ...] = (), scalar: bool = True, higher_is_related: bool = True):
     def deco(fn):
-        _REGISTRY[name] = StatInfo(name, fn, help, aliases, needs_data, same_shape, same_vocab, scalar,
-                                   higher_is_related)
+        _REGISTRY[name] = StatInfo(name, fn, help, aliases, needs_data, tuple(fits), scalar, higher_is_related)
         for a in aliases:
             _ALIASES[a] = name
         return fn
@@ -148,6 +152,11 @@ def _load_all() -> None:
 def all_stats() -> dict[str, StatInfo]:
     _load_all()
     return dict(_REGISTRY)
+
+
+def runnable(a: Source, b: Source) -> list[str]:
+    """The statistics that run on this pair (their `fits` hold), in registry order."""
+    return [name for name, info in all_stats().items() if info.misfit(a, b) is None]
 
 
 def get_stat(name: str) -> StatInfo:

@@ -25,54 +25,12 @@ import numpy as np
 import torch
 
 from tracing import matching, naming, plots
-from tracing.arch import ArchSpec
 from tracing.errors import TracingError
-from tracing.sources.base import Source
 from tracing.statistics import StatContext
+from tracing.statistics.fits import vocab_keys
 from tracing.statistics.pvalues import perm_pair_spearman
 
 MAPPING_ALPHA = 0.05  # family-wise level of an inferred layer mapping (Holm)
-NO_GATE = ("{stat} needs a gated MLP (gate_proj and up_proj), which {model_type} does not have; "
-           "use csh or csu instead")
-
-
-def vocab_keys(spec: ArchSpec) -> tuple[str, ...]:
-    """Keys whose first axis is the vocabulary (token embedding, LM head)."""
-    return tuple(k for k in (spec.embed, spec.lm_head) if k)
-
-
-def check_same_shapes(a: Source, b: Source, stat_name: str = "this statistic", vocab_ok: bool = True) -> None:
-    """Raise TracingError unless both sources have the same keys and shapes (vocab size may differ if vocab_ok)."""
-    spec_a, spec_b = a.spec, b.spec
-    sd_a, sd_b = a.shapes(), b.shapes()
-    diffs: list[str] = []
-    if spec_a.n_layers != spec_b.n_layers:
-        diffs.append(f"{spec_a.n_layers} vs {spec_b.n_layers} layers")
-    # a weight of both architectures that one checkpoint lacks was let through by --allow_keys: not a difference
-    only_a = sorted(k for k in set(sd_a) - set(sd_b) if k not in spec_b.axes)
-    only_b = sorted(k for k in set(sd_b) - set(sd_a) if k not in spec_a.axes)
-    if only_a:
-        diffs.append(f"{len(only_a)} weights only in base, e.g. {only_a[0]}")
-    if only_b:
-        diffs.append(f"{len(only_b)} weights only in fine-tuned, e.g. {only_b[0]}")
-    skip_vocab = set(vocab_keys(spec_a)) if vocab_ok else set()
-    for key in sorted(set(sd_a) & set(sd_b)):
-        sa, sb = tuple(sd_a[key]), tuple(sd_b[key])
-        if sa == sb or (key in skip_vocab and sa[1:] == sb[1:]):
-            continue
-        diffs.append(f"{key} {sa} vs {sb}")
-    if diffs:
-        shown = "; ".join(diffs[:2]) + (f"; and {len(diffs) - 2} more" if len(diffs) > 2 else "")
-        raise TracingError(f"base and fine-tuned shapes differ ({shown}): use match_all, which handles "
-                           f"different depth and width (or csu_all for equal-shaped matrices); "
-                           f"{stat_name} compares corresponding weights")
-
-
-def check_gated(ctx: StatContext, stat: str) -> None:
-    """match and match_all compare gate with up activations: both models need a gated MLP."""
-    for spec in (ctx.spec_base, ctx.spec_ft):
-        if not spec.gated:
-            raise TracingError(NO_GATE.format(stat=stat, model_type=spec.model_type))
 
 
 def selected_layers(ctx: StatContext) -> list[int]:

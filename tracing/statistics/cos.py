@@ -12,13 +12,15 @@ import math
 import torch
 
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import check_same_shapes, dot_and_norms, paired_weights, selected_layers
+from tracing.statistics.common import dot_and_norms, paired_weights, selected_layers
+from tracing.statistics.fits import require_fit, weights_differ
 
 
-@register("cos", help="per-layer mean cosine similarity of corresponding weight matrices (no p-value)")
+@register("cos", fits=(weights_differ,),
+          help="per-layer mean cosine similarity of corresponding weight matrices (no p-value)")
 @torch.no_grad()
 def cos(ctx: StatContext) -> StatResult:
-    check_same_shapes(ctx.source_base, ctx.source_ft, "cos")
+    require_fit(ctx, "cos")
     layers = selected_layers(ctx)
     layer_of = ctx.spec_base.layer_of
     sims: dict[int, list[float]] = {i: [] for i in layers}

@@ -10,17 +10,18 @@ come from streaming Gram accumulators (tracing/grams.py).
 from __future__ import annotations
 
 from tracing import matching
-from tracing.activations import check_same_mlp, mlp_width
+from tracing.activations import mlp_width
 from tracing.grams import LayerGram, layer_grams
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import identity_test, matching_extras
+from tracing.statistics.fits import mlps_differ, require_fit
 from tracing.statistics.pvalues import fisher_log10p
 
 
-@register("csh", aliases=("csh_sp",), needs_data=True, scalar=False,
+@register("csh", aliases=("csh_sp",), needs_data=True, fits=(mlps_differ,), scalar=False,
           help="cosine similarity of MLP up-projection activations: matching vs identity, Spearman, Fisher")
 def csh(ctx: StatContext) -> StatResult:
-    check_same_mlp(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, "csh")
+    require_fit(ctx, "csh")
     counter: dict = {}
     grams = layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("up",),
                         layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=ctx.memory_budget,

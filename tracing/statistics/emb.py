@@ -10,6 +10,7 @@ import torch
 
 from tracing.errors import TracingError
 from tracing.statistics import StatContext, StatResult, register
+from tracing.statistics.fits import hidden_differs, require_fit
 
 
 def shared_rows(ctx: StatContext, n_a: int, n_b: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -29,14 +30,13 @@ def shared_rows(ctx: StatContext, n_a: int, n_b: int) -> tuple[torch.Tensor, tor
 ROWS = 8192  # embedding rows compared per step (float64)
 
 
-@register("emb", help="mean cosine similarity of corresponding token embeddings over the shared vocabulary")
+@register("emb", fits=(hidden_differs,),
+          help="mean cosine similarity of corresponding token embeddings over the shared vocabulary")
 @torch.no_grad()
 def emb(ctx: StatContext) -> StatResult:
     src_a, src_b = ctx.source_base, ctx.source_ft
-    (n_a, h_a), (n_b, h_b) = src_a.shape(ctx.spec_base.embed), src_b.shape(ctx.spec_ft.embed)  # (vocab, hidden)
-    if h_a != h_b:
-        raise TracingError(f"embedding widths differ ({h_a} vs {h_b}): use match_all, which "
-                           "handles different depth and width")
+    (n_a, _h_a), (n_b, _h_b) = src_a.shape(ctx.spec_base.embed), src_b.shape(ctx.spec_ft.embed)  # (vocab, hidden)
+    require_fit(ctx, "emb")
     ia, ib, paired_by = shared_rows(ctx, n_a, n_b)
     dev = ctx.compute_device
     ea = src_a.get(ctx.spec_base.embed)  # (vocab_a, hidden), stored dtype

@@ -15,23 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tracing.activations import check_blocks
-from tracing.errors import TracingError
 from tracing.statistics import StatContext, StatResult, register
-
-
-def check_shared_vocab(tok_a, tok_b, n_shared: int) -> None:
-    """Raise unless both tokenizers give the same token string for every shared id they both define."""
-    if tok_a is None or tok_b is None or tok_a is tok_b:
-        return
-    inv_a = {i: t for t, i in tok_a.get_vocab().items() if i < n_shared}
-    inv_b = {i: t for t, i in tok_b.get_vocab().items() if i < n_shared}
-    common = sorted(set(inv_a) & set(inv_b))
-    bad = [i for i in common if inv_a[i] != inv_b[i]]
-    if bad:
-        i = bad[0]
-        raise TracingError(f"jsd: the tokenizers disagree on {len(bad)} of {len(common)} shared token ids "
-                           f"(e.g. id {i}: {inv_a[i]!r} vs {inv_b[i]!r}), so their next-token distributions "
-                           "are not comparable; use a weight statistic instead (csu, match, l2)")
+from tracing.statistics.fits import require_fit, vocab_disagrees
 
 
 def _vocab(model: torch.nn.Module) -> int:
@@ -48,13 +33,13 @@ def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tenso
     return (0.5 * (kl_pm + kl_qm)).clamp_min(0)
 
 
-@register("jsd", needs_data=True, same_shape=False, same_vocab=True, higher_is_related=False,
+@register("jsd", needs_data=True, fits=(vocab_disagrees,), higher_is_related=False,
           help="Jensen-Shannon divergence of next-token distributions over the shared vocabulary (nats)")
 @torch.no_grad()
 def jsd(ctx: StatContext) -> StatResult:
     blocks = check_blocks(ctx.blocks)
+    require_fit(ctx, "jsd")
     n_shared = min(_vocab(ctx.base), _vocab(ctx.ft))
-    check_shared_vocab(ctx.tokenizer_base, ctx.tokenizer_ft, n_shared)
     dev_a = next(ctx.base.parameters()).device
     dev_b = next(ctx.ft.parameters()).device
     total, count = 0.0, 0

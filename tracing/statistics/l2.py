@@ -13,14 +13,15 @@ import math
 import torch
 
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import check_same_shapes, paired_weights, squared_distance
+from tracing.statistics.common import paired_weights, squared_distance
+from tracing.statistics.fits import require_fit, weights_differ
 
 
-@register("l2", higher_is_related=False,
+@register("l2", fits=(weights_differ,), higher_is_related=False,
           help="Euclidean distance between all corresponding weights (lower = more related; no p-value)")
 @torch.no_grad()
 def l2(ctx: StatContext) -> StatResult:
-    check_same_shapes(ctx.source_base, ctx.source_ft, "l2")
+    require_fit(ctx, "l2")
     layer_of = ctx.spec_base.layer_of
     per_layer_sq = [0.0] * ctx.spec_base.n_layers
     total_sq, dists = 0.0, []

@@ -16,10 +16,11 @@ either projection are left out; ties fall in random order.
 from __future__ import annotations
 
 from tracing import matching
-from tracing.activations import check_same_mlp, mlp_width
+from tracing.activations import mlp_width
 from tracing.grams import LayerGram, layer_grams
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import agreement_test, check_gated, matching_extras
+from tracing.statistics.common import agreement_test, matching_extras
+from tracing.statistics.fits import mlps_differ, require_fit, ungated
 from tracing.statistics.pvalues import fisher_log10p
 
 
@@ -32,11 +33,10 @@ def similarities(lg: LayerGram):
     return make
 
 
-@register("match", needs_data=True, scalar=False,
+@register("match", needs_data=True, fits=(ungated, mlps_differ), scalar=False,
           help="robust test: neuron matching from gate vs up activations agree (Spearman, Fisher over layers)")
 def match(ctx: StatContext) -> StatResult:
-    check_gated(ctx, "match")
-    check_same_mlp(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, "match")
+    require_fit(ctx, "match")
     counter: dict = {}
     grams = layer_grams(ctx.base, ctx.ft, ctx.spec_base, ctx.spec_ft, ctx.blocks, projs=("gate", "up"),
                         layers=ctx.layers, batch_size=ctx.batch_size, budget_bytes=ctx.memory_budget,

@@ -29,17 +29,10 @@ from tqdm.auto import tqdm
 
 from tracing.activations import check_blocks, check_layers, mlp_input_covariances, sample_activations, sample_positions
 from tracing.arch import ArchSpec, mlp
-from tracing.errors import TracingError
 from tracing.matching import euclid_similarity, map_in_threads, usable
-from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.common import (
-    MAPPING_ALPHA,
-    agreement_test,
-    check_gated,
-    layer_heatmap,
-    layer_map,
-    matching_extras,
-)
+from tracing.statistics import StatContext, StatResult, register, screen
+from tracing.statistics.common import MAPPING_ALPHA, agreement_test, layer_heatmap, layer_map, matching_extras
+from tracing.statistics.fits import hidden_differs, require_fit, ungated
 from tracing.statistics.pvalues import holm_log10
 
 DEFAULT_MAX_TOKENS = 2048
@@ -76,31 +69,35 @@ def _pair(a: _Layer, b: _Layer, method: str, seed: tuple) -> dict:
 
 
 def _all_pairs(ctx: StatContext, stat: str, row_test, layers_a: list[int], layers_b: list[int],
-               item_bytes: int, device: torch.device) -> dict:
+               item_bytes: int, device: torch.device, tested: set[tuple[int, int]] | None = None) -> dict:
     """row_test(i) -> test(j) -> agreement_test's record: one base layer i at a time (what it prepares is
-    held for one row only), its pairs with every ft layer in worker threads; then the Holm map."""
-    logp = np.zeros((len(layers_a), len(layers_b)))
-    rho = np.zeros_like(logp)
+    held for one row only), its pairs with every ft layer (or the `tested` (row, column) positions only) in
+    worker threads; then the Holm map over every pair, a pair not tested counting as p = 1."""
+    logp = np.full((len(layers_a), len(layers_b)), np.nan)  # NaN: not tested, or no usable units
+    rho = np.full_like(logp, np.nan)
     records = []
     for a, i in enumerate(tqdm(layers_a, desc=f"{stat} base layers", disable=not ctx.progress)):
-        for b, rec in enumerate(map_in_threads(row_test(i), layers_b, item_bytes=item_bytes, device=device)):
+        cols = [b for b in range(len(layers_b)) if tested is None or (a, b) in tested]
+        tests = map_in_threads(row_test(i), [layers_b[b] for b in cols], item_bytes=item_bytes, device=device)
+        for b, rec in zip(cols, tests):
             rho[a, b], logp[a, b] = rec["rho"], rec["log10_pvalue"]
             records.append(rec)
-    holm = holm_log10(logp)
+    holm = holm_log10(logp)  # NaN counts as p = 1: an untested pair stays in the family
     per_layer, mapping = layer_map(logp, holm, layers_a, layers_b, stat)
     extras = {"log10_pvalue_matrix": logp.tolist(), "rho_matrix": rho.tolist(),
               "log10_pvalue_holm_matrix": holm.tolist(), "layers_base": layers_a, "layers_ft": layers_b,
-              "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA,
+              "mapping": mapping, "correction": "holm", "alpha": MAPPING_ALPHA, "n_pairs": int(logp.size),
+              "n_tested": len(records),
               **matching_extras(ctx.matching, records)}
     if (path := layer_heatmap(ctx, stat, logp, layers_a, layers_b, mapping)) is not None:
         extras["heatmap"] = path
     return {"per_layer": per_layer, "extras": extras, "best": float(holm.min())}
 
 
-@register("match_all", needs_data=True, same_shape=False, scalar=False,
+@register("match_all", needs_data=True, fits=(ungated,), scalar=False,
           help="localized testing: match every layer of A against every layer of B, Holm-corrected layer map")
 def match_all(ctx: StatContext) -> StatResult:
-    check_gated(ctx, "match_all")
+    require_fit(ctx, "match_all")
     blocks = check_blocks(ctx.blocks)
     layers_a = check_layers(ctx.layers, ctx.spec_base.n_layers)
     layers_b = list(range(ctx.spec_ft.n_layers))
@@ -115,8 +112,13 @@ def match_all(ctx: StatContext) -> StatResult:
     dev = ctx.compute_device or next(ctx.base.parameters()).device
     la, lb = {i: _Layer(acts_a, i, dev) for i in layers_a}, {j: _Layer(acts_b, j, dev) for j in layers_b}
     wa, wb = la[layers_a[0]].ok.numel(), lb[0].ok.numel()
+    tested = None  # "exact": every pair; "fast": the pairs whose up activations find each other (screen.py)
+    if ctx.matching != "exact":
+        scores = screen.screen_scores(((i, la[i].x["up"].T) for i in layers_a), {j: lb[j].x["up"].T for j in layers_b},
+                                      layers_a, layers_b, dev)  # units' activation vectors over the sampled tokens
+        tested = screen.candidates(scores)
     out = _all_pairs(ctx, "match_all", lambda i: lambda j: _pair(la[i], lb[j], ctx.matching, (ctx.seed, i, j)),
-                     layers_a, layers_b, item_bytes=6 * wa * wb * 8, device=dev)
+                     layers_a, layers_b, item_bytes=6 * wa * wb * 8, device=dev, tested=tested)
     out["extras"].update(forward_passes={"base": passes_a["forward_passes"], "ft": passes_b["forward_passes"]},
                          n_tokens_sampled=int(len(positions)))
     return StatResult(value=out["best"], log10_pvalue=out["best"], per_layer=out["per_layer"], extras=out["extras"])
@@ -133,21 +135,17 @@ def _rows_with_bias(model: torch.nn.Module, spec: ArchSpec, layer: int, proj: st
     return torch.cat([w.to(device, torch.float32), b.to(device, torch.float32)[:, None]], dim=1)
 
 
-@register("match_all_drift_free", aliases=("match_all_df",), needs_data=True, same_shape=False, scalar=False,
+@register("match_all_drift_free", aliases=("match_all_df",), needs_data=True, fits=(ungated, hidden_differs),
+          scalar=False,
           help="match_all on A's MLP inputs: layer j of B reads A's layer-i inputs (no forward pass of B, no "
                "depth drift); same hidden size and residual basis")
 @torch.no_grad()
 def match_all_drift_free(ctx: StatContext) -> StatResult:
     stat = "match_all_drift_free"
-    check_gated(ctx, stat)
+    require_fit(ctx, stat)
     blocks = check_blocks(ctx.blocks)
     layers_a = check_layers(ctx.layers, ctx.spec_base.n_layers)
     layers_b = list(range(ctx.spec_ft.n_layers))
-    hidden_a, hidden_b = (spec.neuron_rows(model.get_parameter(spec.layers[0].up), spec.layers[0].up, mlp(0)).shape[1]
-                          for model, spec in ((ctx.base, ctx.spec_base), (ctx.ft, ctx.spec_ft)))  # views, no copy
-    if hidden_a != hidden_b:
-        raise TracingError(f"{stat} feeds A's MLP inputs to B's weights, so the hidden sizes must agree "
-                           f"({hidden_a} vs {hidden_b}): use match_all")
     counter: dict = {}
     cov = mlp_input_covariances(ctx.base, ctx.spec_base, blocks, layers=layers_a, batch_size=ctx.batch_size,
                                 counter=counter, progress=ctx.progress)  # layer -> (hidden + 1, hidden + 1)

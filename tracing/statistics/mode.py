@@ -20,6 +20,7 @@ from __future__ import annotations
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss
 from tracing.statistics import StatContext, StatResult, register
+from tracing.statistics.fits import require_fit, weights_or_vocab_differ
 from tracing.transforms import check_alpha, interpolate_, restore_
 
 
@@ -37,9 +38,10 @@ def interpolated_loss(ctx: StatContext, alpha: float, groups: tuple[str, ...]) -
         restore_(ctx.base, saved)
 
 
-@register("mode", aliases=("mc",), needs_data=True, same_vocab=True, higher_is_related=False,
+@register("mode", aliases=("mc",), needs_data=True, fits=(weights_or_vocab_differ,), higher_is_related=False,
           help="loss of the weight-interpolated model at --alpha (curve with --alphas); low = related")
 def mode(ctx: StatContext) -> StatResult:
+    require_fit(ctx, "mode")
     if ctx.blocks is None:
         raise TracingError("mode needs token blocks: pass --dataset (wikitext, random or a local file)")
     groups = groups_for(ctx)

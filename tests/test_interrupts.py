@@ -1,0 +1,56 @@
+"""Ctrl-C and SIGTERM end a run with one line and the shell's exit code (130 / 143), leaving no temporary file
+and no half-written record; an earlier result survives."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tracing.errors import EXIT_SIGINT, EXIT_SIGTERM, exit_on_error
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A child process running main.py that interrupts itself at a known point: once the record exists in memory and
+# the statistic is about to run (no timing involved).
+CHILD = """
+import os, signal, sys
+import tracing.pipeline as pipeline
+real = pipeline.execute
+def execute(cfg, record, token=None):
+    os.kill(os.getpid(), signal.{sig})
+    return real(cfg, record, token)
+pipeline.execute = execute
+from tracing.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", EXIT_SIGINT), ("SIGTERM", EXIT_SIGTERM)])
+def test_an_interrupted_run_says_so_in_one_line_and_writes_nothing(tmp_path, model_dir, sig, code):
+    save = tmp_path / "out"
+    argv = ["--base_model_id", model_dir, "--ft_model_id", model_dir, "--stat", "l2", "--save", str(save),
+            "--no_progress"]
+    first = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p: p.read_bytes() for p in save.rglob("*") if p.is_file()}  # the earlier result: .pkl and .json
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(sig=sig), *argv], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "interrupted; nothing written (earlier results are untouched)"
+    assert {p: p.read_bytes() for p in save.rglob("*") if p.is_file()} == before  # no new file, no temp file
+
+
+def test_exit_on_error_turns_signals_into_exit_codes():
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    def terminated() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this (main) thread
+        return 0
+
+    assert exit_on_error(interrupted) == EXIT_SIGINT
+    assert exit_on_error(terminated) == EXIT_SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored afterwards
