@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import bench_common
-import stream_7b
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
@@ -99,6 +98,15 @@ def build_135m(root: Path) -> dict[str, Path]:
     return dirs
 
 
+def save_tokens(path: Path) -> None:
+    """The 4 blocks of 128 tokens `main.py --dataset random --seed 0` draws for these models, for the original."""
+    import torch
+
+    from tracing.data import random_blocks
+
+    torch.save(random_blocks(SMOLLM2_135M["vocab_size"], BLOCK_SIZE, N_BLOCKS, seed=0), path)
+
+
 def run_process(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in MiB, stdout) of one child process; raises with its stderr if it fails."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -135,13 +143,9 @@ def orig_match(orig: Path, base: Path, ft: Path, tokens: Path) -> dict:
 
 
 def part_135m(root: Path, orig: Path | None, repeats: int) -> list[str]:
-    import torch
-
-    from tracing.data import random_blocks
-
-    dirs = build_135m(root)
-    tokens = root / "tokens.pt"
-    torch.save(random_blocks(SMOLLM2_135M["vocab_size"], BLOCK_SIZE, N_BLOCKS, seed=0), tokens)  # what ours draws
+    # built in a child: this process stays small (a child's ru_maxrss starts at its parent's RSS at fork)
+    subprocess.run([sys.executable, __file__, "--build_135m", str(root)], check=True, capture_output=True)
+    dirs, tokens = {name: root / name for name in ("base", "rotated", "independent")}, root / "tokens.pt"
     lines = ["| φ_MATCH, SmolLM2-135M shape, 4 x 128 tokens | original | ours | original / ours |", "|---|---|---|---|"]
     for ft in ("rotated", "independent"):
         runs: dict[str, list[dict]] = {"orig": [], "ours": []}
@@ -168,10 +172,12 @@ def part_135m(root: Path, orig: Path | None, repeats: int) -> list[str]:
 
 
 def part_7b(folder: Path) -> list[str]:
+    import stream_7b
+
     if not all((folder / n / "model.safetensors.index.json").is_file() for n in ("base", "derived", "independent")):
         shutil.rmtree(folder, ignore_errors=True)
         t0 = time.perf_counter()
-        stream_7b.build(folder, 32, independent=True)
+        subprocess.run([sys.executable, __file__, "--build_7b", str(folder)], check=True)  # a child (see part_135m)
         print(f"built the 7B-shaped models in {time.perf_counter() - t0:.0f} s", flush=True)
     lines = ["| 7B-shaped pair (bf16, 32 layers), cold cache | wall (process) | peak RSS | result | target |",
              "|---|---|---|---|---|"]
@@ -214,6 +220,18 @@ def main() -> None:
     ap.add_argument("--skip_7b", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the 7B-shaped pair if this run built it")
     ap.add_argument("--markdown", help="write the tables here")
+    ap.add_argument("--build_135m", type=Path, help=argparse.SUPPRESS)  # child processes: build, then exit
+    ap.add_argument("--build_7b", type=Path, help=argparse.SUPPRESS)
+    if "--build_135m" in sys.argv or "--build_7b" in sys.argv:
+        args = ap.parse_args()
+        if args.build_135m:
+            build_135m(args.build_135m)
+            save_tokens(args.build_135m / "tokens.pt")
+        else:
+            import stream_7b
+
+            stream_7b.build(args.build_7b, 32, independent=True)
+        return
     args, head, t0 = bench_common.start(ap)
     orig = check_orig(args.orig) if args.orig else None
     if not args.skip_7b and not args.dir7b:

@@ -60,6 +60,27 @@ def test_distinct_best_partners_are_the_answer_of_both_solvers():
         assert dict(zip(p.a.tolist(), p.b.tolist())) == dict(enumerate(planted.tolist()))
 
 
+@pytest.mark.parametrize("shape", [(25, 40), (40, 25)])
+def test_distinct_best_and_column_topk_on_either_narrower_side(shape):
+    from tracing import solvers
+
+    rng = np.random.default_rng(9)
+    sim = torch.from_numpy(rng.standard_normal(shape))
+    values, rows = solvers.column_topk(sim, 3)  # (m, 3)
+    ref = sim.topk(3, dim=0)
+    assert torch.equal(values, ref.values.T) and torch.equal(rows, ref.indices.T)
+    k = min(shape)
+    planted = rng.permutation(max(shape))[:k]  # each unit of the narrower side has a clear, distinct best
+    if shape[0] <= shape[1]:
+        sim[np.arange(k), planted] += 10
+    else:
+        sim[planted, np.arange(k)] += 10
+    a, b = solvers.distinct_best(sim)
+    expected = dict(zip(range(k), planted.tolist()))
+    assert (dict(zip(a.tolist(), b.tolist())) if shape[0] <= shape[1] else dict(zip(b.tolist(), a.tolist()))) == \
+        expected
+
+
 def test_degenerate_units_are_left_out_and_counted():
     rng = np.random.default_rng(3)
     rows_a, rows_b = torch.randn(30, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)

@@ -23,15 +23,16 @@ def distinct_best(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The pairs (rows, cols) that give every unit of the narrower side its best partner, when each best is
     strictly better than the unit's other partners and all of them are distinct; else None. Such a matching
     is the optimal assignment and the greedy one, and no tie decides it (the usual case for related layers)."""
-    dim = 1 if s.shape[0] <= s.shape[1] else 0
-    top, idx = s.topk(min(2, s.shape[dim]), dim=dim)  # best and second best of each unit: one pass over s
-    best = idx.select(dim, 0)  # (k,)
+    rows_narrower = s.shape[0] <= s.shape[1]
+    k = min(2, max(s.shape))
+    top, idx = s.topk(k, dim=1) if rows_narrower else column_topk(s, k)  # (units, k): best and second best
+    best = idx[:, 0]  # (units,)
     if torch.unique(best).numel() != best.numel():
         return None
-    if top.shape[dim] == 2 and not bool((top.select(dim, 0) > top.select(dim, 1)).all()):
+    if k == 2 and not bool((top[:, 0] > top[:, 1]).all()):
         return None  # a tie for some unit's best partner
     own = torch.arange(best.numel(), device=s.device)
-    return (own.cpu(), best.cpu()) if dim == 1 else (best.cpu(), own.cpu())
+    return (own.cpu(), best.cpu()) if rows_narrower else (best.cpu(), own.cpu())
 
 
 def lap(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,11 +49,24 @@ def _first_free(cand: torch.Tensor, free: torch.Tensor) -> tuple[torch.Tensor, t
     return cand.gather(1, avail.to(torch.uint8).argmax(dim=1, keepdim=True))[:, 0], avail.any(dim=1)
 
 
-def _refill(s: torch.Tensor, cand: torch.Tensor, units: torch.Tensor, free_other: torch.Tensor) -> None:
-    """cand[units] = the top candidates of those units (rows of s) among the free units of the other side."""
-    rows = s.index_select(0, units)  # (e, other)
+def _refill(s: torch.Tensor, cand: torch.Tensor, units: torch.Tensor, free_other: torch.Tensor, dim: int) -> None:
+    """cand[units] = the top candidates of those units (rows of s for dim 0, columns for dim 1) among the free
+    units of the other side."""
+    rows = s.index_select(dim, units)  # (e, other), or (other, e) for columns
+    rows = rows if dim == 0 else rows.T.contiguous()  # gathering columns first: a gather of rows of s.T is slow
     masked = torch.where(free_other[None, :], rows, torch.full_like(rows, -torch.inf))
     cand[units] = masked.topk(cand.shape[1], dim=1).indices
+
+
+COLUMN_BLOCK = 1024  # columns per step of column_topk
+
+
+def column_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best rows of every column of s (n, m): values and row indices, (m, k) each, best first. Through
+    transposed copies of blocks of columns: topk along the first axis of a row-major matrix is several times
+    slower."""
+    tops = [s[:, c:c + COLUMN_BLOCK].T.contiguous().topk(k, dim=1) for c in range(0, s.shape[1], COLUMN_BLOCK)]
+    return torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
 
 
 def greedy(s: torch.Tensor, k: int = GREEDY_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,19 +77,18 @@ def greedy(s: torch.Tensor, k: int = GREEDY_CANDIDATES) -> tuple[torch.Tensor, t
     n, m = s.shape
     dev = s.device
     row_cand = s.topk(min(k, m), dim=1).indices  # (n, k) columns, best first
-    col_cand = s.topk(min(k, n), dim=0).indices.T.contiguous()  # (m, k) rows
-    st = s.T  # (m, n) view: a column's similarities as a row
+    col_cand = column_topk(s, min(k, n))[1]  # (m, k) rows, best first
     free_r, free_c = torch.ones(n, dtype=torch.bool, device=dev), torch.ones(m, dtype=torch.bool, device=dev)
     out_r, out_c = [], []
     rows, cols = torch.arange(n, device=dev), torch.arange(m, device=dev)
     while rows.numel() and cols.numel():
         rb, ok = _first_free(row_cand[rows], free_c)
         if not ok.all():
-            _refill(s, row_cand, rows[~ok], free_c)
+            _refill(s, row_cand, rows[~ok], free_c, dim=0)
             rb, _ = _first_free(row_cand[rows], free_c)
         cb, ok = _first_free(col_cand[cols], free_r)
         if not ok.all():
-            _refill(st, col_cand, cols[~ok], free_r)
+            _refill(s, col_cand, cols[~ok], free_r, dim=1)
             cb, _ = _first_free(col_cand[cols], free_r)
         best_row = torch.full((m,), -1, dtype=torch.long, device=dev)
         best_row[cols] = cb
