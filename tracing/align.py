@@ -26,14 +26,14 @@ import torch
 from tqdm.auto import tqdm
 
 from tracing.arch import RESID, ArchSpec, mlp
+from tracing.cosines import bf16_products
 from tracing.errors import TracingError
 from tracing.matching import (
     DEFAULT_METHOD,
     Seed,
-    bf16_products,
-    cosine_matrix,
     map_in_threads,
     permutation,
+    similarity,
     usable,
     usable_from_range,
 )
@@ -43,7 +43,7 @@ from tracing.sources.base import Source, as_source
 
 def _match_rows(a: torch.Tensor, b: torch.Tensor, method: str, seed: Seed) -> torch.Tensor:
     """Permutation p with b[p] matched to a, rows of a (n, d) and b (n, d)."""
-    return permutation(cosine_matrix(a, b), usable(a), usable(b), method, seed)
+    return permutation(similarity(a, b), usable(a), usable(b), method, seed)
 
 
 def _neuron_rows(spec: ArchSpec, src: Source, key: str, name: str,

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import os
 from collections.abc import Iterable, Iterator
 
 import torch
 
 from tracing import matching
+from tracing.cosines import cpu_has_bf16
 from tracing.errors import TracingError
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -74,18 +74,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device,
         raise TracingError(f"unknown --dtype '{dtype}': use float32, bfloat16 or float16 "
                            f"(or fp32, bf16, fp16)")
     return _DTYPES[key]
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (x86 AMX-BF16 or AVX512-BF16, from /proc/cpuinfo); elsewhere
-    False, and bf16 checkpoints run in float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -9,7 +9,7 @@ Both models run batch by batch in lockstep over the same token blocks; hooks on 
 (gate_proj / up_proj outputs, pre-activation; c_fc / dense_h_to_4h for GPT-2/NeoX) accumulate per layer the
 Gram matrix G = X_Aᵀ X_B (width_A, width_B), the squared column norms of X_A and X_B, and each unit's smallest
 and largest value (degenerate units: tracing.matching.usable_from_range); products of bf16 activations (a
-model run in bf16) on a CPU run on its bf16 units with float32 accumulation (tracing.matching.bf16_products).
+model run in bf16) on a CPU run on its bf16 units with float32 accumulation (tracing.cosines.bf16_products).
 Memory is O(layers · width²), independent of the number of tokens; when the accumulators would exceed the
 budget (`--memory_budget`; default: half the free memory of the models' device, RAM on a CPU) the layers are
 processed in chunks, one more pass per chunk.
@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from tracing.activations import Hooks, check_blocks, check_layers, module_width, projection_modules
 from tracing.arch import ArchSpec
+from tracing.cosines import bf16_products
 from tracing.devices import model_device
 from tracing.errors import TracingError
-from tracing.matching import bf16_products, free_memory, usable_from_range
+from tracing.matching import free_memory, usable_from_range
 
 BUDGET_FRACTION = 0.5  # of the free device memory (RAM on a CPU) that accumulators may take by default
 
