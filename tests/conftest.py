@@ -14,6 +14,17 @@ from tracing import zoo
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache(tmp_path_factory):
+    """Checkpoint hashes are cached in a folder of this session, not the user's ~/.cache (subprocesses too)."""
+    from tracing.digests import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("digest-cache"))
+    yield
+    os.environ.pop(CACHE_ENV) if old is None else os.environ.update({CACHE_ENV: old})
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return zoo.build_tokenizer(zoo.synthetic_text(3000, seed=0), vocab_size=512)

@@ -1,6 +1,8 @@
-"""Runs you can trust: each damaged input is one line naming the fix (exit 2) and a failed record; a result,
-once ok, is never replaced by a failed rerun; nothing is computed that cannot be saved; --threads applies."""
+"""Runs you can trust: each damaged input is one line naming the fix (exit 2); bad input found before any model
+is loaded writes no record, a failure once weights are read leaves a failed record; a result, once ok, is never
+replaced by a failed rerun; nothing is computed that cannot be saved; --threads applies."""
 
+import math
 import shutil
 import subprocess
 import sys
@@ -8,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-import tracing.pipeline
+import tracing.pair
 from tracing import matching, zoo
 from tracing.aggregate import load_results
 from tracing.cli import main
@@ -62,15 +65,13 @@ def assert_one_line(err: str, *needles: str) -> None:
     ("safetensors", ["a weight file is truncated or corrupt", "download or save the checkpoint again"]),
     ("adapter_config.json", ["adapter_config.json is not valid JSON", "repair it"]),
 ])
-def test_a_damaged_checkpoint_is_one_line_exit_2_and_a_failed_record(what, needles, good, tmp_path, capsys):
+def test_a_damaged_checkpoint_is_one_line_exit_2_and_no_record(what, needles, good, tmp_path, capsys):
     bad = damaged(good, tmp_path, what)
-    cfg = RunConfig(base_model_id=str(good), ft_model_id=str(bad), stat="l2", save=str(tmp_path / "out"))
     code, err = run_main(capsys, "--base_model_id", str(good), "--ft_model_id", str(bad), "--stat", "l2",
-                         "--save", cfg.save)
+                         "--save", str(tmp_path / "out"))
     assert code == 2
     assert_one_line(err, *needles)
-    rec = load_record(cfg.result_path())
-    assert (rec["status"], rec["error_kind"]) == ("failed", "input") and needles[0] in rec["error"]
+    assert list((tmp_path / "out").iterdir()) == []  # found in its config or headers: nothing written
 
 
 def test_a_corrupt_parquet_dataset_is_one_line(good, tmp_path, capsys):
@@ -80,14 +81,14 @@ def test_a_corrupt_parquet_dataset_is_one_line(good, tmp_path, capsys):
                          "--save", str(tmp_path / "out"))
     assert code == 2
     assert_one_line(err, "cannot read", "as parquet", "pass a valid .parquet file with a 'text' column")
-    assert load_record(next((tmp_path / "out").glob("*.pkl")))["status"] == "failed"
+    assert list((tmp_path / "out").iterdir()) == []  # the data is made before any model is loaded
 
 
 def test_an_unwritable_save_is_refused_before_any_model_is_loaded(good, tmp_path, capsys, monkeypatch):
     def never(*a, **k):
         raise AssertionError("a model was loaded although its result could not be saved")
 
-    monkeypatch.setattr(tracing.pipeline, "load_model", never)
+    monkeypatch.setattr(tracing.pair, "load_model", never)
     (tmp_path / "a-file").write_text("")
     code, err = run_main(capsys, "--base_model_id", str(good), "--ft_model_id", str(good), "--stat", "l2",
                          "--save", str(tmp_path / "a-file" / "results"))
@@ -96,26 +97,83 @@ def test_an_unwritable_save_is_refused_before_any_model_is_loaded(good, tmp_path
 
 
 def test_a_failed_rerun_never_replaces_an_ok_record(good, tmp_path, capsys):
-    """The user's story: a good `csu --align` record, then a rerun with a typo, then one that breaks while
-    loading. The first gets its own file (its flags differ); the second lands beside the ok record."""
+    """The user's story: a good `csu --align` record, then a rerun with a typo (refused before anything is
+    loaded: nothing written), then one whose weights have turned NaN (the statistic computes no number): that
+    failed record lands beside the ok record."""
     ft = shutil.copytree(good, tmp_path / "ft")
-    argv = ["--base_model_id", str(good), "--ft_model_id", str(ft), "--stat", "csu", "--align",
-            "--save", str(tmp_path / "out")]
+    out = tmp_path / "out"
+    argv = ["--base_model_id", str(good), "--ft_model_id", str(ft), "--stat", "csu", "--align", "--save", str(out)]
     path = RunConfig(base_model_id=str(good), ft_model_id=str(ft), stat="csu", align=True,
-                     save=str(tmp_path / "out")).result_path()
+                     save=str(out)).result_path()
     assert run_main(capsys, *argv)[0] == 0
     ok = path.read_bytes()
     assert run_main(capsys, *argv, "--dtype", "bf61")[0] == 2
-    (ft / "config.json").write_text("{")  # the same configuration now fails while loading
-    assert main([*argv, "--no_progress"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
+    weights = load_file(ft / "model.safetensors")
+    save_file({k: v.fill_(math.nan) if "up_proj" in k else v for k, v in weights.items()}, ft / "model.safetensors",
+              metadata={"format": "pt"})
+    assert main([*argv, "--no_progress"]) == 2  # the same configuration now fails in the statistic
     assert f"saved {failed_path(path)}" in capsys.readouterr().out
     assert path.read_bytes() == ok and load_record(path)["status"] == "ok"
     assert load_record(failed_path(path))["status"] == "failed"
-    df, problems, _ = load_results(tmp_path / "out")  # two results: the ok one (its failed rerun set aside), bf61
-    assert dict(zip(df["key"], df["status"])) == {path.stem.rsplit("__", 1)[1]: "ok",
-                                                 RunConfig.from_dict(load_record(path)["args"] | {"dtype": "bf61"},
-                                                                     ).result_key(): "failed"}
+    df, problems, _ = load_results(out)  # one result: the ok one (its failed rerun set aside)
+    assert dict(zip(df["key"], df["status"])) == {path.stem.rsplit("__", 1)[1]: "ok"}
     assert "1 record(s) of results already counted" in problems[-1]
+
+
+@pytest.fixture(scope="module")
+def others(good, tmp_path_factory) -> dict[str, Path]:
+    """A bert (unsupported), a wider llama (other MLP width), a gpt2 (LayerNorm: no rotation), and the good llama
+    saved as PyTorch .bin weights missing one tensor (only loading finds that out)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("others")
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64).save_pretrained(root / "bert")
+    zoo.tiny_model("llama", seed=1, hidden=16, layers=2, intermediate=48, vocab_size=128).save_pretrained(
+        root / "wider")
+    zoo.tiny_model("gpt2", seed=0, vocab_size=128).save_pretrained(root / "gpt2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(good)
+    model.config.save_pretrained(root / "bin")
+    state = model.state_dict()
+    del state["model.layers.1.mlp.up_proj.weight"]
+    torch.save(state, root / "bin" / "pytorch_model.bin")
+    return {name: root / name for name in ("bert", "wider", "gpt2", "bin")}
+
+
+@pytest.mark.parametrize("ft, extra, needles", [
+    ("nowhere", [], ["nowhere is neither a local directory"]),
+    ("bert", [], ["unsupported architecture 'bert'"]),
+    ("wider", ["--stat", "csu"], ["shapes differ", "statistics that run on this pair: auto, emb, csu_all"]),
+    ("good", ["--stat", "match", "--block_size", "4096"], ["--block_size 4096 is longer than"]),
+    ("gpt2", ["--rotate", "--stat", "match_all"], ["--rotate is not function-preserving for gpt2"]),
+    ("good", ["--dtype", "bf61"], ["bf61"]),
+])
+def test_bad_input_before_loading_is_one_line_and_writes_no_record(ft, extra, needles, good, others, tmp_path,
+                                                                   capsys, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("a model was loaded for a run whose input was bad")
+
+    monkeypatch.setattr(tracing.pair, "load_model", never)
+    path = {"good": good, "nowhere": tmp_path / "nowhere"}.get(ft) or others[ft]
+    code, err = run_main(capsys, "--base_model_id", str(good), "--ft_model_id", str(path), "--save",
+                         str(tmp_path / "out"), "--dataset", str(good.parent / "text.txt"), *extra)
+    assert code == 2
+    assert_one_line(err, *needles)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_failure_while_loading_keeps_a_failed_record(good, others, tmp_path, capsys):
+    """.bin weights have no headers to check: the missing tensor shows when the model loads, and that run is
+    recorded (failed, bad input)."""
+    cfg = RunConfig(base_model_id=str(good), ft_model_id=str(others["bin"]), stat="l2", save=str(tmp_path / "out"))
+    code, err = run_main(capsys, "--base_model_id", cfg.base_model_id, "--ft_model_id", cfg.ft_model_id,
+                         "--stat", "l2", "--save", cfg.save)
+    assert code == 2
+    assert_one_line(err, "1 weights missing from the checkpoint", "model.layers.1.mlp.up_proj.weight")
+    rec = load_record(cfg.result_path())
+    assert (rec["status"], rec["error_kind"]) == ("failed", "input") and "up_proj" in rec["error"]
+    assert rec["checkpoints"]["ft"]["kind"] == "dir" and rec["checkpoints"]["base"]["content_hash"]
 
 
 def test_records_name_the_flags_that_change_the_numbers():

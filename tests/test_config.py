@@ -111,7 +111,7 @@ def test_memory_budget_takes_sizes_with_units():
 
 
 def test_command_line_repeats_the_run():
-    cfg = RunConfig(base_model_id="org/a b", ft_model_id="c", align=True, alphas=(0, 1), seed=3)
+    cfg = RunConfig(base_model_id="org/a b", ft_model_id="c", stat="csu", align=True, alphas=(0, 1), seed=3)
     line = cfg.command_line()
     assert line == ("python main.py --base_model_id 'org/a b' --ft_model_id c --stat csu --align "
                     "--alphas 0.0,1.0 --seed 3")

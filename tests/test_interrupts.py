@@ -19,9 +19,9 @@ CHILD = """
 import os, signal, sys
 import tracing.pipeline as pipeline
 real = pipeline.execute
-def execute(cfg, record, token=None):
+def execute(*args, **kwargs):
     os.kill(os.getpid(), signal.{sig})
-    return real(cfg, record, token)
+    return real(*args, **kwargs)
 pipeline.execute = execute
 from tracing.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -54,3 +54,19 @@ def test_exit_on_error_turns_signals_into_exit_codes():
     assert exit_on_error(interrupted) == EXIT_SIGINT
     assert exit_on_error(terminated) == EXIT_SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored afterwards
+
+
+def test_an_interrupted_launch_says_how_to_see_and_resume_its_jobs(tmp_path, monkeypatch, capsys):
+    import tracing.launcher as launcher
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher.cluster, "launch", interrupted)
+    argv = ["--config", "config/demo.yaml", "--save", str(tmp_path / "out"), "--wait"]
+    assert launcher.main(argv) == EXIT_SIGINT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted; submitted jobs keep running (see them: python launch.py --config "
+                          "config/demo.yaml --save")
+    assert err.endswith(f"resume: python launch.py --config config/demo.yaml --save {tmp_path / 'out'} --wait "
+                        "(pairs with an ok record are skipped)")

@@ -12,11 +12,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 # Lower layers never import higher ones (a layer may import itself: the cycle test keeps that acyclic).
 LAYERS = [
     ["errors", "naming", "choices", "solvers", "cosines", "matching", "plots", "zoo", "docs"],  # no model code
-    ["config", "model_lists", "results", "result_folder", "devices", "arch", "checkpoints", "lineage", "hub",
-     "describe"],
-    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align"],  # tensors, models
+    ["config", "model_lists", "results", "result_folder", "devices", "arch", "access", "digests", "checkpoints",
+     "lineage", "hub", "describe"],
+    # tensors, models, and the opened pair built from them
+    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "pair",
+     "derivations"],  # ... and derivation recipes
     ["statistics", "report"],  # what is computed on a pair
-    ["pipeline", "auto", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
+    ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
     ["demo", "cluster"],  # many pairs
     ["cli", "launcher", "examples"],  # main.py's and launch.py's flags; README examples from code
 ]

@@ -169,7 +169,7 @@ def test_bad_input(trained, blocks, tokenizer):
     wide = zoo.tiny_model("llama", seed=0, vocab_size=len(tokenizer), layers=2, hidden=64, intermediate=96, heads=4,
                           kv_heads=2)
     with pytest.raises(TracingError, match=r"hidden sizes differ \(32 vs 64\); statistics that run on this pair: "
-                                           r"match_all, jsd$"):
+                                           r"auto, match_all, jsd$"):
         run("match_all_drift_free", trained["base"], wide, blocks)
     gpt2 = zoo.tiny_model("gpt2", seed=0, vocab_size=len(tokenizer), layers=2, hidden=32, intermediate=96, heads=4)
     with pytest.raises(TracingError, match="needs gated MLPs .* statistics that run on this pair: .*csh"):

@@ -63,7 +63,8 @@ def test_derived_pair_is_related_and_record_is_plain(models, tmp_path, monkeypat
     assert rec["aligned_log10_pvalue"] is None
     text = json.dumps(rec)  # plain data only: JSON-serialisable as is
     assert "secret" not in text
-    argv = ["--base_model_id", models["base"], "--ft_model_id", models["derived"], "--save", str(tmp_path)]
+    argv = ["--base_model_id", models["base"], "--ft_model_id", models["derived"], "--save", str(tmp_path),
+            "--stat", "csu"]
     twin = json.loads(record_path(argv).with_suffix(".json").read_text())
     assert twin["log10_pvalue"] == rec["log10_pvalue"]
     assert set(rec["git"]) >= {"commit", "dirty"}
@@ -137,7 +138,7 @@ def test_missing_path(models, tmp_path, capsys):
     code, rec = run(models | {"nope": str(tmp_path / "no_such_model")}, tmp_path, "base", "nope")
     assert code == 2
     _one_line_error(capsys, "no_such_model")
-    assert rec["status"] == "failed" and "no_such_model" in rec["error"]
+    assert rec is None and list(tmp_path.iterdir()) == []  # bad input before loading: nothing written
 
 
 def test_unsupported_architecture_lists_supported(models, tmp_path, capsys):
@@ -206,13 +207,13 @@ def test_entry_point_exit_code_and_single_line(tmp_path):
 def test_weight_statistics_stream_from_the_files_and_never_load_a_model(models, tmp_path, monkeypatch):
     """csu, --permute and --align (and --rotate) read tensors from the checkpoint files one at a time; a model
     is loaded only for what runs it (data statistics, --eval, --report). The record says which, and how long."""
-    import tracing.pipeline
+    import tracing.pair
 
     def no_loading(*args, **kw):
         raise AssertionError("a weight-only run loaded a model")
 
     with monkeypatch.context() as m:
-        m.setattr(tracing.pipeline, "load_model", no_loading)
+        m.setattr(tracing.pair, "load_model", no_loading)
         code, rec = run(models, tmp_path, "base", "derived", "--stat", "csu", "--permute", "--align")
         assert run(models, tmp_path, "base", "derived", "--stat", "l2", "--rotate", "--num_perm", "3")[0] == 0
     assert code == 0 and rec["streamed"] and rec["compute_device"] == "cpu"

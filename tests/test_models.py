@@ -14,7 +14,7 @@ import transformers
 from gguf_files import write_gguf
 
 from tracing import zoo
-from tracing.checkpoints import locate, split_revision
+from tracing.access import locate, split_revision
 from tracing.devices import resolve_device, resolve_dtype
 from tracing.errors import TracingError
 from tracing.models import load_model
@@ -74,15 +74,19 @@ def test_device_and_dtype_defaults(monkeypatch):
 def test_cpu_default_dtype_follows_the_checkpoints(monkeypatch, llama_dir, tmp_path):
     """On a CPU with bf16 units, a pair stored in bf16 runs in bf16 (no weight changes); anything else in fp32."""
     from tracing import devices
-    from tracing.models import stored_dtype
+    from tracing.checkpoints import resolve
+    from tracing.config import RunConfig
+    from tracing.pipeline import run_dtype
 
     bf16, fp32 = torch.bfloat16, torch.float32
     zoo.tiny_model("llama", seed=0).to(bf16).save_pretrained(tmp_path / "bf16")
-    assert stored_dtype(str(llama_dir)) == fp32 and stored_dtype(str(tmp_path / "bf16")) == bf16
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
-    assert resolve_dtype(None, "cpu", (bf16, bf16)) == bf16
+    assert resolve_dtype(None, "cpu", (bf16, "bfloat16")) == bf16
     assert resolve_dtype(None, "cpu", (bf16, fp32)) == resolve_dtype(None, "cpu", (bf16, None)) == fp32
     assert resolve_dtype("float32", "cpu", (bf16, bf16)) == fp32  # --dtype decides
+    ckpt_bf16, ckpt_fp32 = resolve(str(tmp_path / "bf16")), resolve(str(llama_dir))
+    cfg = RunConfig(base_model_id="a", ft_model_id="b", device="cpu")
+    assert run_dtype(cfg, ckpt_bf16, ckpt_bf16) == bf16 and run_dtype(cfg, ckpt_bf16, ckpt_fp32) == fp32
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)  # no bf16 units: bf16 would be emulated
     assert resolve_dtype(None, "cpu", (bf16, bf16)) == fp32
 

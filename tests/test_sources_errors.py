@@ -1,9 +1,10 @@
-"""Broken checkpoints are one-line errors naming the file and the fix (exit 2, a failed record, nothing else
-written); checkpoints the sources cannot stream are loaded whole; the hub source downloads only what it reads."""
+"""Broken checkpoints are one-line errors naming the file and the fix (exit 2, found in the headers before any
+model is loaded: nothing written); checkpoints the sources cannot stream are loaded whole; the hub source
+downloads only what it reads."""
 
 import json
-import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,20 +36,16 @@ def _copy(src: str, dst) -> str:
     return str(dst)
 
 
-def _fails(capsys, base: str, ft: str, save, *needles: str, extra=()) -> dict:
-    """Run main.py on the pair; it must exit 2 with one error line holding `needles`, and leave only its
-    failed record (pickle + JSON twin) in `save`."""
+def _fails(capsys, base: str, ft: str, save, *needles: str, extra=()) -> None:
+    """Run main.py on the pair; it must exit 2 with one error line holding `needles`, and write nothing in
+    `save` (found before any model was loaded)."""
     argv = ["--base_model_id", base, "--ft_model_id", ft, "--save", str(save), "--no_progress", *extra]
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err and err[-1].startswith("error: "), err
     for needle in needles:
         assert needle in err[-1], err[-1]
-    path = record_path(argv)
-    assert sorted(p.name for p in save.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
-    record = pickle.loads(path.read_bytes())
-    assert record["status"] == "failed" and record["error_kind"] == "input" and record["error"] in err[-1]
-    return record
+    assert list(save.iterdir()) == [] and not record_path(argv).exists()
 
 
 # ---------------------------------------------------------------------- bad input
@@ -166,12 +163,30 @@ def test_hub_patterns_choose_config_tokenizer_index_and_its_shards_only():
         hub_patterns(REPO)
 
 
+def _hub_cache(cache, repo_id: str, revision: str, files: dict) -> str:
+    """A Hugging Face cache holding `files` (name -> source path) of `repo_id` at `revision`, as the hub client
+    leaves it after downloading them; returns the commit."""
+    commit = "c0ffee" * 6 + "c0ff"  # 40 hex digits
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / revision).write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for name, src in files.items():
+        shutil.copy(src, repo / "snapshots" / commit / name)
+    return commit
+
+
 def test_a_hub_id_downloads_the_chosen_files_and_streams_them(dirs, tmp_path, monkeypatch):
-    """huggingface_hub is replaced by a local 'repository' (the sharded dir); what was asked for is checked."""
+    """huggingface_hub is replaced by a local 'repository' (the sharded dir) and a cache holding its config (what
+    resolving the name reads); what was asked for is checked."""
     import huggingface_hub
+
+    from tracing.checkpoints import resolve
 
     repo = _copy(dirs["sharded"], tmp_path / "repo")
     torch.save({}, tmp_path / "repo" / "pytorch_model.bin")  # present in the repo, never downloaded
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    commit = _hub_cache(tmp_path / "cache", "org/tiny-llama", "v1", {"config.json": f"{repo}/config.json"})
     asked = {}
 
     def snapshot_download(repo_id, revision=None, token=None, allow_patterns=None, local_files_only=False):
@@ -187,13 +202,29 @@ def test_a_hub_id_downloads_the_chosen_files_and_streams_them(dirs, tmp_path, mo
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, name, revision=None, token=None:
                         str(tmp_path / "repo" / name))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    src = open_source("org/tiny-llama@v1", progress=False)
+    ckpt = resolve("org/tiny-llama@v1", progress=False)
+    assert (ckpt.kind, ckpt.path, ckpt.revision, ckpt.commit) == ("hub", "org/tiny-llama", "v1", commit)
+    src = open_source(ckpt, progress=False)
     assert isinstance(src, SafetensorsSource) and asked["repo_id"] == "org/tiny-llama" and asked["revision"] == "v1"
     shards = sorted(p.name for p in (tmp_path / "repo").glob("model-*.safetensors"))
     assert sorted(asked["allow_patterns"]) == sorted(["config.json", "generation_config.json",
                                                        "model.safetensors.index.json", *shards])
     local = open_source(repo, progress=False)
     assert all(torch.equal(src.get(k), local.get(k)) for k in local.keys())
+
+
+def test_a_hub_snapshot_hashes_as_its_local_copy_does(dirs, tmp_path, monkeypatch):
+    """The content hash is over file contents: the hub's cached snapshot and a copy of it on disk hash equal."""
+    import huggingface_hub
+
+    from tracing.checkpoints import resolve
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    files = {p.name: p for p in Path(dirs["sharded"]).iterdir()}
+    _hub_cache(tmp_path / "cache", "org/tiny-llama", "main", files)
+    hub, local = resolve("org/tiny-llama", progress=False), resolve(dirs["sharded"], progress=False)
+    assert hub.identity()["content_hash"] == local.identity()["content_hash"] is not None
+    assert hub.identity()["commit"] is not None and local.identity()["commit"] is None
 
 
 def test_an_unreachable_hub_id_is_the_loaders_error():

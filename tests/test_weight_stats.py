@@ -117,7 +117,7 @@ def test_shape_mismatch_names_the_statistics_that_handle_it(tokenizer, pairs, sh
     other = zoo.tiny_model("llama", seed=0, vocab_size=len(tokenizer), **shape)
     with pytest.raises(TracingError, match="csu cannot run on this pair: their shapes differ") as err:
         run("csu", base, other)
-    assert "statistics that run on this pair: emb, csu_all, " in str(err.value)
+    assert "statistics that run on this pair: auto, emb, csu_all, " in str(err.value)
 
 
 def test_csu_all_localizes_layers_of_a_deeper_derived_model(tokenizer, pairs):

@@ -1,199 +1,309 @@
-"""Where a checkpoint lives and how to reach it safely: names classified without loading anything, hub
-failures turned into one-line errors that name the fix, and the token scrubbed from every log line and error.
+"""One checkpoint, resolved once: where a model lives and what it is.
 
-    loc = locate("org/model@v1.0")     # Location("hub", "org/model", "v1.0")
-    loc = locate("/ckpt/lora")         # Location("adapter", "/ckpt/lora")
-    with guard(token, progress=False):  # loading code: no token in logs or exceptions, quiet progress bars
-        ...
+    ckpt = resolve("org/model@v1.0")       # located, its config read, its architecture checked: once per run
+    ckpt.kind, ckpt.path, ckpt.revision    # "hub" | "dir" | "adapter" | "gguf"; local path or repo id; @revision
+    ckpt.config, ckpt.spec                 # transformers config (an adapter: its base's), ArchSpec
+    ckpt.adapter, ckpt.base                # a PEFT adapter's adapter_config.json and its base Checkpoint
+    ckpt.weight_files()                    # the files holding its weights (a hub checkpoint: once in the cache)
+    ckpt.content_hash                      # what its weights are (below), computed on first use
+    ckpt.identity()                        # what a result record stores: name, kind, revision, commit, hash
+    tok = load_tokenizer(ckpt)             # its tokenizer (an adapter: its own, else its base's), or None
+
+Loading (`models.load_model`), tensor sources (`sources.open_source`) and the opened pair (`pair.OpenedPair`)
+take a Checkpoint, so a name is located and its config read once per run; given a name, each resolves it here.
+An unsupported architecture, an unreachable or broken config, an adapter whose base cannot be found are one-line
+TracingErrors from `resolve`, before any weight is read.
+
+Content hash (sha256, hex; `tracing.digests`): over the kind of checkpoint, its config.json without the keys
+that name the saving library, and the sha256 of each weight file by name (the same digest as `sha256sum` and
+the hub's LFS id); a GGUF file: its sha256 (its config is inside it); an adapter: its adapter_config.json (the
+recorded base path left out), its weight files and its base's content hash. Equal hashes mean the same config
+and byte-identical weight files, so equal weights; the same weights saved twice the same way hash equal, and a
+hub snapshot hashes as a local copy of it does. Equal weights stored differently (re-sharded, another dtype or
+format, merged from an adapter) hash differently: a hash is an identity, not a similarity. The first hash of
+a checkpoint reads all of its weight files once (about 1 GB/s per core); later ones come from a cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
-import pickle
-import sys
-from collections.abc import Iterator
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import huggingface_hub.utils as hub_utils
+import huggingface_hub
 import transformers
-from huggingface_hub import errors as he
-from safetensors import SafetensorError
+from transformers.utils import cached_file
 
+from tracing.access import Location, corrupt_error, guard, hub_error, locate, not_found
+from tracing.arch import ArchSpec, get_spec
+from tracing.digests import combine, config_digest, file_digests, json_digest
 from tracing.errors import TracingError
-from tracing.hub import fix, offline_reason
+
+log = logging.getLogger(__name__)
+
+# what a tokenizer is made of: downloaded with a hub checkpoint, and how a local directory shows it has one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "spiece.model")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_SHARD = re.compile(r"(.*)-(\d+)-of-(\d+)\.safetensors$")
+REFETCH = "download or save the checkpoint again"
 
 
-# ---------------------------------------------------------------------- where the checkpoint lives
-@dataclass(frozen=True)
-class Location:
-    """A resolved model name: `path` is a local path or a hub repo id."""
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A resolved model name: where it is (`location`), its config and ArchSpec, and for a PEFT adapter its
+    adapter config and base. Holds no token and nothing loaded."""
 
-    kind: str  # "dir" | "adapter" | "gguf" | "hub"
-    path: str
-    revision: str | None = None
-    gguf_file: str | None = None  # file name inside `path` for GGUF
+    name: str  # as the user gave it
+    location: Location
+    config: Any  # transformers config (an adapter: its base's)
+    spec: ArchSpec
+    adapter: dict | None = None  # adapter_config.json, for an adapter
+    base: Checkpoint | None = None  # the checkpoint an adapter applies to
 
     @property
-    def local(self) -> bool:
-        return self.kind != "hub"
+    def kind(self) -> str:
+        return self.location.kind
+
+    @property
+    def path(self) -> str:
+        return self.location.path
+
+    @property
+    def revision(self) -> str | None:
+        return self.location.revision
+
+    @property
+    def gguf_file(self) -> str | None:
+        return self.location.gguf_file
+
+    @property
+    def from_hub(self) -> bool:
+        return self.kind == "hub" or (self.kind == "gguf" and not Path(self.path).is_dir())
+
+    @functools.cached_property
+    def commit(self) -> str | None:
+        """The hub commit its files come from (from the local cache; None for a local checkpoint)."""
+        if not self.from_hub:
+            return None
+        first = self.gguf_file or (ADAPTER_CONFIG if self.adapter else "config.json")
+        cached = huggingface_hub.try_to_load_from_cache(self.path, first, revision=self.revision)
+        return Path(cached).parent.name if isinstance(cached, str) and Path(cached).parent.parent.name == "snapshots" \
+            else None
+
+    def local_dir(self) -> Path:
+        """The folder holding its files: the local path, or the hub snapshot in the cache."""
+        if not self.from_hub:
+            return Path(self.path)
+        try:
+            return Path(huggingface_hub.snapshot_download(self.path, revision=self.revision, local_files_only=True))
+        except Exception:
+            raise TracingError(f"{self.name}: its files are not in the Hugging Face cache") from None
+
+    def weight_files(self) -> list[Path]:
+        """The files holding its own weights (not an adapter's base): safetensors (or .bin) files, the .gguf file,
+        the adapter's weight file. TracingError when they are incomplete."""
+        folder = self.local_dir()
+        if self.gguf_file:
+            return [folder / self.gguf_file]
+        if self.adapter is not None:
+            return [folder / f for f in ADAPTER_WEIGHTS if (folder / f).is_file()][:1]
+        if has_safetensors(folder):
+            return weight_files(folder)[0]
+        return sorted(folder.glob("*.bin"))
+
+    @functools.cached_property
+    def content_hash(self) -> str:
+        """sha256 (hex) of what this checkpoint is (module docstring); reads the weight files the first time."""
+        files = self.weight_files()
+        if not files:
+            raise TracingError(f"{self.name}: no weight files to hash")
+        digests = list(zip((f.name for f in files), file_digests(files)))
+        if self.gguf_file:
+            return combine("gguf", digests)
+        if self.adapter is not None:
+            kept = {k: v for k, v in self.adapter.items() if k not in ("base_model_name_or_path", "revision")}
+            return combine("adapter", [("adapter_config", json_digest(kept)), *digests,
+                                       ("base", self.base.content_hash)])
+        return combine("checkpoint", [("config", config_digest(self.local_dir() / "config.json")), *digests])
+
+    def identity(self) -> dict:
+        """What a record stores: name, kind, model type, revision, hub commit, content hash (None when its
+        files cannot be hashed), and an adapter's base."""
+        try:
+            digest = self.content_hash
+        except (TracingError, OSError) as e:
+            log.warning("cannot hash %s: %s", self.name, e)
+            digest = None
+        out = {"name": self.name, "kind": self.kind, "model_type": self.spec.model_type, "revision": self.revision,
+               "commit": self.commit, "content_hash": digest}
+        if self.base is not None:
+            out["base"] = self.base.identity()
+        return out
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, {self.kind}, {self.spec.model_type})"
 
 
-def split_revision(name: str) -> tuple[str, str | None]:
-    """'org/model@v1.0' -> ('org/model', 'v1.0'); existing local paths are never split."""
-    if os.path.exists(os.path.expanduser(name)) or "@" not in name:
-        return name, None
-    base, rev = name.rsplit("@", 1)
-    if not base or not rev or "/" in rev.replace("refs/pr/", ""):
-        raise TracingError(f"cannot parse '{name}' as ID@REVISION: write org/name@branch-tag-or-commit")
-    return base, rev
+# ---------------------------------------------------------------------- resolving a name
+def resolve(name: str, *, revision: str | None = None, token: str | None = None, trust_remote_code: bool = False,
+            adapter_base: str | None = None, progress: bool = True) -> Checkpoint:
+    """Locate `name` (hub id[@revision], local dir, PEFT adapter dir, .gguf file), read its config (an adapter:
+    its adapter config, then its base: the recorded one if reachable, else `adapter_base`) and check that its
+    architecture is supported. Nothing but configs is read."""
+    token = token or os.environ.get("HF_TOKEN") or None
+    with guard(token, progress):
+        return _resolve(str(name), locate(name, revision), token=token, trust_remote_code=trust_remote_code,
+                        adapter_base=adapter_base)
 
 
-def not_found(name: str) -> TracingError:
-    """`name` is no local checkpoint and cannot be had from the hub; the fix depends on why (hub.fix)."""
-    reason = offline_reason()
-    where = "a hub repository" if reason is None else "in the Hugging Face cache"
-    return TracingError(f"{name} is neither a local directory, a .gguf file nor {where}; {fix(reason)}")
+def _resolve(name: str, loc: Location, *, token, trust_remote_code: bool, adapter_base: str | None,
+             config: Any = None) -> Checkpoint:
+    adapter = read_adapter_config(loc, name, token) if loc.kind in ("adapter", "hub") else {}
+    if adapter:
+        base = _adapter_base(name, adapter, adapter_base, token=token, trust_remote_code=trust_remote_code)
+        return Checkpoint(name, loc, base.config, base.spec, adapter, base)
+    if config is None:
+        config = read_config(loc, name, token=token, trust_remote_code=trust_remote_code)
+    return Checkpoint(name, loc, config, get_spec(config))  # unsupported architecture: stops here
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+def _adapter_base(name: str, adapter: dict, adapter_base: str | None, *, token, trust_remote_code) -> Checkpoint:
+    """The base an adapter applies to: its recorded base if reachable, else `adapter_base` (--adapter_base)."""
+    recorded = adapter.get("base_model_name_or_path")
+    found = None
+    for candidate in (recorded, adapter_base):
+        if not candidate:
+            continue
+        try:
+            loc = locate(candidate)  # reachable means: located, and for a hub id its config read (no weights)
+            config = read_config(loc, candidate, token=token, trust_remote_code=trust_remote_code) \
+                if loc.kind == "hub" else None
+            found = candidate, loc, config
+            break
+        except TracingError as e:
+            if "gated" in str(e):
+                raise
+    if found is None:
+        raise TracingError(f"adapter {name} needs base {recorded or '(none recorded)'} which cannot be found: "
+                           f"pass --adapter_base PATH")
+    base_name, loc, config = found
+    if loc.kind == "adapter":
+        raise TracingError(f"adapter {name}: its base {base_name} is itself an adapter: pass the "
+                           f"full base model with --adapter_base PATH")
+    if recorded and base_name != recorded:
+        log.warning("adapter %s: recorded base %s is not reachable; using %s", name, recorded, base_name)
+    return _resolve(base_name, loc, token=token, trust_remote_code=trust_remote_code, adapter_base=None,
+                    config=config)
 
 
-def locate(name: str, revision: str | None = None) -> Location:
-    """Classify `name` (local dir, adapter dir, .gguf file, hub id) without loading anything."""
-    name = str(name).strip()
-    if not name:
-        raise TracingError("empty model name: pass a hub id, a local directory or a .gguf file")
-    base, rev = split_revision(name)
-    if rev and revision and rev != revision:
-        raise TracingError(f"'{name}' names revision {rev} but revision={revision} was also given: keep one")
-    rev = rev or revision
-    path = Path(base).expanduser()
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file():
-            return Location("adapter", str(path))
-        if (path / "config.json").is_file():
-            return Location("dir", str(path))
-        if (ggufs := sorted(path.glob("*.gguf"))):
-            if len(ggufs) > 1:
-                raise TracingError(f"{path} holds several .gguf files: pass the one to load, e.g. {ggufs[0]}")
-            return Location("gguf", str(path), gguf_file=ggufs[0].name)
-        raise TracingError(f"{path} has no config.json, adapter_config.json or .gguf file: "
-                           f"save the model with save_pretrained or pass the right directory")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return Location("gguf", str(path.parent), gguf_file=path.name)
-        raise TracingError(f"{path} is a file but not a .gguf file: pass its directory (with config.json)")
-    if base.endswith(".gguf") and base.count("/") >= 2 and not base.startswith(("/", ".", "~")):
-        org, repo, file = base.split("/", 2)  # org/repo/file.gguf: a GGUF file inside a hub repo
-        offline_reason()  # without a network the hub client goes offline now: cached files only, no retries
-        return Location("gguf", f"{org}/{repo}", rev, gguf_file=file)
-    if _looks_local(base) or base.endswith(".gguf"):
-        raise TracingError(f"{name} is neither a local directory nor a .gguf file (no such path): pass an "
-                           f"existing path, or a hub id as org/name")
-    offline_reason()
-    return Location("hub", base, rev)
-
-
-# ---------------------------------------------------------------------- secrets and errors
-class _Scrub(logging.Filter):
-    def __init__(self, secret: str):
-        super().__init__()
-        self.secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if self.secret in msg:
-            record.msg, record.args = msg.replace(self.secret, "***"), ()
-        if record.exc_info and not record.exc_text:  # a logged exception: format its traceback once, here
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text and self.secret in record.exc_text:
-            record.exc_text, record.exc_info = record.exc_text.replace(self.secret, "***"), None
-        return True
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-@contextlib.contextmanager
-def guard(token: str | None, progress: bool) -> Iterator[None]:
-    """Scrub the token from log records and exceptions; silence library progress bars if asked."""
-    handlers = [h for lg in (logging.getLogger(), logging.getLogger("transformers"),
-                             logging.getLogger("huggingface_hub")) for h in lg.handlers]
-    filt = _Scrub(token) if token else None
-    for h in handlers if filt else ():
-        h.addFilter(filt)
-    bars_on = transformers.utils.logging.is_progress_bar_enabled()
-    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
-    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-        hub_utils.disable_progress_bars()
-        if gguf_tqdm is None:  # its GGUF dequantization bar ignores the switch above
-            import transformers.modeling_gguf_pytorch_utils as gguf_utils
-            gguf_tqdm = gguf_utils.tqdm
-        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+def read_config(src: Location, name: str, *, token, trust_remote_code: bool):
+    """The transformers config of `src` (a GGUF file: from its metadata); failures as one-line TracingErrors."""
+    kw = dict(revision=src.revision, token=token, trust_remote_code=trust_remote_code)
+    if src.gguf_file:
+        kw["gguf_file"] = src.gguf_file
     try:
-        yield
-    except BaseException as e:
-        if token and any(token in str(x) for x in _chain(e)):
-            msg = str(e).replace(token, "***")
-            raise (TracingError(msg) if isinstance(e, TracingError) else RuntimeError(msg)) from None
+        return transformers.AutoConfig.from_pretrained(src.path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        err = hub_error(e, src, name, token) or corrupt_error(e, name, "config.json")
+        if err is not None:
+            raise err from None
+        if src.gguf_file:
+            raise TracingError(f"cannot read GGUF file {src.gguf_file}: {str(e).splitlines()[0]} "
+                               f"(transformers' GGUF support covers llama/mistral/qwen2/qwen3/gemma/gpt2 "
+                               f"files; pass the original checkpoint otherwise)") from None
         raise
-    finally:
-        for h in handlers if filt else ():
-            h.removeFilter(filt)
-        if not progress:
-            gguf_utils.tqdm = gguf_tqdm
-            if bars_on:
-                transformers.utils.logging.enable_progress_bar()
-                hub_utils.enable_progress_bars()
 
 
-def hub_error(exc: BaseException, src: Location, name: str, token: str | None) -> TracingError | None:
-    """Translate a hub/transformers loading failure into a one-line TracingError (None: not ours)."""
-    chain = list(_chain(exc))
-    if any(isinstance(x, he.GatedRepoError) for x in chain) or "gated repo" in str(exc).lower():
-        if token:
-            return TracingError(f"{src.path} is a gated repository and this token has no access: accept its "
-                                f"license on huggingface.co/{src.path} with the token's account")
-        return TracingError(f"{src.path} is a gated repository: accept its license on huggingface.co and set "
-                            f"HF_TOKEN (or pass --token)")
-    if any(isinstance(x, he.RevisionNotFoundError) for x in chain) or "valid git identifier" in str(exc):
-        return TracingError(f"revision '{src.revision}' does not exist for {src.path}: pass an existing "
-                            f"branch, tag or commit after '@'")
-    if any(isinstance(x, (he.RepositoryNotFoundError, he.LocalEntryNotFoundError, he.HFValidationError,
-                          he.OfflineModeIsEnabled, he.EntryNotFoundError)) for x in chain) \
-            or "couldn't connect" in str(exc) or "not a valid model identifier" in str(exc) \
-            or "does not appear to have" in str(exc):
-        return not_found(name)
-    if "trust_remote_code" in str(exc):
-        return TracingError(f"{name} ships its own model code: pass --trust_remote_code if you trust it")
-    return None
+def read_adapter_config(src: Location, name: str, token) -> dict:
+    """adapter_config.json of a local adapter dir or a hub repository ({} when a hub repository has none)."""
+    if src.kind == "adapter":
+        try:
+            return json.loads((Path(src.path) / ADAPTER_CONFIG).read_text())
+        except json.JSONDecodeError as e:
+            raise corrupt_error(e, name, ADAPTER_CONFIG) from None
+    try:
+        f = cached_file(src.path, ADAPTER_CONFIG, revision=src.revision, token=token,
+                        _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)  # offline: the config read decides
+    except OSError as e:
+        raise (hub_error(e, src, name, token) or not_found(name)) from None
+    try:
+        return json.loads(Path(f).read_text()) if f else {}
+    except json.JSONDecodeError as e:
+        raise corrupt_error(e, name, ADAPTER_CONFIG) from None
 
 
-def corrupt_error(exc: BaseException, name: str, file: str = "a JSON file") -> TracingError | None:
-    """A checkpoint file that exists but cannot be parsed (invalid JSON `file`, truncated or corrupt weights)
-    as a one-line TracingError naming the file and the fix (None: not that kind of failure)."""
-    chain = list(_chain(exc))
-    text = " ".join(str(x).splitlines()[0] for x in chain if str(x))
-    if any(isinstance(x, json.JSONDecodeError) for x in chain) or "not a valid JSON file" in text:
-        detail = next((str(x) for x in chain if isinstance(x, json.JSONDecodeError)), "invalid JSON")
-        return TracingError(f"{name}: {file} is not valid JSON ({detail}): repair it or save the checkpoint again")
-    if any(isinstance(x, (SafetensorError, pickle.UnpicklingError, EOFError)) for x in chain) \
-            or "PytorchStreamReader" in text or "header" in text and "safetensors" in text.lower():
-        first = text.split(" (", 1)[0][:160]
-        return TracingError(f"{name}: a weight file is truncated or corrupt ({first}): download or save the "
-                            f"checkpoint again")
+# ---------------------------------------------------------------------- its files
+def has_safetensors(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / INDEX).is_file() or (d / SINGLE).is_file() or any(d.glob("*.safetensors"))
+
+
+def weight_files(directory: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+    """(the safetensors files of a checkpoint directory, the index's key -> file map or None).
+
+    Raises TracingError for an index naming a file that is absent, or an incomplete set of shards.
+    """
+    d = Path(directory)
+    if (d / INDEX).is_file():
+        try:
+            weight_map = json.loads((d / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise TracingError(f"{d / INDEX} is not a safetensors index ({type(e).__name__}): {REFETCH}") from None
+        names = sorted(set(weight_map.values()))
+        absent = [n for n in names if not (d / n).is_file()]
+        if absent:
+            raise TracingError(f"{d / INDEX} names {absent[0]}, which is not in {d}"
+                               f"{f' ({len(absent)} files missing)' if len(absent) > 1 else ''}: "
+                               "download the missing shard(s), or the whole checkpoint again")
+        return [d / n for n in names], weight_map
+    if (d / SINGLE).is_file():
+        return [d / SINGLE], None
+    files = sorted(d.glob("*.safetensors"))
+    shards = [m for f in files if (m := _SHARD.match(f.name))]
+    if shards:  # shards without their index: at least check that none is missing
+        stem, total = shards[0].group(1), int(shards[0].group(3))
+        have = {int(m.group(2)) for m in shards if m.group(1) == stem}
+        missing = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1) if i not in have]
+        if missing:
+            raise TracingError(f"{d / missing[0]} is missing (shard {len(have)} of {total} present): "
+                               "download it, or the whole checkpoint again")
+    if not files:
+        raise TracingError(f"{d} has no .safetensors file: save the model with save_pretrained "
+                           f"(safe_serialization) or pass another checkpoint")
+    return files, None
+
+
+def load_tokenizer(ckpt: Checkpoint, *, token: str | None = None, trust_remote_code: bool = False,
+                   quiet: bool = False):
+    """The checkpoint's tokenizer (an adapter: its own, else its base's), or None with a warning (unless
+    `quiet`): weight statistics need none, and statistics that need text ask for one."""
+    kw = dict(revision=ckpt.revision, token=token, trust_remote_code=trust_remote_code)
+    if ckpt.gguf_file:
+        kw["gguf_file"] = ckpt.gguf_file
+    local = Path(ckpt.path)
+    why = None
+    if local.is_dir() and not ckpt.gguf_file and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        why = "no tokenizer files"
+    else:
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(ckpt.path, **kw)
+            if len(tok) > 0:  # transformers may build an empty tokenizer from nothing
+                return tok
+            why = "empty vocabulary"
+        except Exception as e:  # a missing tokenizer is not fatal: weight statistics do not need one
+            why = type(e).__name__
+    if ckpt.base is not None:
+        return load_tokenizer(ckpt.base, token=token, trust_remote_code=trust_remote_code, quiet=quiet)
+    if not quiet:
+        log.warning("no tokenizer found with %s (%s); statistics that need text will ask for one", ckpt.path, why)
     return None

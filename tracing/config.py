@@ -88,7 +88,7 @@ class RunConfig:
     trust_remote_code: bool = False
     allow_keys: tuple[str, ...] | None = None  # weights that may be missing from / unexpected in a checkpoint
     # statistic
-    stat: str = "csu"
+    stat: str = "auto"
     permute: bool = False  # randomly permute ft's hidden units first
     rotate: bool = False  # randomly rotate ft's residual stream first
     align: bool = False  # also compute the statistic after aligning ft to base
@@ -102,7 +102,7 @@ class RunConfig:
     matching: str = DEFAULT_METHOD  # neuron matching: fast | exact (tracing/matching.py)
     memory_budget: int | None = None  # bytes for activation accumulators; None: from free device memory / RAM
     # data
-    dataset: str = "wikitext"
+    dataset: str | None = None  # None: the statistic's default (WikiText-103; random token blocks for auto)
     block_size: int | None = None  # None: 512, shortened to the shorter context of the two models
     batch_size: int = 1
     max_blocks: int | None = None

@@ -101,7 +101,8 @@ def _units(ev: dict[str, Any]) -> str | None:
     by = ev.get("decided_by") or ""
     if "--align" in by:
         return "hidden units permuted"
-    if by in ("match", "match_all"):
+    a, b = ev.get("hidden") or (None, None)
+    if by in ("match", "match_all") and a == b:  # (a pruned hidden size needs activations anyway)
         return "residual stream re-based (rotated or permuted: weights do not line up, activations do)"
     return None
 

@@ -56,7 +56,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device,
-                  stored: Iterable[torch.dtype | None] = ()) -> torch.dtype:
+                  stored: Iterable[str | torch.dtype | None] = ()) -> torch.dtype:
     """None/'auto' -> bfloat16 on GPU (float16 on GPUs without bf16, before Ampere); on a CPU bfloat16 when
     every checkpoint is `stored` in bfloat16 and the CPU has bf16 units (no weight changes, and the statistics'
     verdicts and p-values hold: benchmarks/cpu_dtype.py), else float32. Otherwise one of
@@ -65,8 +65,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device,
         return dtype
     if dtype in (None, "", "auto"):
         if torch.device(device).type != "cuda":
-            stored = list(stored)
-            all_bf16 = bool(stored) and all(d == torch.bfloat16 for d in stored)
+            stored = [str(d).removeprefix("torch.") for d in stored]  # a config's dtype: a torch dtype or its name
+            all_bf16 = bool(stored) and all(d == "bfloat16" for d in stored)
             return torch.bfloat16 if all_bf16 and cpu_has_bf16() else torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     key = str(dtype).lower().removeprefix("torch.")

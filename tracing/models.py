@@ -5,29 +5,27 @@
     model, tok = load_model("/ckpt/lora", adapter_base="/ckpt/base")  # PEFT adapter, merged into its base
     model, tok = load_model("/ckpt/model.Q8_0.gguf")                  # GGUF file, dequantized
 
-The architecture is checked against tracing.arch from the config alone, so an unsupported model fails
-before any weights are downloaded. A Hugging Face token comes from `token` or `HF_TOKEN`; it is only
-ever handed to the hub client, and is scrubbed from every exception and log line raised while loading.
+`load_model` takes a `tracing.checkpoints.Checkpoint` too (a name resolved once: located, config read).
+The architecture is checked against tracing.arch from the config alone, so an unsupported model fails before
+any weights are downloaded. A Hugging Face token comes from `token` or `HF_TOKEN`; it is only ever handed to
+the hub client, and is scrubbed from every exception and log line raised while loading.
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
-import json
 import logging
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
-from transformers.utils import cached_file
 
-from tracing.arch import get_spec
-from tracing.checkpoints import Location, corrupt_error, guard, hub_error, locate, not_found
+from tracing.access import Location, corrupt_error, guard, hub_error
+from tracing.checkpoints import Checkpoint, load_tokenizer, resolve
 from tracing.devices import resolve_device, resolve_dtype
 from tracing.errors import TracingError
 
@@ -35,66 +33,6 @@ if TYPE_CHECKING:  # for annotations only: importing them loads transformers' mo
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-
-def read_config(src: Location, name: str, *, token, trust_remote_code: bool):
-    kw = dict(revision=src.revision, token=token, trust_remote_code=trust_remote_code)
-    if src.gguf_file:
-        kw["gguf_file"] = src.gguf_file
-    try:
-        return transformers.AutoConfig.from_pretrained(src.path, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        err = hub_error(e, src, name, token) or corrupt_error(e, name, "config.json")
-        if err is not None:
-            raise err from None
-        if src.gguf_file:
-            raise TracingError(f"cannot read GGUF file {src.gguf_file}: {str(e).splitlines()[0]} "
-                               f"(transformers' GGUF support covers llama/mistral/qwen2/qwen3/gemma/gpt2 "
-                               f"files; pass the original checkpoint otherwise)") from None
-        raise
-
-
-def read_adapter_config(src: Location, name: str, token) -> dict:
-    if src.kind == "adapter":
-        try:
-            return json.loads((Path(src.path) / "adapter_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise corrupt_error(e, name, "adapter_config.json") from None
-    try:
-        f = cached_file(src.path, "adapter_config.json", revision=src.revision, token=token,
-                        _raise_exceptions_for_missing_entries=False,
-                        _raise_exceptions_for_connection_errors=False)  # offline: the config read decides
-    except OSError as e:
-        raise (hub_error(e, src, name, token) or not_found(name)) from None
-    try:
-        return json.loads(Path(f).read_text()) if f else {}
-    except json.JSONDecodeError as e:
-        raise corrupt_error(e, name, "adapter_config.json") from None
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def load_tokenizer(where: str, *, revision=None, token=None, trust_remote_code=False, gguf_file=None,
-                    quiet: bool = False):
-    kw = dict(revision=revision, token=token, trust_remote_code=trust_remote_code)
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
-    local = Path(where)
-    why = None
-    if local.is_dir() and not gguf_file and not any((local / f).is_file() for f in _TOKENIZER_FILES):
-        why = "no tokenizer files"
-    else:
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
-            if len(tok) > 0:  # transformers may build an empty tokenizer from nothing
-                return tok
-            why = "empty vocabulary"
-        except Exception as e:  # a missing tokenizer is not fatal: weight statistics do not need one
-            why = type(e).__name__
-    if not quiet:
-        log.warning("no tokenizer found with %s (%s); statistics that need text will ask for one", where, why)
-    return None
 
 
 def check_loading_info(name: str, info: dict, allow_keys: Sequence[str] = (), notes: list | None = None,
@@ -165,28 +103,14 @@ def _from_pretrained(src: Location, config, *, dtype, device, device_map, token,
     return transformers.AutoModelForCausalLM.from_pretrained(src.path, **kw)
 
 
-def stored_dtype(name: str, *, token: str | None = None, trust_remote_code: bool = False) -> torch.dtype | None:
-    """The dtype a checkpoint's config says its weights are stored in (None: unknown, an adapter or GGUF file),
-    read without loading any weight; for resolve_dtype's CPU default."""
-    token = token or os.environ.get("HF_TOKEN") or None
-    with guard(token, progress=False):
-        src = locate(name, None)
-        if src.kind == "adapter" or src.gguf_file:
-            return None
-        config = read_config(src, name, token=token, trust_remote_code=trust_remote_code)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):  # "bfloat16" in an older config
-        stored = getattr(torch, stored, None)
-    return stored if isinstance(stored, torch.dtype) else None
-
-
 # ---------------------------------------------------------------------- the entry point
-def load_model(name: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "auto",
+def load_model(model: Checkpoint | str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "auto",
                device_map: str | dict | None = None, trust_remote_code: bool = False, token: str | None = None,
                adapter_base: str | None = None, revision: str | None = None, progress: bool = True,
-               allow_keys: Sequence[str] = (), notes: list | None = None,
+               allow_keys: Sequence[str] = (), notes: list | None = None, tokenizer: bool = True,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """(model in eval mode, tokenizer or None) for a hub id[@revision], local dir, PEFT adapter or .gguf.
+    """(model in eval mode, tokenizer or None) for a Checkpoint, or a name: hub id[@revision], local dir, PEFT
+    adapter or .gguf (resolved with `revision` and `adapter_base`). `tokenizer=False`: the model only.
 
     Raises TracingError (one line naming the fix) for a missing model, an unreachable adapter base,
     a gated repository without access, an architecture tracing.arch does not support, or a checkpoint
@@ -198,88 +122,53 @@ def load_model(name: str, *, dtype: str | torch.dtype | None = None, device: str
     torch_dtype = resolve_dtype(dtype, dev)
     if device_map not in (None, "auto") and not isinstance(device_map, dict):
         raise TracingError(f"unknown --device_map '{device_map}': use auto (or leave it out)")
+    common = dict(token=token, trust_remote_code=trust_remote_code)
     with guard(token, progress):
-        src = locate(name, revision)
-        common = dict(token=token, trust_remote_code=trust_remote_code)
-        adapter = read_adapter_config(src, name, token) if src.kind in ("adapter", "hub") else {}
-        if adapter:
-            return _load_adapter(name, src, adapter, adapter_base, dtype=torch_dtype, device=dev,
-                                 device_map=device_map, progress=progress, allow_keys=allow_keys, notes=notes,
-                                 **common)
-        config = read_config(src, name, **common)
-        get_spec(config)  # unsupported architecture: fail before any weights are fetched
-        try:
-            model, info = _from_pretrained(src, config, dtype=torch_dtype, device=dev, device_map=device_map,
-                                           **common)
-        except Exception as e:  # hub failures and damaged files become one line; anything else stays a bug
-            err = hub_error(e, src, name, token) if isinstance(e, (OSError, ValueError)) else None
-            raise (err or corrupt_error(e, name) or e) from None
-        check_loading_info(name, info, allow_keys, notes)
-        tok = load_tokenizer(src.path, revision=src.revision, gguf_file=src.gguf_file, **common)
-    log.info("loaded %s (%s, %s, %s)", name, config.model_type, torch_dtype, dev)
-    return model.eval(), tok
+        ckpt = model if isinstance(model, Checkpoint) else \
+            resolve(model, revision=revision, adapter_base=adapter_base, progress=progress, **common)
+        if ckpt.adapter is not None:
+            loaded = _load_adapter(ckpt, dtype=torch_dtype, device=dev, device_map=device_map, progress=progress,
+                                   allow_keys=allow_keys, notes=notes, **common)
+        else:
+            try:
+                loaded, info = _from_pretrained(ckpt.location, ckpt.config, dtype=torch_dtype, device=dev,
+                                                device_map=device_map, **common)
+            except Exception as e:  # hub failures and damaged files become one line; anything else stays a bug
+                err = hub_error(e, ckpt.location, ckpt.name, token) if isinstance(e, (OSError, ValueError)) else None
+                raise (err or corrupt_error(e, ckpt.name) or e) from None
+            check_loading_info(ckpt.name, info, allow_keys, notes)
+        tok = load_tokenizer(ckpt, **common) if tokenizer else None
+    log.info("loaded %s (%s, %s, %s)", ckpt.name, ckpt.config.model_type, torch_dtype, dev)
+    return loaded.eval(), tok
 
 
-def adapter_base_name(name: str, adapter: dict, adapter_base: str | None, *, token, trust_remote_code) -> str:
-    """The base an adapter applies to: its recorded base if reachable, else `adapter_base` (--adapter_base)."""
-    recorded = adapter.get("base_model_name_or_path")
-    base_src, base_name = None, None
-    for candidate in (recorded, adapter_base):
-        if not candidate:
-            continue
-        try:
-            s = locate(candidate)
-            if s.kind == "hub":  # reachable means: its config can be read (no weights fetched yet)
-                read_config(s, candidate, token=token, trust_remote_code=trust_remote_code)
-            base_src, base_name = s, candidate
-            break
-        except TracingError as e:
-            if "gated" in str(e):
-                raise
-            continue
-    if base_src is None:
-        raise TracingError(f"adapter {name} needs base {recorded or '(none recorded)'} which cannot be found: "
-                           f"pass --adapter_base PATH")
-    if base_src.kind == "adapter":
-        raise TracingError(f"adapter {name}: its base {base_name} is itself an adapter: pass the "
-                           f"full base model with --adapter_base PATH")
-    if recorded and base_name != recorded:
-        log.warning("adapter %s: recorded base %s is not reachable; using %s", name, recorded, base_name)
-    return base_name
-
-
-def _load_adapter(name: str, src: Location, adapter: dict, adapter_base: str | None, *, dtype, device,
-                  device_map, token, trust_remote_code, progress, allow_keys, notes):
-    """Load the adapter's base (recorded path, else `adapter_base`), apply the adapter, merge it."""
+def _load_adapter(ckpt: Checkpoint, *, dtype, device, device_map, token, trust_remote_code, progress, allow_keys,
+                  notes):
+    """Load the adapter's base (its resolved `ckpt.base`), apply the adapter, merge it."""
     import peft
 
-    base_name = adapter_base_name(name, adapter, adapter_base, token=token, trust_remote_code=trust_remote_code)
-    base, base_tok = load_model(base_name, dtype=dtype, device=device, device_map=device_map,
-                                trust_remote_code=trust_remote_code, token=token, progress=progress,
-                                allow_keys=allow_keys, notes=notes)
+    base, _ = load_model(ckpt.base, dtype=dtype, device=device, device_map=device_map,
+                         trust_remote_code=trust_remote_code, token=token, progress=progress,
+                         allow_keys=allow_keys, notes=notes, tokenizer=False)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            merged = peft.PeftModel.from_pretrained(base, src.path, revision=src.revision, token=token)
+            merged = peft.PeftModel.from_pretrained(base, ckpt.path, revision=ckpt.revision, token=token)
         for w in caught:  # peft only warns when adapter weights are missing (they stay at their init: no-ops)
             text = str(w.message)
             if "missing adapter keys while loading the checkpoint: " in text:
                 missing = ast.literal_eval(text.split("checkpoint: ", 1)[1].rstrip("."))
-                check_loading_info(f"adapter {name}", {"missing_keys": missing}, allow_keys, notes,
+                check_loading_info(f"adapter {ckpt.name}", {"missing_keys": missing}, allow_keys, notes,
                                    "adapter_config.json")
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         merged = merged.merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        err = hub_error(e, src, name, token)
+        err = hub_error(e, ckpt.location, ckpt.name, token)
         if err is not None:
             raise err from None
-        raise TracingError(f"adapter {name} does not fit base {base_name} ({type(e).__name__}: "
+        raise TracingError(f"adapter {ckpt.name} does not fit base {ckpt.base.name} ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}): pass the matching base with --adapter_base PATH") \
             from None
-    tok = load_tokenizer(src.path, revision=src.revision, token=token, trust_remote_code=trust_remote_code,
-                          quiet=True)
-    if tok is None:
-        tok = base_tok
-    log.info("merged adapter %s into %s", name, base_name)
-    return merged.eval(), tok
+    log.info("merged adapter %s into %s", ckpt.name, ckpt.base.name)
+    return merged

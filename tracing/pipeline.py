@@ -1,17 +1,23 @@
-"""One pair, start to finish: open/load -> (permute/rotate ft) -> statistic -> (align -> statistic) -> (eval)
--> (report) -> record.
+"""One pair, start to finish: resolve and open both checkpoints -> check what configs and headers tell -> (token
+blocks) -> (load the models) -> (permute / rotate ft) -> statistic -> (align -> statistic) -> (eval) -> (report)
+-> record.
 
     record = run_pair(RunConfig(base_model_id="A", ft_model_id="B", stat="csu", align=True))
     record["status"], record["log10_pvalue"], record["aligned_log10_pvalue"]
 
-A weight statistic without --eval or --report *streams*: both checkpoints are opened as tensor sources
-(tracing/sources), --permute, --rotate and --align are views over them, and tensors are read one (or one
-layer's) at a time and sent to the compute device (`--device`: the GPU when there is one); no model is
-loaded. Everything else loads both models (`load_model`), transforms them in place and reads their weights
-through the same sources. Every run writes one result record (tracing/results.py) and returns it, also when
-it fails: status "failed" with the one-line error, and `error_kind` "input" (bad input, a TracingError) or
-"internal" (a bug or a crash, with the traceback in the record). Data is loaded only when the statistic or
---eval needs it.
+A run works on one `OpenedPair` (tracing/pair.py): each name resolved once into a Checkpoint, both checkpoints'
+files opened once (headers checked), --permute, --rotate and --align as the pair's methods. A weight statistic
+without --eval or --report *streams*: no model is loaded, tensors are read from the files one (or one layer's)
+at a time, through views for the transforms, and sent to the compute device (`--device`: the GPU when there is
+one). A statistic that runs the models (or --eval, --report) loads them once; then every statistic reads the
+models' tensors and the transforms change the loaded ft in place. Token blocks are made with base's tokenizer
+before any model is loaded, and only when the statistic or --eval needs them.
+
+Bad input found before any model is loaded or tensor read (`prepare`: names, configs, headers, shapes, block
+size, dataset) is a TracingError and writes nothing. From there on every run writes one result record
+(tracing/results.py) and returns it, also when it fails: status "failed" with the one-line error, and
+`error_kind` "input" (bad input, a TracingError) or "internal" (a bug or a crash, with the traceback in the
+record).
 """
 
 from __future__ import annotations
@@ -23,27 +29,28 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracing.align import align_weights
-from tracing.arch import get_spec
+from tracing.checkpoints import Checkpoint, resolve
 from tracing.config import RunConfig
 from tracing.data import load_blocks
 from tracing.devices import peak_memory_mib, reset_peak_memory, resolve_device, resolve_dtype, return_freed_memory
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss, perplexity
-from tracing.models import fit_block_size, load_model, stored_dtype
-from tracing.perm import apply_perm, permuted, random_perm
+from tracing.models import fit_block_size
+from tracing.pair import OpenedPair, OpenOptions
 from tracing.report import read_prompts, write_report
-from tracing.results import check_writable, finite_only, new_record, save_outcome, to_plain
-from tracing.sources import ModuleSource, Source, leaves, open_source
+from tracing.results import check_writable, checkpoint_identities, finite_only, new_record, save_outcome, to_plain
 from tracing.statistics import StatContext, StatInfo, StatResult, get_stat
 from tracing.statistics.fits import check_fits
 from tracing.statistics.permtest import permtest
-from tracing.transforms import RotatedSource, rotate_residual
+from tracing.transforms import check_rotatable
 
 
 def check(cfg: RunConfig) -> StatInfo:
     """What can be checked before any model is loaded (the statistic's name and flags); returns the statistic."""
     info = get_stat(cfg.stat)
+    if info.composite and cfg.align:
+        raise TracingError(f"{info.name} aligns by itself where it helps (csu --align is one of its tests): "
+                           "drop --align")
     if cfg.num_perm and not info.scalar:
         raise TracingError(f"--num_perm needs a scalar statistic and '{info.name}' is not one: "
                            "drop --num_perm or pick e.g. l2, cos, emb, csu, mode")
@@ -60,28 +67,75 @@ def compute(info: StatInfo, ctx: StatContext, num_perm: int) -> StatResult:
 def streams(cfg: RunConfig, info: StatInfo) -> bool:
     """Whether the run reads weights straight from the checkpoints (no model loaded): a weight statistic,
     without --eval or --report (those run the models)."""
-    return not (info.needs_data or cfg.eval or cfg.report)
+    return not (info.loads_models or cfg.eval or cfg.report)
 
 
-def _open_pair(cfg: RunConfig, token: str | None, notes: list) -> tuple[Source, Source]:
-    kw = dict(dtype=cfg.dtype, token=token, adapter_base=cfg.adapter_base, trust_remote_code=cfg.trust_remote_code,
-              progress=not cfg.no_progress, allow_keys=cfg.allow_keys or (), notes=notes)
-    return open_source(cfg.base_model_id, **kw), open_source(cfg.ft_model_id, **kw)
+def resolve_pair(cfg: RunConfig, token: str | None) -> tuple[Checkpoint, Checkpoint]:
+    """Both checkpoints of the run, each name resolved once (the same name twice: one Checkpoint)."""
+    kw = dict(token=token, trust_remote_code=cfg.trust_remote_code, adapter_base=cfg.adapter_base,
+              progress=not cfg.no_progress)
+    base = resolve(cfg.base_model_id, **kw)
+    return base, base if cfg.ft_model_id == cfg.base_model_id else resolve(cfg.ft_model_id, **kw)
 
 
-def _load_pair(cfg: RunConfig, token: str | None, notes: list, record: dict):
-    device = resolve_device(cfg.device)
-    stored = () if cfg.dtype or device.type == "cuda" else [  # the CPU default follows the checkpoints
-        stored_dtype(name, token=token, trust_remote_code=cfg.trust_remote_code)
-        for name in (cfg.base_model_id, cfg.ft_model_id)]
-    dtype = resolve_dtype(cfg.dtype, device, stored)
-    record["dtype"] = str(dtype).removeprefix("torch.")
-    kw = dict(dtype=dtype, device=cfg.device, device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code,
-              token=token, adapter_base=cfg.adapter_base, progress=not cfg.no_progress,
-              allow_keys=cfg.allow_keys or (), notes=notes)
-    base, tok_base = load_model(cfg.base_model_id, **kw)
-    ft, tok_ft = load_model(cfg.ft_model_id, **kw)
-    return base, tok_base, ft, tok_ft
+def open_pair(cfg: RunConfig, token: str | None, notes: list) -> OpenedPair:
+    """Both checkpoints resolved and opened (configs, architectures, headers checked); no model loaded."""
+    base, ft = resolve_pair(cfg, token)
+    opts = OpenOptions(dtype=run_dtype(cfg, base, ft), device=cfg.device,
+                       device_map=cfg.device_map, stream_dtype=resolve_dtype(cfg.dtype, "cpu") if cfg.dtype else None,
+                       trust_remote_code=cfg.trust_remote_code, progress=not cfg.no_progress,
+                       allow_keys=cfg.allow_keys or (), notes=notes, token=token)
+    return OpenedPair.open(base, ft, opts)
+
+
+def run_dtype(cfg: RunConfig, base: Checkpoint, ft: Checkpoint) -> torch.dtype:
+    """The loaded models' dtype: --dtype; else bf16 on a GPU; on a CPU bf16 where both checkpoints are stored in
+    bf16 (their configs say so; a GGUF file's blocks are not) and it has bf16 units (no weight rounded;
+    benchmarks/cpu_dtype.py), else float32."""
+    stored = [None if c.gguf_file else getattr(c.config, "dtype", None) or getattr(c.config, "torch_dtype", None)
+              for c in (base, ft)]
+    return resolve_dtype(cfg.dtype, resolve_device(cfg.device), stored)
+
+
+def check_inputs(cfg: RunConfig, info: StatInfo, pair: OpenedPair) -> None:
+    """What configs and headers tell before any model is loaded: whether the statistic fits the pair (where both
+    checkpoints stream), whether ft can be rotated, and whether --block_size fits both contexts."""
+    if cfg.rotate:  # the flag the user gave first: it cannot apply to this model whatever the statistic
+        check_rotatable(pair.checkpoints[1].spec)
+    if pair.headers_known:
+        check_fits(info, pair.source_base, pair.source_ft, align=cfg.align)
+    if info.needs_data or cfg.eval:
+        block_size(cfg, pair)
+
+
+def block_size(cfg: RunConfig, pair: OpenedPair) -> tuple[int, str | None]:
+    """Tokens per block (models.fit_block_size: --block_size, or 512 cut to the shorter context) and the note
+    saying it was cut."""
+    base, ft = pair.checkpoints
+    return fit_block_size(cfg.block_size, {"base": base.config, "fine-tuned": ft.config})
+
+
+def dataset(cfg: RunConfig, info: StatInfo) -> str:
+    """--dataset, or the statistic's default: WikiText-103, and random token blocks for auto (which must run
+    offline on any pair; its activation test needs no real text to see a derivative)."""
+    return cfg.dataset or ("random" if info.name == "auto" else "wikitext")
+
+
+def load_data(cfg: RunConfig, info: StatInfo, pair: OpenedPair, notes: list | None = None) -> torch.Tensor | None:
+    """The token blocks, if the statistic or --eval needs them (base's tokenizer; no model loaded)."""
+    if not (info.needs_data or cfg.eval):
+        return None
+    return blocks_for(cfg, info, pair, notes)
+
+
+def blocks_for(cfg: RunConfig, info: StatInfo, pair: OpenedPair, notes: list | None = None) -> torch.Tensor:
+    """The token blocks of this run (also what a composite statistic loads when one of its tests needs them)."""
+    size, note = block_size(cfg, pair)
+    if note and notes is not None:
+        notes.append(note)
+    return load_blocks(dataset(cfg, info), pair.tokenizer_base, size, max_blocks=cfg.max_blocks, seed=cfg.seed,
+                       vocab_size=min(pair.vocab_sizes()), model_ids=(cfg.base_model_id, cfg.ft_model_id),
+                       generated_dir=cfg.generated_dir, progress=not cfg.no_progress)
 
 
 def _fill(record: dict, prefix: str, res: StatResult) -> None:
@@ -91,61 +145,36 @@ def _fill(record: dict, prefix: str, res: StatResult) -> None:
     record[f"{prefix}extras"] = to_plain(res.extras)
 
 
-def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
-    """Fill `record` in place; raises on failure (the caller records the error)."""
-    info = check(cfg)
-    streamed = record["streamed"] = streams(cfg, info)
+def execute(cfg: RunConfig, info: StatInfo, pair: OpenedPair, blocks: torch.Tensor | None, record: dict) -> None:
+    """The run on an opened pair: fill `record` in place; raises on failure (the caller records the error).
+
+    One path: the models are loaded only when a statistic, --eval or --report runs them (then weight statistics
+    read the models' tensors); otherwise tensors stream from the files. --permute, --rotate and --align are the
+    pair's methods (views over the files, or the loaded ft changed in place)."""
+    record["streamed"] = streams(cfg, info)
     t0 = time.perf_counter()
-    base = ft = tok_base = tok_ft = compute_device = None
-    if streamed:
-        src_base, src_ft = _open_pair(cfg, token, record["notes"])
-        compute_device = resolve_device(cfg.device)
-        record["compute_device"] = str(compute_device)
-    else:
-        base, tok_base, ft, tok_ft = _load_pair(cfg, token, record["notes"], record)
-        src_base, src_ft = ModuleSource(base, tokenizer=tok_base), ModuleSource(ft, tokenizer=tok_ft)
-    record["load_s"] = time.perf_counter() - t0
+    if not record["streamed"]:
+        pair.load()
+    record["load_s"] = (record["load_s"] or 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
-    check_fits(info, src_base, src_ft, align=cfg.align)
+    if not pair.headers_known:  # shapes known only now
+        check_fits(info, pair.source_base, pair.source_ft, align=cfg.align)
     if cfg.permute:
-        perm = random_perm(src_ft.spec, src_ft.shapes(), seed=cfg.seed)
-        if streamed:
-            src_ft = permuted(src_ft, perm)
-        else:
-            apply_perm(ft, src_ft.spec, perm)  # in place: the model's source reads the permuted weights
+        pair = pair.permute(cfg.seed)
     if cfg.rotate:
-        if streamed:
-            src_ft = RotatedSource(src_ft, seed=cfg.seed + 1)
-        else:
-            rotate_residual(ft, src_ft.spec, seed=cfg.seed + 1)
-            src_ft = ModuleSource(ft, get_spec(ft.config), tokenizer=tok_ft)  # rotation unties embeddings
-
-    blocks = None
-    if info.needs_data or cfg.eval:
-        block_size, note = fit_block_size(cfg.block_size, {"base": base, "fine-tuned": ft})
-        if note:
-            record["notes"].append(note)
-        vocab = min(base.get_input_embeddings().num_embeddings, ft.get_input_embeddings().num_embeddings)
-        blocks = load_blocks(cfg.dataset, tok_base, block_size, max_blocks=cfg.max_blocks, seed=cfg.seed,
-                             vocab_size=vocab, model_ids=(cfg.base_model_id, cfg.ft_model_id),
-                             generated_dir=cfg.generated_dir, progress=not cfg.no_progress)
-        record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
-
-    out_dir = cfg.report or str(cfg.result_path().parent)
-    ctx = StatContext.for_run(cfg, base=base, ft=ft, spec_base=src_base.spec, spec_ft=src_ft.spec,
-                              source_base=src_base, source_ft=src_ft, blocks=blocks, tokenizer_base=tok_base,
-                              tokenizer_ft=tok_ft, out_dir=out_dir, compute_device=compute_device)
+        pair = pair.rotate(cfg.seed + 1)
+    compute_device = None if pair.loaded else resolve_device(cfg.device)
+    if compute_device is not None:
+        record["compute_device"] = str(compute_device)
+    ctx = StatContext.for_pair(cfg, pair, blocks=blocks, out_dir=cfg.report or str(cfg.result_path().parent),
+                               load_blocks=lambda: blocks_for(cfg, info, pair, record["notes"]),
+                               compute_device=compute_device)
     res = compute(info, ctx, cfg.num_perm)
     _fill(record, "", res)  # also when it is no number: a failed record shows what was computed
     res.require_number(info.name)
     if cfg.align:
-        perm = align_weights(src_base, src_ft, src_base.spec, progress=ctx.progress, device=compute_device,
-                             method=cfg.matching, seed=cfg.seed)
-        if streamed:
-            ctx.source_ft = permuted(src_ft, perm)
-        else:
-            apply_perm(ft, src_ft.spec, perm)
-        aligned = info.fn(ctx)
+        pair = pair.align(cfg.matching, cfg.seed, progress=ctx.progress, device=compute_device)
+        aligned = info.fn(ctx.on(pair))
         if cfg.num_perm:  # alignment chose the ft permutation most like base: ft is no longer exchangeable
             aligned.extras["permtest"] = "not run: PERMTEST is not valid after --align"
             record["notes"].append("--num_perm applies to the non-aligned statistic only; PERMTEST is not valid "
@@ -153,19 +182,18 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
         _fill(record, "aligned_", aligned)
         aligned.require_number(f"{info.name} after --align")
     record["stat_s"] = time.perf_counter() - t0
-    if streamed:
-        files = [*leaves(src_base), *leaves(src_ft)]
-        record["read_s"] = sum(s.read_s for s in files)  # summed over the threads that read
-        record["read_gib"] = sum(s.read_bytes for s in files) / 2 ** 30
+    if not pair.loaded:
+        read_s, read_bytes = pair.read_stats()
+        record["read_s"], record["read_gib"] = read_s, read_bytes / 2 ** 30  # summed over the threads that read
 
     if cfg.eval:
-        for name, model in (("base", base), ("ft", ft)):
+        for name, model in (("base", pair.base), ("ft", pair.ft)):
             loss = mean_loss(model, blocks, batch_size=cfg.batch_size, progress=ctx.progress)
             record[f"{name}_loss"], record[f"{name}_ppl"] = loss, perplexity(loss)
 
     if cfg.report:
         record["report"] = write_report(
-            base, ft, tok_base, tok_ft, src_base.spec, cfg.report,
+            pair.base, pair.ft, pair.tokenizer_base, pair.tokenizer_ft, pair.spec_base, cfg.report,
             prompts=read_prompts(cfg.prompts) if cfg.prompts else None, focus_token=cfg.report_token,
             compare=tuple(cfg.compare.split("=", 1)) if cfg.compare else None,
             targets=[t for t in cfg.targets.split(",") if t] if cfg.targets else None,
@@ -175,27 +203,41 @@ def execute(cfg: RunConfig, record: dict, token: str | None = None) -> None:
 def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
     """Run one pair, write its record (ok or failed) and return it. `token`: default $HF_TOKEN, never stored.
 
-    The record goes to cfg.result_path() (a failed run beside an ok record there, never over it); a --save
-    that cannot take a file is a TracingError before any model is loaded."""
+    Bad input found before any model is loaded or any tensor read (an unknown name, an unsupported architecture,
+    a checkpoint broken in its config or headers, shapes that differ, a --block_size longer than a context, a
+    dataset that cannot be read) is a TracingError raised here, and nothing is written. Once the run reads
+    weights, every outcome is a record at cfg.result_path() (a failed run beside an ok record there, never over
+    it); a --save that cannot take a file is a TracingError before anything is opened."""
     t0 = time.perf_counter()
     path = cfg.result_path()
     check_writable(path.parent)
+    info = check(cfg)
+    token = token or os.environ.get("HF_TOKEN") or None
     record = new_record(cfg.to_dict())
-    record.update(stat=get_stat(cfg.stat).name, base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id,
+    record.update(stat=info.name, base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id,
                   key=cfg.result_key(), key_flags=cfg.key_flags(), threads=torch.get_num_threads(),
                   command=cfg.command_line(), error=None, error_kind=None, value=None, log10_pvalue=None,
                   aligned_value=None, aligned_log10_pvalue=None, base_loss=None, ft_loss=None, base_ppl=None,
-                  ft_ppl=None, notes=[], streamed=None, load_s=None, stat_s=None)
+                  ft_ppl=None, notes=[], streamed=None, load_s=None, data_s=None, stat_s=None, checkpoints=None)
     return_freed_memory()
     reset_peak_memory()
+    pair = blocks = None
     try:
-        execute(cfg, record, token or os.environ.get("HF_TOKEN") or None)
-        record["status"] = "ok"
-    except TracingError as e:
-        record.update(status="failed", error=str(e), error_kind="input")
-    except Exception as e:  # unexpected: keep the traceback in the record
-        record.update(status="failed", error=f"{type(e).__name__}: {e}", error_kind="internal",
-                      traceback=traceback.format_exc())
+        pair, blocks = prepare(cfg, info, token, record)
+    except TracingError:
+        raise  # bad input, nothing loaded yet: no record (the caller prints the line, exit 2)
+    except Exception as e:  # a bug or a crash: kept in a record with its traceback
+        _failed(record, e)
+    if record["error"] is None:
+        try:
+            execute(cfg, info, pair, blocks, record)
+            record["status"] = "ok"
+        except TracingError as e:
+            record.update(status="failed", error=str(e), error_kind="input")
+        except Exception as e:  # unexpected: keep the traceback in the record
+            _failed(record, e)
+    if pair is not None:
+        record["checkpoints"] = checkpoint_identities(*pair.checkpoints)
     record["wall_time_s"] = time.perf_counter() - t0
     record["peak_rss_mib"], record["peak_gpu_mib"] = peak_memory_mib()
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -204,11 +246,42 @@ def run_pair(cfg: RunConfig, token: str | None = None) -> dict:
     return record
 
 
+def prepare(cfg: RunConfig, info: StatInfo, token: str | None, record: dict) -> tuple[OpenedPair, torch.Tensor | None]:
+    """Everything before any model is loaded or tensor read: the opened pair (configs and headers checked), the
+    checks of `check_inputs`, the token blocks. Fills load_s (opening), data_s and the blocks' shape in `record`."""
+    t0 = time.perf_counter()
+    pair = open_pair(cfg, token, record["notes"])
+    record["dtype"] = str(run_dtype(cfg, *pair.checkpoints)).removeprefix("torch.")  # loaded models' (streamed:
+    # tensors are read as stored, or cast to --dtype)
+    check_inputs(cfg, info, pair)
+    record["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    blocks = load_data(cfg, info, pair, record["notes"])
+    record["data_s"] = time.perf_counter() - t0
+    if blocks is not None:
+        record["n_blocks"], record["block_size"] = int(blocks.shape[0]), int(blocks.shape[1])
+    return pair, blocks
+
+
+def _failed(record: dict, e: Exception) -> None:
+    record.update(status="failed", error=f"{type(e).__name__}: {e}", error_kind="internal",
+                  traceback=traceback.format_exc())
+
+
 def summary(record: dict) -> str:
     """A few human lines for the terminal."""
     def fmt(v):
         return "-" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
     lines = [f"{record['stat']}: {record['base_model_id']} vs {record['ft_model_id']}  [{record['status']}]"]
+    extras = record.get("extras") or {}
+    if "derivation" in extras:  # auto: each test, the combined p, the derivation line
+        for t in extras["tests"]:
+            mark = "  <- decides" if t["test"] == extras["decided_by"] else ""
+            lines.append(f"  {t['test']:<12} log10 p={fmt(t['log10_pvalue'])}  ({t['seconds']:.1f} s){mark}")
+        lines.append(f"  combined     log10 p={fmt(record.get('log10_pvalue'))}  (Bonferroni over "
+                     f"{len(extras['plan'])} planned tests: {', '.join(extras['plan'])})")
+        lines.append(f"  {extras['derivation']}")
+        return "\n".join(lines)
     lines.append(f"  non-aligned  value={fmt(record.get('value'))}  log10 p={fmt(record.get('log10_pvalue'))}")
     if record.get("aligned_value") is not None:
         lines.append(f"  aligned      value={fmt(record.get('aligned_value'))}  "

@@ -180,3 +180,18 @@ def report_layer_curves(curves: dict, path: str, title: str, ylabel: str) -> str
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def roc_curves(curves: dict, path: str) -> str:
+    """ROC curves: statistic -> (scores of related pairs, scores of unrelated pairs), higher = more related."""
+    fig, ax = _subplots((5.5, 5))
+    for name, (pos, neg) in curves.items():
+        cuts = sorted({*pos, *neg}, reverse=True)
+        tpr = [0.0] + [sum(p >= c for p in pos) / len(pos) for c in cuts]
+        fpr = [0.0] + [sum(n >= c for n in neg) / len(neg) for c in cuts]
+        ax.plot(fpr, tpr, drawstyle="steps-post", label=name, lw=2.2 if name == "auto" else 1.0)
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
+    ax.set_xlabel("false positive rate (nulls)")
+    ax.set_ylabel("true positive rate (derived kinds)")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)

@@ -128,6 +128,12 @@ def new_record(args: dict) -> dict:
             "versions": _versions(), "device": _device(), "started": _now(), "status": "running"}
 
 
+def checkpoint_identities(base: Any, ft: Any) -> dict:
+    """The record's "checkpoints" entry: {"base": identity, "ft": identity} of the two
+    `tracing.checkpoints.Checkpoint`s (name, kind, model_type, revision, commit, content_hash, an adapter's base)."""
+    return {"base": base.identity(), "ft": ft.identity()}
+
+
 def _check_plain(obj: Any, where: str = "record") -> None:
     if isinstance(obj, dict):
         for k, v in obj.items():

@@ -63,7 +63,8 @@ def _norm_readers(spec: ArchSpec) -> dict[str, tuple[str, ...]]:
     return readers
 
 
-def _check_rotatable(spec: ArchSpec) -> None:
+def check_rotatable(spec: ArchSpec) -> None:
+    """A TracingError unless rotating the residual stream keeps the function of a `spec` model."""
     if spec.rotate_refusal:
         raise TracingError(f"--rotate is not function-preserving for {spec.model_type}: {spec.rotate_refusal}")
     if spec.norm not in ("rms", "rms_1p"):
@@ -81,7 +82,7 @@ class RotatedSource(View):
 
     def __init__(self, inner: Source, seed: int, dtype: torch.dtype | None = None):
         spec = inner.spec
-        _check_rotatable(spec)
+        check_rotatable(spec)
         super().__init__(inner, dataclasses.replace(spec, tied=False))
         self.out_dtype = dtype
         readers = _norm_readers(spec)
@@ -137,7 +138,7 @@ def rotate_residual(model: torch.nn.Module, spec: ArchSpec, seed: int) -> torch.
     breaks the tie): call `get_spec(model.config)` again afterwards. Returns Q (hidden, hidden), float64 CPU,
     with new residual = Q @ old residual. The values are those `RotatedSource` reads.
     """
-    _check_rotatable(spec)
+    check_rotatable(spec)
     params = dict(model.named_parameters())
     missing = [k for k in _norm_readers(spec) if k not in params]
     if missing:

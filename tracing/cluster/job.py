@@ -1,4 +1,5 @@
-"""The job function of a launch: one pair through `tracing.pipeline.run_pair`, always leaving a record.
+"""The job function of a launch: one pair through `tracing.pipeline.run_pair`, always leaving a record (also for
+bad input that `run_pair` refuses before loading anything, where main.py writes none).
 
     PairJob()(task.cfg)          # what each array task runs (in-process: no shell, no argv)
 
@@ -18,6 +19,7 @@ from submitit.helpers import Checkpointable
 from tracing.cluster.status import record_status
 from tracing.config import RunConfig
 from tracing.devices import threads
+from tracing.errors import TracingError
 from tracing.pipeline import run_pair
 from tracing.results import new_record, save_outcome
 
@@ -33,10 +35,10 @@ def result_of(cfg: RunConfig) -> Path:
     return cfg.result_path()
 
 
-def _failed_record(cfg: RunConfig, error: str) -> None:
+def _failed_record(cfg: RunConfig, error: str, kind: str = "internal") -> None:
     """The record of a job that ended without one, naming its pair like the pipeline's own records do."""
     rec = new_record(cfg.to_dict())
-    rec.update(status="failed", error=error, error_kind="internal", command=cfg.command_line(),
+    rec.update(status="failed", error=error, error_kind=kind, command=cfg.command_line(),
                finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), stat=cfg.stat,
                base_model_id=cfg.base_model_id, ft_model_id=cfg.ft_model_id, key=cfg.result_key(),
                key_flags=cfg.key_flags())
@@ -57,6 +59,8 @@ class PairJob(Checkpointable):
         print(f"model-tracing job: {cfg.command_line()}", flush=True)
         try:  # SystemExit passes through: it is how submitit ends a job it has requeued
             (self.runner or run_main)(cfg)
+        except TracingError as e:  # bad input found before anything was loaded: the launch still shows why
+            _failed_record(cfg, str(e), kind="input")
         except Exception as e:
             _failed_record(cfg, f"{type(e).__name__}: {e}")
             raise

@@ -17,14 +17,11 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import errors as he
 
-from tracing.checkpoints import Location, hub_error
+from tracing.access import Location, hub_error
+from tracing.checkpoints import ADAPTER_CONFIG, INDEX, SINGLE, TOKENIZER_FILES
 from tracing.sources.lora import ADAPTER_FILE
-from tracing.sources.safetensors_files import INDEX, SINGLE
 
 CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "spiece.model")
-ADAPTER_CONFIG = "adapter_config.json"
 _OFFLINE = (he.OfflineModeIsEnabled, he.LocalEntryNotFoundError, ConnectionError, TimeoutError)
 
 

@@ -11,8 +11,6 @@ file's pages (a mapping kept open would keep every page it touched resident).
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,57 +18,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from tracing.checkpoints import INDEX, REFETCH, weight_files
 from tracing.errors import TracingError
 from tracing.sources.base import Source, check_checkpoint
 from tracing.sources.renaming import key_map
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_SHARD = re.compile(r"(.*)-(\d+)-of-(\d+)\.safetensors$")
-REFETCH = "download or save the checkpoint again"
-
-
-def has_safetensors(directory: str | Path) -> bool:
-    d = Path(directory)
-    return (d / INDEX).is_file() or (d / SINGLE).is_file() or any(d.glob("*.safetensors"))
-
-
-def weight_files(directory: str | Path) -> tuple[list[Path], dict[str, str] | None]:
-    """(the safetensors files of a checkpoint directory, the index's key -> file map or None).
-
-    Raises TracingError for an index naming a file that is absent, or an incomplete set of shards.
-    """
-    d = Path(directory)
-    if (d / INDEX).is_file():
-        try:
-            weight_map = json.loads((d / INDEX).read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise TracingError(f"{d / INDEX} is not a safetensors index ({type(e).__name__}): {REFETCH}") from None
-        names = sorted(set(weight_map.values()))
-        absent = [n for n in names if not (d / n).is_file()]
-        if absent:
-            raise TracingError(f"{d / INDEX} names {absent[0]}, which is not in {d}"
-                               f"{f' ({len(absent)} files missing)' if len(absent) > 1 else ''}: "
-                               "download the missing shard(s), or the whole checkpoint again")
-        return [d / n for n in names], weight_map
-    if (d / SINGLE).is_file():
-        return [d / SINGLE], None
-    files = sorted(d.glob("*.safetensors"))
-    shards = [m for f in files if (m := _SHARD.match(f.name))]
-    if shards:  # shards without their index: at least check that none is missing
-        stem, total = shards[0].group(1), int(shards[0].group(3))
-        have = {int(m.group(2)) for m in shards if m.group(1) == stem}
-        missing = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1) if i not in have]
-        if missing:
-            raise TracingError(f"{d / missing[0]} is missing (shard {len(have)} of {total} present): "
-                               "download it, or the whole checkpoint again")
-    if not files:
-        raise TracingError(f"{d} has no .safetensors file: save the model with save_pretrained "
-                           f"(safe_serialization) or pass another checkpoint")
-    return files, None
 
 
 def open_safetensors(path: Path):

@@ -22,6 +22,7 @@ from tracing.arch import ArchSpec
 from tracing.config import FIELDS, RunConfig
 from tracing.errors import TracingError
 from tracing.matching import DEFAULT_METHOD
+from tracing.pair import OpenedPair
 from tracing.sources.base import ModuleSource, Source
 
 
@@ -85,6 +86,9 @@ class StatContext:
     progress: bool = True
     # weight statistics: where tensors go, one at a time, for their products (None: where the source returns them)
     compute_device: torch.device | None = None
+    # the opened pair the sources come from (tracing/pair.py): what a composite statistic (auto) aligns or loads
+    pair: OpenedPair | None = None
+    load_blocks: Callable[[], torch.Tensor] | None = None  # the run's token blocks, made when first needed
     # Values that permuting ft's hidden units cannot change (e.g. the endpoint losses of mode), so that
     # PERMTEST's inner calls, which share this dict, compute them once.
     cache: dict = field(default_factory=dict)
@@ -105,6 +109,23 @@ class StatContext:
         options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name in FIELDS}
         return cls(**options, progress=not cfg.no_progress, **runtime)
 
+    @classmethod
+    def for_pair(cls, cfg: RunConfig, pair: OpenedPair, **runtime: Any) -> StatContext:
+        """A context for one run on an opened pair: the options from `cfg`; the sources, specs and (once the pair
+        is loaded) models and tokenizers from `pair`; blocks and the rest from `runtime`."""
+        return cls.for_run(cfg, **_from_pair(pair), **runtime)
+
+    def on(self, pair: OpenedPair) -> StatContext:
+        """This context on another pair of the same run (e.g. ft aligned): same options, blocks and cache."""
+        return dataclasses.replace(self, **_from_pair(pair))
+
+
+def _from_pair(pair: OpenedPair) -> dict[str, Any]:
+    return dict(pair=pair, base=pair.base, ft=pair.ft, source_base=pair.source_base, source_ft=pair.source_ft,
+                spec_base=pair.spec_base, spec_ft=pair.spec_ft,
+                tokenizer_base=pair.tokenizer_base if pair.loaded else None,
+                tokenizer_ft=pair.tokenizer_ft if pair.loaded else None)
+
 
 Misfit = Callable[[Source, Source], "str | None"]  # why a statistic cannot run on a pair of sources (None: it can)
 
@@ -115,10 +136,16 @@ class StatInfo:
     fn: Callable[[StatContext], StatResult]
     help: str
     aliases: tuple[str, ...] = ()
-    needs_data: bool = False  # needs ctx.blocks
+    needs_data: bool = False  # needs ctx.blocks (and the models loaded, unless composite)
     fits: tuple[Misfit, ...] = ()  # what the pair must satisfy, asked of headers and configs before anything runs
     scalar: bool = True  # `value` can be wrapped in PERMTEST (--num_perm)
     higher_is_related: bool = True  # direction of `value` for PERMTEST
+    composite: bool = False  # runs other statistics on ctx.pair, loading the models itself if one needs them
+
+    @property
+    def loads_models(self) -> bool:
+        """Whether the models must be loaded before it runs (a composite statistic loads them itself)."""
+        return self.needs_data and not self.composite
 
     def misfit(self, a: Source, b: Source) -> str | None:
         """Why this statistic cannot run on the pair (the first reason), None when it can."""
@@ -127,13 +154,15 @@ class StatInfo:
 
 _REGISTRY: dict[str, StatInfo] = {}
 _ALIASES: dict[str, str] = {}
-_MODULES = ("l2", "cos", "emb", "csu", "mode", "csh", "match", "match_all", "jsd")
+_MODULES = ("auto", "l2", "cos", "emb", "csu", "mode", "csh", "match", "match_all", "jsd")
 
 
 def register(name: str, *, help: str, aliases: tuple[str, ...] = (), needs_data: bool = False,
-             fits: tuple[Misfit, ...] = (), scalar: bool = True, higher_is_related: bool = True):
+             fits: tuple[Misfit, ...] = (), scalar: bool = True, higher_is_related: bool = True,
+             composite: bool = False):
     def deco(fn):
-        _REGISTRY[name] = StatInfo(name, fn, help, aliases, needs_data, tuple(fits), scalar, higher_is_related)
+        _REGISTRY[name] = StatInfo(name, fn, help, aliases, needs_data, tuple(fits), scalar, higher_is_related,
+                                   composite)
         for a in aliases:
             _ALIASES[a] = name
         return fn

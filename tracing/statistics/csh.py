@@ -14,11 +14,11 @@ from tracing.activations import mlp_width
 from tracing.grams import LayerGram, layer_grams
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import identity_test, matching_extras
-from tracing.statistics.fits import mlps_differ, require_fit
+from tracing.statistics.fits import mlps_differ, require_fit, vocab_disagrees
 from tracing.statistics.pvalues import fisher_log10p
 
 
-@register("csh", aliases=("csh_sp",), needs_data=True, fits=(mlps_differ,), scalar=False,
+@register("csh", aliases=("csh_sp",), needs_data=True, fits=(mlps_differ, vocab_disagrees), scalar=False,
           help="cosine similarity of MLP up-projection activations: matching vs identity, Spearman, Fisher")
 def csh(ctx: StatContext) -> StatResult:
     require_fit(ctx, "csh")

@@ -20,7 +20,7 @@ from tracing.activations import mlp_width
 from tracing.grams import LayerGram, layer_grams
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import agreement_test, matching_extras
-from tracing.statistics.fits import mlps_differ, require_fit, ungated
+from tracing.statistics.fits import mlps_differ, require_fit, ungated, vocab_disagrees
 from tracing.statistics.pvalues import fisher_log10p
 
 
@@ -33,7 +33,7 @@ def similarities(lg: LayerGram):
     return make
 
 
-@register("match", needs_data=True, fits=(ungated, mlps_differ), scalar=False,
+@register("match", needs_data=True, fits=(ungated, mlps_differ, vocab_disagrees), scalar=False,
           help="robust test: neuron matching from gate vs up activations agree (Spearman, Fisher over layers)")
 def match(ctx: StatContext) -> StatResult:
     require_fit(ctx, "match")

@@ -32,7 +32,7 @@ from tracing.arch import ArchSpec, mlp
 from tracing.matching import euclid_similarity, map_in_threads, usable
 from tracing.statistics import StatContext, StatResult, register, screen
 from tracing.statistics.common import MAPPING_ALPHA, agreement_test, layer_heatmap, layer_map, matching_extras
-from tracing.statistics.fits import hidden_differs, require_fit, ungated
+from tracing.statistics.fits import hidden_differs, require_fit, ungated, vocab_disagrees
 from tracing.statistics.pvalues import holm_log10
 
 DEFAULT_MAX_TOKENS = 2048
@@ -94,7 +94,7 @@ def _all_pairs(ctx: StatContext, stat: str, row_test, layers_a: list[int], layer
     return {"per_layer": per_layer, "extras": extras, "best": float(holm.min())}
 
 
-@register("match_all", needs_data=True, fits=(ungated,), scalar=False,
+@register("match_all", needs_data=True, fits=(ungated, vocab_disagrees), scalar=False,
           help="localized testing: match every layer of A against every layer of B, Holm-corrected layer map")
 def match_all(ctx: StatContext) -> StatResult:
     require_fit(ctx, "match_all")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from tracing.errors import TracingError
 from tracing.evaluate import mean_loss
 from tracing.statistics import StatContext, StatResult, register
-from tracing.statistics.fits import require_fit, weights_or_vocab_differ
+from tracing.statistics.fits import require_fit, vocab_disagrees, weights_or_vocab_differ
 from tracing.transforms import check_alpha, interpolate_, restore_
 
 
@@ -38,7 +38,8 @@ def interpolated_loss(ctx: StatContext, alpha: float, groups: tuple[str, ...]) -
         restore_(ctx.base, saved)
 
 
-@register("mode", aliases=("mc",), needs_data=True, fits=(weights_or_vocab_differ,), higher_is_related=False,
+@register("mode", aliases=("mc",), needs_data=True, fits=(weights_or_vocab_differ, vocab_disagrees),
+          higher_is_related=False,
           help="loss of the weight-interpolated model at --alpha (curve with --alphas); low = related")
 def mode(ctx: StatContext) -> StatResult:
     require_fit(ctx, "mode")

@@ -1,7 +1,9 @@
-"""`--stat auto`: the tests that fit the pair, in a sensible order, one valid combined p-value, the derivation named.
+"""`--stat auto` (the default): the tests that fit the pair, in a sensible order, one valid combined p-value, and
+the derivation named in one line.
 
-    outcome = run_auto(cfg, pair, context, blocks)   # context(pair, blocks) -> StatContext; blocks() -> token blocks
-    outcome.log10_pvalue, outcome.tests, outcome.derivation
+    python main.py --base_model_id A --ft_model_id B            # auto
+    res = get_stat("auto").fn(ctx)    # ctx.pair: the opened pair (tracing/pair.py); ctx.blocks: token blocks
+    res.log10_pvalue, res.extras["tests"], res.extras["derivation"]
 
 The plan is fixed from the pair's shapes before any test runs (`plan`): same shapes -> csu (weights in place),
 csu after --align (permuted hidden units), match (activations: rotated or otherwise re-based residual stream;
@@ -17,17 +19,17 @@ Bonferroni value: still valid, never a cherry-picked minimum.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from tracing.config import RunConfig
 from tracing.describe import describe
 from tracing.errors import TracingError
-from tracing.statistics import StatContext, StatResult, get_stat
+from tracing.sources.base import Source
+from tracing.statistics import StatContext, StatResult, get_stat, register
 from tracing.statistics.fits import advice, hidden_size, mlp_units, vocab_disagrees
 
 STOP_LOG10P = -6.0  # the combined p that settles a pair: no further test runs
@@ -48,16 +50,26 @@ class Step:
         return get_stat(self.stat).needs_data
 
 
-def plan(a, b) -> list[Step]:
-    """The tests for this pair of sources, from shapes and configs only (statistics/fits.py)."""
+def _plan(a: Source, b: Source) -> list[Step]:
     fits = {name: get_stat(name).misfit(a, b) is None for name in ("csu", "match", "csu_all", "match_all")}
     if fits["csu"]:
         steps = [Step("csu", "csu"), Step("csu --align", "csu", align=True)]
         return steps + ([Step("match", "match")] if fits["match"] else [])
-    steps = [Step(n, n) for n in ("csu_all", "match_all") if fits[n]]
+    return [Step(n, n) for n in ("csu_all", "match_all") if fits[n]]
+
+
+def no_test_fits(a: Source, b: Source) -> str | None:
+    """auto's fit check: at least one of its tests runs on the pair."""
+    if _plan(a, b):
+        return None
+    return f"none of its tests (csu, csu_all, match, match_all) fits: {get_stat('csu_all').misfit(a, b)}"
+
+
+def plan(a: Source, b: Source) -> list[Step]:
+    """The tests for this pair of sources, from shapes and configs only (statistics/fits.py)."""
+    steps = _plan(a, b)
     if not steps:
-        raise TracingError(f"auto: none of its tests (csu, csu_all, match, match_all) fits this pair: "
-                           f"{get_stat('csu_all').misfit(a, b)}; {advice(a, b)}")
+        raise TracingError(f"auto cannot run on this pair: {no_test_fits(a, b)}; {advice(a, b)}")
     return steps
 
 
@@ -67,35 +79,28 @@ def combined_log10p(log10ps: list[float], k: int) -> float:
     return min(0.0, math.log10(k) + min(finite)) if finite else 0.0
 
 
-@dataclass
-class AutoOutcome:
-    log10_pvalue: float
-    related: bool
-    tests: list[dict]  # {"test", "stat", "log10_pvalue", "seconds"} in the order they ran
-    plan: list[str]
-    decided_by: str | None
-    derivation: str
-    evidence: dict = field(default_factory=dict)
-    results: dict[str, StatResult] = field(default_factory=dict)  # each test's own result
-
-
-def run_auto(cfg: RunConfig, pair, context: Callable, blocks: Callable[[], torch.Tensor]) -> AutoOutcome:
-    """Run the plan on an opened pair (tracing/pair.py). `context(pair, blocks or None)` builds a StatContext;
-    `blocks()` loads the token blocks, called only if an activation test runs."""
+@register("auto", composite=True, scalar=False, higher_is_related=False, fits=(no_test_fits,),
+          help="the tests that fit the pair (csu, csu --align, match; csu_all, match_all when shapes differ), "
+               "weights first, stopping once one settles it; Bonferroni over the planned tests; the derivation "
+               "named")
+def auto(ctx: StatContext) -> StatResult:
+    if ctx.pair is None:
+        raise TracingError("auto runs on an opened pair (tracing.pair.OpenedPair): build the context with "
+                           "StatContext.for_pair")
+    pair = ctx.pair
     steps = plan(pair.source_base, pair.source_ft)
-    tests, results = [], {}
-    aligned = None
+    tests, results, aligned, blocks = [], {}, None, ctx.blocks
     for step in steps:
         t0 = time.perf_counter()
         on = pair
         if step.align:
-            aligned = aligned or pair.align(cfg.matching, cfg.seed, progress=not cfg.no_progress)
+            aligned = aligned or pair.align(ctx.matching, ctx.seed, progress=ctx.progress, device=ctx.compute_device)
             on = aligned
-        data = None
         if step.needs_data:
-            data = blocks()
-            on.load()
-        res = get_stat(step.stat).fn(context(on, data))
+            if blocks is None:
+                blocks = ctx.load_blocks()  # made only now: a pair the weights settle needs no data
+            on.load()  # once for the run: later statistics read the loaded models
+        res = get_stat(step.stat).fn(dataclasses.replace(ctx.on(on), blocks=blocks))
         results[step.name] = res
         tests.append({"test": step.name, "stat": step.stat, "log10_pvalue": res.log10_pvalue,
                       "seconds": time.perf_counter() - t0})
@@ -103,11 +108,21 @@ def run_auto(cfg: RunConfig, pair, context: Callable, blocks: Callable[[], torch
             break
     combined = combined_log10p([t["log10_pvalue"] for t in tests], len(steps))
     related = combined <= math.log10(ALPHA)
-    decided = min(tests, key=lambda t: t["log10_pvalue"] if t["log10_pvalue"] is not None
-                  and not math.isnan(t["log10_pvalue"]) else math.inf)["test"] if related else None
-    ev = evidence(pair if decided != "csu --align" else aligned, results, decided)
+    decided = min(tests, key=lambda t: _p(t["log10_pvalue"]))["test"] if related else None
+    ev = evidence(aligned if decided == "csu --align" else pair, results, decided)
     ev.update(related=related, decided_by=decided, log10_pvalue=combined, tests=tests)
-    return AutoOutcome(combined, related, tests, [s.name for s in steps], decided, describe(ev), ev, results)
+    deciding = results.get(decided) if decided else None
+    extras = {"plan": [s.name for s in steps], "tests": tests, "decided_by": decided, "correction": "bonferroni",
+              "derivation": describe(ev), "evidence": {k: v for k, v in ev.items() if k != "tests"},
+              "related": related}
+    if blocks is not None:  # an activation test ran: the tokens it read
+        extras["n_tokens"] = int(blocks.numel())
+    return StatResult(value=combined, log10_pvalue=combined,
+                      per_layer=deciding.per_layer if deciding is not None else [], extras=extras)
+
+
+def _p(log10p: float | None) -> float:
+    return math.inf if log10p is None or math.isnan(log10p) else log10p
 
 
 # ---------------------------------------------------------------------------------------------- evidence
@@ -123,24 +138,28 @@ def _layer_map(res: StatResult) -> list[int | None] | None:
     return [r["layer"] if r.get("log10_pvalue") is not None and r["log10_pvalue"] <= cut else None for r in layers]
 
 
-def _weight_change(res: StatResult) -> float | None:
-    changes = [r["rel_change"] for r in res.per_layer if isinstance(r, dict) and r.get("rel_change") is not None]
+def _weight_change(res: StatResult, mapping: list[int | None] | None) -> float | None:
+    """Mean relative change of the matched MLP rows over the layers that come from base (others are not A's)."""
+    changes = [r["rel_change"] for j, r in enumerate(res.per_layer) if isinstance(r, dict)
+               and r.get("rel_change") is not None and (mapping is None or mapping[j] is not None)]
     return sum(changes) / len(changes) if changes else None
 
 
 def quant_bits(w: torch.Tensor) -> int | None:
-    """4 or 8 when every block of 32 values of `w` (n, d) takes at most 2^bits - 1 levels of one step (an absmax
-    round trip per row or per block of 32: int8/int4, GGUF Q8_0/Q4_0), else None."""
-    w = w.detach().float().reshape(-1)
-    if w.numel() < 32 * 16:
+    """4 or 8 when `w` (n, d) is an absmax round trip: every row, or every block of 32 values, a whole multiple of
+    one step, its largest |value| / (2^(bits-1) - 1) or / 2^(bits-1) (int8/int4 per row or group, GGUF Q8_0 /
+    Q4_0), else None."""
+    w = w.detach().float()
+    if w.numel() < 32 * 16 or w.shape[-1] % 32:
         return None
-    blocks = w[: w.numel() // 32 * 32].reshape(-1, 32)  # (n_blocks, 32)
     for bits in (4, 8):
-        levels = 2 ** (bits - 1)  # symmetric: -levels .. levels - 1 (or -(levels-1) .. levels-1)
-        for scale in (blocks.abs().amax(1, keepdim=True) / (levels - 1), blocks.abs().amax(1, keepdim=True) / levels):
-            q = blocks / scale.clamp_min(1e-30)
-            if float(((q - q.round()).abs() < 1e-3).float().mean()) > 0.999:
-                return bits
+        levels = 2 ** (bits - 1)
+        for groups in (w.reshape(w.shape[0], -1), w.reshape(-1, 32)):  # per row, per block of 32
+            top = groups.abs().amax(1, keepdim=True).clamp_min(1e-30)
+            for step in (top / (levels - 1), top / levels):
+                q = groups / step
+                if float(((q - q.round()).abs() < 1e-2).float().mean()) > 0.999:
+                    return bits
     return None
 
 
@@ -155,13 +174,13 @@ def evidence(pair, results: dict[str, StatResult], decided: str | None) -> dict:
     if decided is not None:
         res = results[decided]
         ev["layer_map"] = _layer_map(res)
-        ev["weight_change"] = _weight_change(res)
-        if ev["hidden"][0] == ev["hidden"][1]:
+        ev["weight_change"] = _weight_change(res, ev["layer_map"] if "mapping" not in res.extras else None)
+        if ev["hidden"][0] == ev["hidden"][1] and decided in ("csu", "csu --align", "csu_all"):  # units line up
             vocab["embedding_cosine"] = get_stat("emb").fn(StatContext(source_base=a, source_ft=b,
                                                                        progress=False)).value
         key = b.spec.layers[0].up
         ev["quant_bits"] = quant_bits(b.get(key))
     ckpt = pair.checkpoints[1]
-    if getattr(ckpt, "kind", None) == "adapter":
-        ev["adapter_rank"] = getattr(ckpt, "adapter_rank", None)
+    if ckpt.adapter is not None:
+        ev["adapter_rank"] = ckpt.adapter.get("r")
     return ev
