@@ -15,9 +15,10 @@ copy patched for CPU only:
     git clone https://github.com/ahmeda14960/model-tracing /work/orig
     sed -i 's/"cuda"/"cpu"/g' /work/orig/tracing/{utils/utils.py,utils/evaluate.py,statistics/match.py}
 
-Without --orig only our side is measured, beside the original's forward passes from its code (2 projections x
-2 models per layer). One warm-up of each, then --repeats runs alternating original and ours; medians. Peak
-RSS: the process's ru_maxrss (os.wait4). Passes: ours from the record, the original's counted by forward hooks.
+Ours runs as a user runs it (progress bars go to stderr, unread). Without --orig only our side is measured,
+beside the original's forward passes from its code (2 projections x 2 models per layer). One warm-up of each,
+then --repeats runs alternating original and ours; medians. Peak RSS: the process's ru_maxrss (os.wait4).
+Passes: ours from the record, the original's counted by forward hooks.
 
 (b) A Llama-2-7B-shaped bf16 pair in --dir7b (built there if missing, as benchmarks/stream_7b.py builds it:
 random init, derived = base + 1% noise, independent = another seed; ~40 GB), the page cache of the checkpoints
@@ -124,8 +125,7 @@ def run_process(cmd: list[str], cwd: Path | None = None, env: dict | None = None
 def ours_match(base: Path, ft: Path, save: Path) -> dict:
     cmd = [sys.executable, str(Path(bench_common.ROOT) / "main.py"), "--base_model_id", str(base), "--ft_model_id",
            str(ft), "--stat", "match", "--dataset", "random", "--block_size", str(BLOCK_SIZE), "--max_blocks",
-           str(N_BLOCKS), "--batch_size", str(N_BLOCKS), "--seed", "0", "--save", str(save / "ours.pkl"),
-           "--no_progress"]
+           str(N_BLOCKS), "--batch_size", str(N_BLOCKS), "--seed", "0", "--save", str(save / "ours.pkl")]
     seconds, rss, _ = run_process(cmd)
     rec = json.loads((save / "ours.json").read_text())
     layers = [r["log10_pvalue"] for r in rec["per_layer"]]
@@ -184,7 +184,7 @@ def part_7b(folder: Path) -> list[str]:
     for run, (ft, flags) in RUNS_7B.items():
         stream_7b.drop_cache(folder / "base", folder / ft)
         cmd = [sys.executable, str(Path(bench_common.ROOT) / "main.py"), "--base_model_id", str(folder / "base"),
-               "--ft_model_id", str(folder / ft), *flags, "--save", str(folder / "record.pkl"), "--no_progress"]
+               "--ft_model_id", str(folder / ft), *flags, "--save", str(folder / "record.pkl")]
         seconds, rss, _ = run_process(cmd)
         rec = json.loads((folder / "record.json").read_text())
         if "--align" in flags:
