@@ -208,7 +208,7 @@ def tables(rows: list[dict], stats: list[str], kinds: list[str]) -> list[str]:
         fp = sum(1 for r in nulls if r["log10_pvalue"] <= -2)
         na = sum(1 for r in rs if r["status"] != "ok")
         walls = sorted(r["wall_s"] for r in rs if r.get("wall_s") is not None)
-        rss = max((r["peak_rss_mib"] for r in rs if r.get("peak_rss_mib")), default=None)
+        rss = max((round(r["peak_rss_mib"]) for r in rs if r.get("peak_rss_mib")), default=None)
         has_p = any(r["log10_pvalue"] is not None for r in rs)
         lines.append(f"| `{stat}` | {'-' if auc is None else f'{auc:.3f}'} | {'-' if tpr is None else f'{tpr:.3f}'} "
                      f"| {f'{hit}/{len(det)}' if has_p else 'no p-value'} | {f'{fp}/{len(nulls)}' if has_p else '-'} "

@@ -34,8 +34,9 @@ def test_the_plan_follows_the_shapes(tokenizer):
                                       heads=4)) == ["csu", "csu --align"]  # no gated MLP: match cannot run
     deeper = zoo.tiny_model("llama", seed=2, vocab_size=v, **{**SHAPE, "layers": 5})
     assert _plan(llama, deeper) == ["csu_all", "match_all"]
-    wider = zoo.tiny_model("llama", seed=3, vocab_size=v, **{**SHAPE, "hidden": 48})
-    assert _plan(llama, wider) == ["match_all"]  # no weight matrix shares a hidden size
+    narrower = zoo.tiny_model("llama", seed=3, vocab_size=v, **{**SHAPE, "hidden": 24})
+    assert _plan(llama, narrower) == ["csu_all --narrow", "match_all"]  # base cut to the channels ft kept
+    assert _plan(narrower, llama) == ["match_all"]  # a wider ft: only activations compare
 
 
 def test_bonferroni_over_the_planned_tests():
@@ -97,6 +98,18 @@ def test_an_independent_model_runs_every_test_and_is_unrelated(pairs):
     assert [t["test"] for t in ex["tests"]] == ["csu", "csu --align", "match"]
     assert rec["log10_pvalue"] > -2 and not ex["related"] and ex["decided_by"] is None
     assert ex["derivation"].startswith("unrelated:")
+
+
+def test_a_narrower_independent_model_is_not_called_related(pairs, tokenizer, text_ids, tmp_path):
+    """csu_all --narrow matches ft's residual channels to base's on the embeddings, then tests MLP rows: on an
+    independent model with a smaller hidden size that must stay a test (nothing to find)."""
+    other = zoo.finetune(zoo.tiny_model("llama", seed=11, vocab_size=len(tokenizer), **{**SHAPE, "hidden": 24}),
+                         text_ids, steps=20, lr=3e-3, block_size=32)
+    other.save_pretrained(tmp_path / "narrow")
+    tokenizer.save_pretrained(tmp_path / "narrow")
+    pairs = {**pairs, "narrow": str(tmp_path / "narrow")}
+    rec = _auto(pairs, "narrow")
+    assert rec["extras"]["tests"][0]["test"] == "csu_all --narrow" and rec["log10_pvalue"] > -2
 
 
 def test_auto_refuses_align_and_says_why(pairs, capsys):

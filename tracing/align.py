@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -32,6 +33,7 @@ from tracing.matching import (
     DEFAULT_METHOD,
     Seed,
     map_in_threads,
+    pair_units,
     permutation,
     similarity,
     usable,
@@ -84,6 +86,25 @@ def embedding_similarity(base: Source, ft: Source, spec: ArchSpec, vocab: int,
         lo_f, hi_f, fin_f = torch.fmin(lo_f, b.amin(0)), torch.fmax(hi_f, b.amax(0)), fin_f & b.isfinite().all(0)
     sim = gram / (sq_b.sqrt().clamp_min(1e-30)[:, None] * sq_f.sqrt().clamp_min(1e-30)[None, :])
     return sim, usable_from_range(lo_b, hi_b) & fin_b, usable_from_range(lo_f, hi_f) & fin_f
+
+
+@torch.no_grad()
+def residual_selection(base: Source, ft: Source, spec: ArchSpec, method: str = DEFAULT_METHOD, seed: Seed = 0,
+                       device: torch.device | None = None) -> torch.Tensor:
+    """For a ft whose residual stream is narrower than base's (hidden-size pruning, Minitron-style): the base channel
+    each ft channel came from, (hidden_ft,), matched on the embedding columns over the shared vocabulary (ft's
+    channels matched into base's). Channels left unmatched (degenerate) get the remaining base channels in a
+    seeded random order. Like `align_weights` it never looks at the MLP weights a statistic then tests."""
+    hidden_f = ft.shape(ft.spec.embed)[1]
+    vocab = min(base.shape(spec.embed)[0], ft.shape(ft.spec.embed)[0])
+    sim, ok_b, ok_f = embedding_similarity(base, ft, spec, vocab, device or base.device)  # (hidden_b, hidden_f)
+    pairs = pair_units(sim, ok_b, ok_f, "lap" if method == "exact" else "greedy", seed)
+    sel = torch.full((hidden_f,), -1, dtype=torch.long)
+    sel[torch.as_tensor(pairs.b)] = torch.as_tensor(pairs.a)
+    missing = sel < 0
+    free = np.setdiff1d(np.arange(sim.shape[0]), pairs.a)
+    sel[missing] = torch.from_numpy(np.random.default_rng(seed).permutation(free)[: int(missing.sum())])
+    return sel
 
 
 @torch.no_grad()

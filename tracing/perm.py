@@ -104,6 +104,36 @@ class PermutedSource(View):
         return t[rows] if whole else t
 
 
+class SelectedSource(View):
+    """`inner` keeping only the units `keep[name]` (in that order) of each named dimension, as each tensor is read:
+    a base cut down to the residual channels a width-pruned derivative kept (`selected` builds it)."""
+
+    def __init__(self, inner: Source, keep: Perm):
+        super().__init__(inner)
+        self.keep = keep
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        shape = list(self.inner.shape(key))
+        for a, name in enumerate(self.spec.axes[key]):
+            if name in self.keep:
+                shape[a] = len(self.keep[name])
+        return tuple(shape)
+
+    def _read(self, key: str, rows: slice | None) -> torch.Tensor:
+        axes = self.spec.axes[key]
+        whole = rows is not None and axes[0] in self.keep  # selected rows are scattered: read them all
+        t = self.inner.get(key, None if whole else rows)
+        for a, name in enumerate(axes):
+            if name in self.keep:
+                t = t.index_select(a, self.keep[name].to(t.device))
+        return t[rows] if whole else t
+
+
+def selected(source: Source, keep: Perm) -> Source:
+    """A view of `source` keeping only the units `keep[name]` of each named dimension (SelectedSource)."""
+    return SelectedSource(source, keep)
+
+
 def permuted(source: Source, perm: Perm) -> Source:
     """A view of `source` permuted by `perm` (after any permutation it already applies: one gather per read)."""
     if isinstance(source, PermutedSource):

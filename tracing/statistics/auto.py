@@ -26,8 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tracing.align import residual_selection
+from tracing.arch import RESID
 from tracing.describe import describe
 from tracing.errors import TracingError
+from tracing.perm import selected
 from tracing.sources.base import Source
 from tracing.statistics import StatContext, StatResult, get_stat, register
 from tracing.statistics.fits import advice, hidden_size, mlp_units, vocab_disagrees
@@ -43,7 +46,8 @@ class Step:
 
     name: str  # as shown: "csu", "csu --align", "match", ...
     stat: str
-    align: bool = False
+    align: bool = False  # ft's hidden units lined up with base's first (OpenedPair.align)
+    narrow: bool = False  # base cut down to the residual channels ft kept (a narrower ft: hidden-size pruning)
 
     @property
     def needs_data(self) -> bool:
@@ -55,7 +59,11 @@ def _plan(a: Source, b: Source) -> list[Step]:
     if fits["csu"]:
         steps = [Step("csu", "csu"), Step("csu --align", "csu", align=True)]
         return steps + ([Step("match", "match")] if fits["match"] else [])
-    return [Step(n, n) for n in ("csu_all", "match_all") if fits[n]]
+    steps = [Step(n, n) for n in ("csu_all", "match_all") if fits[n]]
+    narrower = hidden_size(b) < hidden_size(a) and a.spec.family == b.spec.family
+    if narrower and vocab_disagrees(a, b) is None:  # weights compare once base keeps only ft's channels
+        steps.insert(0, Step("csu_all --narrow", "csu_all", narrow=True))
+    return steps
 
 
 def no_test_fits(a: Source, b: Source) -> str | None:
@@ -100,7 +108,10 @@ def auto(ctx: StatContext) -> StatResult:
             if blocks is None:
                 blocks = ctx.load_blocks()  # made only now: a pair the weights settle needs no data
             on.load()  # once for the run: later statistics read the loaded models
-        res = get_stat(step.stat).fn(dataclasses.replace(ctx.on(on), blocks=blocks))
+        step_ctx = dataclasses.replace(ctx.on(on), blocks=blocks)
+        if step.narrow:
+            step_ctx = narrowed(step_ctx)
+        res = get_stat(step.stat).fn(step_ctx)
         results[step.name] = res
         tests.append({"test": step.name, "stat": step.stat, "log10_pvalue": res.log10_pvalue,
                       "seconds": time.perf_counter() - t0})
@@ -119,6 +130,15 @@ def auto(ctx: StatContext) -> StatResult:
         extras["n_tokens"] = int(blocks.numel())
     return StatResult(value=combined, log10_pvalue=combined,
                       per_layer=deciding.per_layer if deciding is not None else [], extras=extras)
+
+
+def narrowed(ctx: StatContext) -> StatContext:
+    """The context with base cut down to the residual channels ft kept, each matched on the embedding columns
+    (align.residual_selection: embeddings only, never the MLP weights csu_all then tests)."""
+    sel = residual_selection(ctx.source_base, ctx.source_ft, ctx.spec_base, ctx.matching, ctx.seed,
+                             ctx.compute_device)
+    view = selected(ctx.source_base, {RESID: sel})
+    return dataclasses.replace(ctx, source_base=view, spec_base=view.spec, base=None)
 
 
 def _p(log10p: float | None) -> float:
