@@ -103,7 +103,7 @@ def run_one(stat: str, pair: str, n_blocks: int, matching: str, n_layers: int, b
             "layers": f"{base.config.num_hidden_layers}x{ft.config.num_hidden_layers}",
             "wall_s": round(time.perf_counter() - t0, 2), "lap_s": round(res.extras["lap_seconds"], 2),
             "passes": passes if isinstance(passes, int) else passes["base"],
-            "exact_layers": sum(s != "greedy" for s in solvers) if matching == "fast" else None,
+            "exact_layers": sum(s == "greedy+lap" for s in solvers) if matching == "fast" else None,
             "rss_models_mib": rss_models, "peak_rss_mib": bench_common.rss_mib("VmHWM"),
             "log10_pvalue": res.log10_pvalue, "threads": torch.get_num_threads(), "device": device,
             "mapped": sum(m is not None for m in res.extras.get("mapping", [])) if stat == "match_all" else None,

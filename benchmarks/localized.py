@@ -200,7 +200,7 @@ def report(rows: list[dict], kept: list[int], meta: str, drift: list[float], pow
         lines.append(f"| {j} | {i} | {drift[j]:.3f} | " + " | ".join(cells) + " |")
     if power:
         lines += ["", "match's log10 p per kept layer with each similarity and solver (`--matching fast` screens with "
-                  "greedy on cosines and runs the exact assignment on -squared distances where that p < 0.01; "
+                  "greedy on cosines and runs the exact assignment on -squared distances where 1e-10 < that p < 0.01; "
                   "`exact` is the last column):", "",
                   "| layer of B | base layer | cosine, greedy | cosine, exact | -distance, greedy | -distance, exact |",
                   "|---|---|---|---|---|---|"]

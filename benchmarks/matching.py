@@ -35,10 +35,10 @@ def candidates() -> dict:
     import torch
     from scipy.optimize import linear_sum_assignment
 
-    from tracing import matching
+    from tracing import solvers
 
     def greedy(s: np.ndarray) -> np.ndarray:
-        rows, cols = matching._greedy(torch.from_numpy(s))
+        rows, cols = solvers.greedy(torch.from_numpy(s))
         out = np.empty(s.shape[0], dtype=np.int64)
         out[rows.numpy()] = cols.numpy()
         return out
@@ -70,13 +70,13 @@ def candidates() -> dict:
             return run
 
         def greedy_gpu(s: torch.Tensor) -> np.ndarray:
-            rows, cols = matching._greedy(s)
+            rows, cols = solvers.greedy(s)
             out = np.empty(s.shape[0], dtype=np.int64)
             out[rows.numpy()] = cols.numpy()
             return out
 
         out["greedy (ours, GPU)"] = on_gpu(greedy_gpu)
-        matching._greedy(torch.rand(64, 64, device="cuda"))  # CUDA's start-up is not the solver's time
+        solvers.greedy(torch.rand(64, 64, device="cuda"))  # CUDA's start-up is not the solver's time
         try:
             from torch_linear_assignment import batch_linear_assignment
             out["torch-linear-assignment (GPU)"] = on_gpu(

@@ -53,6 +53,19 @@ def test_streaming_gram_equals_full_activation_matrices(pair):
             assert ok_a.all() and ok_b.all()
 
 
+def test_bf16_models_accumulate_exact_products_in_float32(pair):
+    """Models run in bf16: their activations are bf16 values, the Gram products run on the bf16 units and still
+    accumulate in float32 (no rounding of the sums to bf16)."""
+    a, b, spec, blocks = pair
+    a16, b16 = copy.deepcopy(a).bfloat16(), copy.deepcopy(b).bfloat16()
+    full_a = sample_activations(a16, spec, blocks, progress=False)  # (proj, layer) -> (tokens, width)
+    full_b = sample_activations(b16, spec, blocks, progress=False)
+    for lg in layer_grams(a16, b16, spec, spec, blocks, batch_size=2, progress=False):
+        xa, xb = full_a["up", lg.layer].double(), full_b["up", lg.layer].double()
+        assert torch.equal(xa, xa.bfloat16().double())  # bf16 values
+        torch.testing.assert_close(lg.gram["up"], xa.T @ xb, rtol=1e-5, atol=1e-4)
+
+
 def test_one_forward_pass_per_model_for_all_layers(pair):
     a, b, spec, blocks = pair
     calls_a, ha = _count_forwards(a)

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 
 # Lower layers never import higher ones (a layer may import itself: the cycle test keeps that acyclic).
 LAYERS = [
-    ["errors", "naming", "choices", "matching", "plots", "zoo", "docs"],  # foundation: no model code
+    ["errors", "naming", "choices", "solvers", "cosines", "matching", "plots", "zoo", "docs"],  # no model code
     ["config", "model_lists", "results", "result_folder", "devices", "arch", "access", "digests", "checkpoints",
      "lineage", "hub", "describe"],
     # tensors, models, and the opened pair built from them; experts

@@ -60,6 +60,27 @@ def test_distinct_best_partners_are_the_answer_of_both_solvers():
         assert dict(zip(p.a.tolist(), p.b.tolist())) == dict(enumerate(planted.tolist()))
 
 
+@pytest.mark.parametrize("shape", [(25, 40), (40, 25)])
+def test_distinct_best_and_column_topk_on_either_narrower_side(shape):
+    from tracing import solvers
+
+    rng = np.random.default_rng(9)
+    sim = torch.from_numpy(rng.standard_normal(shape))
+    values, rows = solvers.column_topk(sim, 3)  # (m, 3)
+    ref = sim.topk(3, dim=0)
+    assert torch.equal(values, ref.values.T) and torch.equal(rows, ref.indices.T)
+    k = min(shape)
+    planted = rng.permutation(max(shape))[:k]  # each unit of the narrower side has a clear, distinct best
+    if shape[0] <= shape[1]:
+        sim[np.arange(k), planted] += 10
+    else:
+        sim[planted, np.arange(k)] += 10
+    a, b = solvers.distinct_best(sim)
+    expected = dict(zip(range(k), planted.tolist()))
+    assert (dict(zip(a.tolist(), b.tolist())) if shape[0] <= shape[1] else dict(zip(b.tolist(), a.tolist()))) == \
+        expected
+
+
 def test_degenerate_units_are_left_out_and_counted():
     rng = np.random.default_rng(3)
     rows_a, rows_b = torch.randn(30, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
@@ -101,7 +122,7 @@ def test_ties_fall_in_random_order_not_index_order():
     assert np.mean(old) > 0.12 and abs(np.mean(new)) < 0.08  # observed: 0.19 and -0.002 (sd of a mean: 0.024)
 
 
-def test_fast_runs_the_exact_matching_only_below_the_screen():
+def test_fast_runs_the_exact_matching_only_between_the_screen_and_decisive():
     calls = []
 
     def test(result):
@@ -111,12 +132,32 @@ def test_fast_runs_the_exact_matching_only_below_the_screen():
         return run
 
     assert matching.screened("fast", test({"greedy": (0.1, -0.5)})) == ((0.1, -0.5), "greedy")
-    assert matching.screened("fast", test({"greedy": (0.9, -5.0), "lap": (0.95, -7.0)})) == ((0.95, -7.0),
-                                                                                             "greedy+lap")
+    (rho, logp), solver = matching.screened("fast", test({"greedy": (0.9, -5.0), "lap": (0.95, -7.0)}))
+    assert (rho, solver) == (0.95, "greedy+lap") and logp == pytest.approx(np.log10(1e-7 + 1e-10), abs=1e-12)
+    (rho, logp), solver = matching.screened("fast", test({"greedy": (0.99, -4000.0)}))  # decided: no exact run
+    assert (rho, solver) == (0.99, "greedy, decisive") and logp == pytest.approx(-4000 + np.log10(2))
     assert matching.screened("exact", test({"lap": (0.2, -1.0)})) == ((0.2, -1.0), "lap")
-    assert calls == ["greedy", "greedy", "lap", "lap"]
+    assert calls == ["greedy", "greedy", "lap", "greedy", "lap"]
     with pytest.raises(TracingError, match="unknown --matching 'hungarian'; valid: fast .*exact"):
         matching.screened("hungarian", test({}))
+
+
+def test_fast_is_valid_against_the_worst_joint_law_of_greedy_and_exact(monkeypatch):
+    """G and E each uniform, coupled as badly as they can be: E = G - t (mod 1), so that below the screen the
+    exact p is smallest exactly where the greedy one was not decisive. Reporting G where decisive and E elsewhere
+    would give P(p <= a) = a + t; "fast"'s bound (module docstring) keeps it at a."""
+    monkeypatch.setattr(matching, "SCREEN_LOG10P", np.log10(0.3))
+    monkeypatch.setattr(matching, "DECISIVE_LOG10P", np.log10(0.05))
+    t, n = 0.05, 40000
+    g = (np.arange(n) + 0.5) / n  # G uniform on (0, 1), evenly spread
+    e = (g - t) % 1.0  # E uniform too
+    reported = np.array([10 ** matching.screened("fast", lambda solver, k=k: (0.0, np.log10(
+        g[k] if solver == "greedy" else e[k])))[0][1] for k in range(n)])
+    naive = np.where(g >= 0.3, g, np.where(g <= t, g, e))
+    for a in (0.01, 0.04, 0.08, 0.1, 0.2, 0.29, 0.5):
+        assert (reported <= a).mean() <= a + 1e-9, a
+        if a + min(a, t) < 0.3:  # below the screen the naive skip is not valid: P = a + min(a, t)
+            assert (naive <= a).mean() == pytest.approx(a + min(a, t), abs=1e-4)
 
 
 def test_agreement_of_two_matchings_sees_a_shared_permutation():
@@ -127,7 +168,7 @@ def test_agreement_of_two_matchings_sees_a_shared_permutation():
     for s in (gate, up):
         s[torch.arange(50), planted] += 10.0  # both projections point to the same partners
     rec = agreement_test(lambda solver: (gate, up), None, None, "fast", seed=0)
-    assert rec["rho"] == 1.0 and rec["log10_pvalue"] < -60 and rec["solver"] in ("greedy+lap", "greedy")
+    assert rec["rho"] == 1.0 and rec["log10_pvalue"] < -60 and rec["solver"] == "greedy, decisive"
     unrelated = agreement_test(lambda solver: (gate, torch.randn(50, 50, generator=g, dtype=torch.float64)),
                                None, None, "fast", seed=0)
     assert unrelated["log10_pvalue"] > -3
@@ -149,6 +190,18 @@ def test_pair_units_leaves_the_callers_matrix_alone():
     for solver in ("lap", "greedy"):
         matching.pair_units(sim, solver=solver)
     assert torch.equal(sim, before)
+
+
+def test_bf16_rows_give_float32_cosines_from_their_exact_values():
+    """bf16 weights: the product runs on the bf16 units, yet every input is exact, so the cosines are those of
+    float64 up to float32 summation (no bf16 rounding of the result), and equal the float32 path's."""
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(300, 256, generator=g).bfloat16(), torch.randn(200, 256, generator=g).bfloat16()
+    fast = matching.cosine_matrix(a, b)  # (300, 200)
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast.double(), matching.cosine_matrix(a.double(), b.double()), atol=1e-6, rtol=0)
+    assert torch.allclose(fast, matching.cosine_matrix(a.float(), b.float()), atol=1e-6, rtol=0)
+    assert len(torch.unique(fast)) > 0.99 * fast.numel()  # float32 resolution: no bf16 ties
 
 
 def test_map_in_threads_keeps_the_order_and_bounds_workers_by_memory():

@@ -71,6 +71,24 @@ def test_device_and_dtype_defaults(monkeypatch):
         resolve_device("tpu9")
 
 
+def test_cpu_default_dtype_follows_the_checkpoints(monkeypatch, llama_dir, tmp_path):
+    """On a CPU with bf16 units, a pair stored in bf16 runs in bf16 (no weight changes); anything else in fp32."""
+    from tracing import devices
+    from tracing.checkpoints import resolve
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    zoo.tiny_model("llama", seed=0).to(bf16).save_pretrained(tmp_path / "bf16")
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert resolve_dtype(None, "cpu", (bf16, "bfloat16")) == bf16
+    assert resolve_dtype(None, "cpu", (bf16, fp32)) == resolve_dtype(None, "cpu", (bf16, None)) == fp32
+    assert resolve_dtype("float32", "cpu", (bf16, bf16)) == fp32  # --dtype decides
+    ckpt_bf16, ckpt_fp32 = resolve(str(tmp_path / "bf16")), resolve(str(llama_dir))
+    assert str(ckpt_bf16.stored_dtype).endswith("bfloat16") and str(ckpt_fp32.stored_dtype).endswith("float32")
+    assert resolve_dtype(None, "cpu", (ckpt_bf16.stored_dtype, ckpt_bf16.stored_dtype)) == bf16
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)  # no bf16 units: bf16 would be emulated
+    assert resolve_dtype(None, "cpu", (bf16, bf16)) == fp32
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 def test_cuda_without_gpu_is_a_clear_error():
     assert resolve_device("auto") == torch.device("cpu")

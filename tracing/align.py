@@ -24,11 +24,14 @@ Weights are read one at a time (the embeddings in chunks of rows), so memory doe
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tracing.arch import RESID, ArchSpec, expert_mlp, experts, mlp
+from tracing.cosines import bf16_products
 from tracing.errors import TracingError
 from tracing.matching import (
     DEFAULT_METHOD,
@@ -37,6 +40,7 @@ from tracing.matching import (
     map_in_threads,
     pair_units,
     permutation,
+    similarity,
     usable,
     usable_from_range,
 )
@@ -47,7 +51,7 @@ from tracing.sources.base import Source, as_source
 
 def _match_rows(a: torch.Tensor, b: torch.Tensor, method: str, seed: Seed) -> torch.Tensor:
     """Permutation p with b[p] matched to a, rows of a (n, d) and b (n, d)."""
-    return permutation(cosine_matrix(a, b), usable(a), usable(b), method, seed)
+    return permutation(similarity(a, b), usable(a), usable(b), method, seed)
 
 
 def _neuron_rows(spec: ArchSpec, src: Source, key: str, name: str,
@@ -66,8 +70,9 @@ EMB_CHUNK = 2048  # embedding rows per step of the residual similarity (float64 
 def embedding_similarity(base: Source, ft: Source, spec: ArchSpec, vocab: int,
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cosine similarity (hidden, hidden) of the embedding columns (one per hidden unit) of base and ft over the
-    first `vocab` rows, float64, accumulated over chunks of rows (the float32 products of `cosine_matrix`);
-    with the usable columns of each side (matching.usable_from_range: finite, not constant)."""
+    first `vocab` rows, float64, accumulated over chunks of rows (float32 products, on the bf16 units for bf16
+    embeddings on a CPU, as in `cosine_matrix`); with the usable columns of each side
+    (matching.usable_from_range: finite, not constant)."""
     hidden_b, hidden_f = base.shape(spec.embed)[1], ft.shape(spec.embed)[1]
     gram = torch.zeros(hidden_b, hidden_f, dtype=torch.float64, device=device)
     sq_b = torch.zeros(hidden_b, dtype=torch.float64, device=device)
@@ -76,13 +81,15 @@ def embedding_similarity(base: Source, ft: Source, spec: ArchSpec, vocab: int,
     lo_f, hi_f, fin_f = sq_f.new_full((hidden_f,), torch.inf), sq_f.new_full((hidden_f,), -torch.inf), True
     for s in range(0, vocab, EMB_CHUNK):
         rows = slice(s, min(s + EMB_CHUNK, vocab))
-        a = base.get(spec.embed, rows).to(device, torch.float64)  # (chunk, hidden)
-        b = ft.get(spec.embed, rows).to(device, torch.float64)  # (chunk, hidden)
+        a_stored, b_stored = base.get(spec.embed, rows).to(device), ft.get(spec.embed, rows).to(device)
+        exact_bf16 = a_stored.dtype == b_stored.dtype == torch.bfloat16 and device.type == "cpu"
+        with bf16_products() if exact_bf16 else contextlib.nullcontext():  # bf16 values: exact inputs
+            gram += (a_stored.float().T @ b_stored.float()).double()  # (hidden, hidden)
+        a, b = a_stored.double(), b_stored.double()  # (chunk, hidden)
         sq_b += a.square().sum(0)
         sq_f += b.square().sum(0)
         lo_b, hi_b, fin_b = torch.fmin(lo_b, a.amin(0)), torch.fmax(hi_b, a.amax(0)), fin_b & a.isfinite().all(0)
         lo_f, hi_f, fin_f = torch.fmin(lo_f, b.amin(0)), torch.fmax(hi_f, b.amax(0)), fin_f & b.isfinite().all(0)
-        gram += (a.float().T @ b.float()).double()  # (hidden, hidden)
     sim = gram / (sq_b.sqrt().clamp_min(1e-30)[:, None] * sq_f.sqrt().clamp_min(1e-30)[None, :])
     return sim, usable_from_range(lo_b, hi_b) & fin_b, usable_from_range(lo_f, hi_f) & fin_f
 

@@ -83,6 +83,12 @@ class Checkpoint:
         return self.location.gguf_file
 
     @property
+    def stored_dtype(self) -> Any:
+        """The dtype its config says the weights are stored in (None when unknown; a GGUF file's blocks: None)."""
+        config = self.config
+        return None if self.gguf_file else getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+
+    @property
     def from_hub(self) -> bool:
         return self.kind == "hub" or (self.kind == "gguf" and not Path(self.path).is_dir())
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tracing.errors import TracingError
 
-METHODS = {"fast": "greedy mutual-best matching; exact assignment where its p < 0.01 (default)",
+METHODS = {"fast": "greedy mutual-best matching; exact assignment where its p is in (1e-10, 0.01) (default)",
            "exact": "exact linear assignment everywhere (scipy, float64): the paper's statistic bit for bit"}
 DEFAULT_METHOD = "fast"
 

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add(g, "ft_model_id", "the model whose origin is tested (same forms)")
     p.add(g, "adapter_base", "base model for a PEFT adapter whose recorded base is unreachable")
     g.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN); never stored")
-    p.add(g, "dtype", "float32|bfloat16|float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add(g, "dtype", "float32|bfloat16|float16 (default: bf16 on GPU; on CPU bf16 if both checkpoints are stored "
+          "in bf16, else fp32)")
     p.add(g, "device", "auto|cpu|cuda|cuda:N")
     p.add(g, "device_map", "'auto' shards big models over all GPUs (accelerate)")
     p.add(g, "trust_remote_code", "run model code from the checkpoint", action="store_true")
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add(g, "emb", "mode: also interpolate embeddings", action="store_true")
     p.add(g, "layers", "restrict per-layer statistics, e.g. 0,2,5-7", type=_type(parse_layers))
     p.add(g, "max_tokens", "activation statistics: token sample size", type=int)
-    p.add(g, "matching", "neuron matching: fast (greedy, exact assignment where it finds p < 0.01) or exact "
-          "(the paper's assignment everywhere)")
+    p.add(g, "matching", "neuron matching: fast (greedy; exact assignment where it finds 1e-10 < p < 0.01) or "
+          "exact (the paper's assignment everywhere)")
     p.add(g, "memory_budget", "activation accumulators' memory, e.g. 8GiB (default: half the free GPU memory / "
           "RAM)")
 

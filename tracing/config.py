@@ -82,7 +82,7 @@ class RunConfig:
     ft_model_id: str = ""
     # models
     adapter_base: str | None = None  # base of a PEFT adapter whose recorded base is unreachable
-    dtype: str | None = None  # float32 | bfloat16 | float16; None: bf16 on GPU, fp32 on CPU
+    dtype: str | None = None  # float32 | bfloat16 | float16; None: bf16 on GPU, on CPU as stored if bf16, else fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     device_map: str | None = None  # "auto": shard over all GPUs (accelerate)
     trust_remote_code: bool = False

@@ -2,7 +2,8 @@
 and how much memory it took.
 
     dev = resolve_device("auto")          # cuda if available, else cpu
-    dtype = resolve_dtype(None, dev)      # bf16 on GPU (fp16 before Ampere), fp32 on CPU
+    dtype = resolve_dtype(None, dev, stored=(torch.bfloat16,) * 2)   # bf16 on GPU (fp16 before Ampere);
+                                         # on a CPU bf16 if both checkpoints are stored so, else fp32
     model_device(model)                   # where a loaded model's inputs go
     with threads(None): ...               # torch threads and assignment workers = the CPUs we may use
     return_freed_memory(); reset_peak_memory(); ...; rss_mib, gpu_mib = peak_memory_mib()
@@ -13,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from tracing import matching
+from tracing.cosines import cpu_has_bf16
 from tracing.errors import TracingError
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -53,14 +55,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """None/'auto' -> bfloat16 on GPU (float16 on GPUs without bf16, before Ampere), float32 on CPU;
-    else one of float32/fp32/float16/fp16/bfloat16/bf16."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device,
+                  stored: Iterable[str | torch.dtype | None] = ()) -> torch.dtype:
+    """None/'auto' -> bfloat16 on GPU (float16 on GPUs without bf16, before Ampere); on a CPU bfloat16 when
+    every checkpoint is `stored` in bfloat16 and the CPU has bf16 units (no weight changes, and the statistics'
+    verdicts and p-values hold: benchmarks/cpu_dtype.py), else float32. Otherwise one of
+    float32/fp32/float16/fp16/bfloat16/bf16."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
         if torch.device(device).type != "cuda":
-            return torch.float32
+            stored = [str(d).removeprefix("torch.") for d in stored]  # a config's dtype: a torch dtype or its name
+            all_bf16 = bool(stored) and all(d == "bfloat16" for d in stored)
+            return torch.bfloat16 if all_bf16 and cpu_has_bf16() else torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:

@@ -10,14 +10,16 @@
 Both models run batch by batch in lockstep over the same token blocks; hooks on the MLP input projections
 (gate_proj / up_proj outputs, pre-activation; c_fc / dense_h_to_4h for GPT-2/NeoX) accumulate per layer the
 Gram matrix G = X_Aᵀ X_B (width_A, width_B), the squared column norms of X_A and X_B, and each unit's smallest
-and largest value (degenerate units: tracing.matching.usable_from_range). Memory is O(layers · width²),
-independent of the number of tokens; when the accumulators would exceed the budget (`--memory_budget`;
-default: half the free memory of the models' device, RAM on a CPU) the layers are processed in chunks, one
-more pass per chunk.
+and largest value (degenerate units: tracing.matching.usable_from_range); products of bf16 activations (a
+model run in bf16) on a CPU run on its bf16 units with float32 accumulation (tracing.cosines.bf16_products).
+Memory is O(layers · width²), independent of the number of tokens; when the accumulators would exceed the
+budget (`--memory_budget`; default: half the free memory of the models' device, RAM on a CPU) the layers are
+processed in chunks, one more pass per chunk.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from tracing.activations import Hooks, check_blocks, check_layers, module_width, projection_modules
 from tracing.arch import ArchSpec
+from tracing.cosines import bf16_products
 from tracing.devices import model_device
 from tracing.errors import TracingError
 from tracing.matching import free_memory, usable_from_range
@@ -134,12 +137,14 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
         def accumulate_b(key, y):  # y: (tokens, width_B)
             x = held.pop(key)
             y = y.to(x.device)
+            exact_bf16 = x.dtype == y.dtype == torch.bfloat16 and acc_dtype == torch.float32 and x.is_cpu
             xt, y = x.T.to(acc_dtype), y.to(acc_dtype)  # (width_A, tokens), (tokens, width_B)
-            if key in started:
-                gram[key].addmm_(xt, y)
-            else:
-                torch.mm(xt, y, out=gram[key])
-                started.add(key)
+            with bf16_products() if exact_bf16 else contextlib.nullcontext():  # bf16 activations: exact inputs
+                if key in started:
+                    gram[key].addmm_(xt, y)
+                else:
+                    torch.mm(xt, y, out=gram[key])
+                    started.add(key)
             sq_b[key] += y.float().square().sum(0).double()
             _extend_range(range_b, key, y)
 

@@ -144,6 +144,11 @@ class OpenedPair:
         return self._opened.base.ckpt, self._opened.ft.ckpt
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype models are loaded in (streamed tensors are read as stored, or cast to --dtype)."""
+        return self._opened.base.opts.dtype
+
+    @property
     def loaded(self) -> bool:
         """Whether the models are loaded (`load`): statistics then read their tensors, not the files."""
         return self._opened.loaded

@@ -82,7 +82,10 @@ def resolve_pair(cfg: RunConfig, token: str | None) -> tuple[Checkpoint, Checkpo
 def open_pair(cfg: RunConfig, token: str | None, notes: list) -> OpenedPair:
     """Both checkpoints resolved and opened (configs, architectures, headers checked); no model loaded."""
     base, ft = resolve_pair(cfg, token)
-    opts = OpenOptions(dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)), device=cfg.device,
+    # --dtype; else bf16 on a GPU; on a CPU bf16 where both are stored in bf16 and it has bf16 units (no weight
+    # rounded: benchmarks/cpu_dtype.py), else float32
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device), [base.stored_dtype, ft.stored_dtype])
+    opts = OpenOptions(dtype=dtype, device=cfg.device,
                        device_map=cfg.device_map, stream_dtype=resolve_dtype(cfg.dtype, "cpu") if cfg.dtype else None,
                        trust_remote_code=cfg.trust_remote_code, progress=not cfg.no_progress,
                        allow_keys=cfg.allow_keys or (), notes=notes, token=token)
@@ -247,6 +250,7 @@ def prepare(cfg: RunConfig, info: StatInfo, token: str | None, record: dict) -> 
     checks of `check_inputs`, the token blocks. Fills load_s (opening), data_s and the blocks' shape in `record`."""
     t0 = time.perf_counter()
     pair = open_pair(cfg, token, record["notes"])
+    record["dtype"] = str(pair.dtype).removeprefix("torch.")
     check_inputs(cfg, info, pair)
     record["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

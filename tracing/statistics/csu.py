@@ -59,7 +59,7 @@ def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device 
     The cosine product runs on `device` (default: rows_a's)."""
     device = device or rows_a.device
     rows_a, rows_b = rows_a.to(device), rows_b.to(device)
-    sim = matching.cosine_matrix(rows_a, rows_b)  # (n, m)
+    sim = matching.similarity(rows_a, rows_b)  # (n, m): a matrix, or a LazyCosine for bf16 rows
     record = identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
     if rows_a.shape == rows_b.shape:  # how far B's rows moved from A's, in place (tracing.describe)
         norm_sq = dot_and_norms(rows_a, rows_a)[1]

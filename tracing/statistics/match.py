@@ -8,8 +8,9 @@ stream (the activations do not depend on its basis). One forward pass per model 
 
 Matching (`--matching`, tracing/matching.py): the exact matching minimises the squared Euclidean distance
 of activation vectors (as in the original; float64); "fast" first matches greedily on cosine similarity
-and computes the exact matching only where that already gives p < 0.01. Units constant or non-finite over
-the tokens in either projection are left out; ties fall in random order.
+and computes the exact matching only where that gives 1e-10 < p < 0.01 (below, the layer is decided: its greedy
+p, doubled, is reported; tracing/matching.py proves it valid). Units constant or non-finite over the tokens in
+either projection are left out; ties fall in random order.
 """
 
 from __future__ import annotations

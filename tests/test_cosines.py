@@ -1,0 +1,65 @@
+"""Cosines of bf16 rows: a bf16 product certifies the matching only where the float32 product would find the same
+one, so every p-value stays what the float32 matrix gives."""
+
+import numpy as np
+import pytest
+import torch
+
+from tracing import cosines, matching
+from tracing.statistics.common import identity_test
+
+
+def _rows(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).bfloat16()  # (n, d)
+
+
+def _derived(a: torch.Tensor, seed: int, noise: float = 0.05) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    b = a.float() + noise * torch.randn(a.shape, generator=g)
+    return b[torch.randperm(a.shape[0], generator=g)].bfloat16()  # its units in another order
+
+
+def test_the_bf16_products_error_bound_holds():
+    """The bound the certificate uses, |bf16-result cosine - float32 cosine| <= 2^-8/(1-2^-8) |coarse| + 2 d 2^-24,
+    on cosines of every size (related rows near 1, unrelated ones near 0)."""
+    a = _rows(300, 512, 0)
+    b = torch.cat([_derived(a, 1)[:150], _rows(150, 512, 2)])
+    exact = cosines.exact_bf16_cosines(a, b)  # (300, 300)
+    coarse = (a @ b.T).float() * cosines.inv_norms(a)[:, None] * cosines.inv_norms(b)[None, :]
+    u = cosines.BF16_ROUNDING
+    bound = u / (1 - u) * coarse.abs() + 2 * a.shape[1] * cosines.FP32_UNIT
+    assert ((coarse - exact).abs() <= bound).all()
+    assert ((coarse - exact).abs() > 0.1 * bound).any()  # a bound that is not vacuous
+
+
+def test_certified_pairs_are_the_float32_matrix_pairs():
+    a = _rows(200, 256, 3)
+    b = _derived(a, 4)
+    lazy = matching.similarity(a, b) if cosines.cpu_has_bf16() else cosines.LazyCosine(a, b)
+    pairs = lazy.certified_best()
+    assert pairs is not None and lazy._exact is None  # no float32 product was made
+    exact = matching.pair_units(matching.cosine_matrix(a, b), solver="greedy")
+    assert exact.immediate
+    assert dict(zip(*(p.tolist() for p in pairs))) == dict(zip(exact.a.tolist(), exact.b.tolist()))
+
+
+@pytest.mark.parametrize("kind", ["related", "unrelated", "degenerate", "wider A"])
+def test_identity_test_on_lazy_cosines_is_the_float32_one(kind):
+    a = _rows(150, 128, 5)
+    b = {"related": lambda: _derived(a, 6), "unrelated": lambda: _rows(150, 128, 7),
+         "degenerate": lambda: _derived(a, 6), "wider A": lambda: _derived(a, 6)[:120]}[kind]()
+    if kind == "degenerate":
+        b[3] = 0  # a zeroed unit: left out, so the float32 path decides
+    ok_a, ok_b = matching.usable(a), matching.usable(b)
+    lazy = identity_test(cosines.LazyCosine(a, b), ok_a, ok_b, "fast", seed=1)
+    full = identity_test(matching.cosine_matrix(a, b), ok_a, ok_b, "fast", seed=1)
+    for key in ("rho", "log10_pvalue", "n_units", "excluded_base", "excluded_ft", "solver"):
+        assert lazy[key] == full[key] or (np.isnan(lazy[key]) and np.isnan(full[key])), (kind, key)
+
+
+def test_alignment_permutation_on_lazy_cosines_is_the_float32_one():
+    a = _rows(120, 64, 8)
+    b = _derived(a, 9)
+    ok = torch.ones(120, dtype=torch.bool)
+    assert torch.equal(matching.permutation(cosines.LazyCosine(a, b), ok, ok, "fast", seed=2),
+                       matching.permutation(matching.cosine_matrix(a, b), ok, ok, "fast", seed=2))
