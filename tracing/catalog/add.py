@@ -49,25 +49,27 @@ def fingerprint_model(root: str | Path, model: str, name: str) -> dict:
     t0 = time.perf_counter()
     cat = Catalog.open(root)
     ckpt = resolve(model, progress=False)
-    digest = ckpt.content_hash
     out = {"name": name, "model": model, "read_bytes": 0}
-    if (present := cat.by_hash(digest)) is not None:
-        return {**out, "status": "present", "as": present["name"], "seconds": time.perf_counter() - t0}
-    taken = next((e for e in cat.entries if e["name"] == name), None)
-    if taken is not None:
-        raise TracingError(f"{name} is catalogued as another model (content hash {taken['content_hash'][:12]}, "
-                           f"this one {digest[:12]}): remove it first (python -m tracing.catalog remove --catalog "
-                           f"{root} {name}) or add this one under another name")
-    fp, status = cat.orphan(digest), "reused"
-    if fp is None:
-        weight_bytes = sum(f.stat().st_size for f in ckpt.weight_files())
-        src = open_source(ckpt, progress=False)
-        try:
+    src = open_source(ckpt, progress=False) if ckpt.from_hub else None  # a hub model's files come first: the hash
+    try:
+        digest = ckpt.content_hash
+        if (present := cat.by_hash(digest)) is not None:
+            return {**out, "status": "present", "as": present["name"], "seconds": time.perf_counter() - t0}
+        taken = next((e for e in cat.entries if e["name"] == name), None)
+        if taken is not None:
+            raise TracingError(f"{name} is catalogued as another model (content hash {taken['content_hash'][:12]}, "
+                               f"this one {digest[:12]}): remove it first (python -m tracing.catalog remove "
+                               f"--catalog {root} {name}) or add this one under another name")
+        fp, status = cat.orphan(digest), "reused"
+        if fp is None:
+            src = src or open_source(ckpt, progress=False)
+            weight_bytes = sum(f.stat().st_size for f in ckpt.weight_files())
             fp = build(src, cat.settings, name=name, content_hash=digest, weight_bytes=weight_bytes)
             out["read_bytes"] = src.read_bytes
-        finally:
+            status = "added"
+    finally:
+        if src is not None:
             src.close()
-        status = "added"
     fp.meta["name"] = name
     nbytes = cat.write_fingerprint(fp) if status == "added" else cat.fingerprint_path(digest).stat().st_size
     return {**out, "status": status, "entry": new_entry(fp, location_of(model), nbytes),
