@@ -19,7 +19,7 @@ LAYERS = [
      "derivations", "moe", "units", "recipes"],  # ... and derivation recipes
     ["statistics", "report"],  # what is computed on a pair
     ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
-    ["demo", "cluster"],  # many pairs
+    ["demo", "cluster", "catalog"],  # many pairs; a catalogue of fingerprints (one suspect, many bases)
     ["cli", "launcher", "examples"],  # main.py's and launch.py's flags; README examples from code
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -5,7 +5,8 @@
 
 The evidence is plain data (what `tracing.auto` gathers; keys are optional unless said):
     related         bool: the combined test's verdict (required)
-    decided_by      the test whose p-value decided ("csu", "csu --align", "match", "csu_all", ...)
+    decided_by      the test whose p-value decided ("csu", "csu --align", "match", "csu_all", ...; the catalogue's
+                    "fingerprint csu", "fingerprint match")
     log10_pvalue    the combined log10 p
     layers          (L_A, L_B) depths
     layer_map       for each layer of B, the layer of A it comes from, or None (localized tests)
@@ -105,6 +106,8 @@ def _units(ev: dict[str, Any]) -> str | None:
     a, b = ev.get("hidden") or (None, None)
     if by in ("match", "match_all") and a == b:  # (a pruned hidden size needs activations anyway)
         return "residual stream re-based (rotated or permuted: weights do not line up, activations do)"
+    if by == "fingerprint match" and a == b:  # tracing.catalog: the anchored sketches line up, the basis does not
+        return "hidden units re-based (permuted or rotated: weights do not line up, their anchored sketches do)"
     return None
 
 

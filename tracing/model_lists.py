@@ -1,6 +1,7 @@
 """Model lists of launch.py: YAML files naming the pairs, the cluster resources and the main.py options.
 
     lc = load_config("config/demo.yaml")   # pairs, slurm: block, main: block (checked against RunConfig)
+    ml = load_models("config/demo.yaml")   # every model the list names, once, with its name (the catalogue)
     read_yaml(Path("config/llama7b_tree.yaml"), "lineage tree")
 
 Plain data, like tracing/config.py: no Slurm, no torch.
@@ -144,3 +145,51 @@ def load_config(path: str | Path, flat: str | None = None) -> LaunchConfig:
         coerce(key, value)
     return LaunchConfig(pairs=pairs, flat=flat, slurm=dict(slurm), main=dict(main), source=str(path),
                         duplicates=len(raw) - len(pairs))
+
+
+@dataclass
+class ModelList:
+    """The models of a model-list YAML, each once, in order: (model id, name) pairs, and its slurm: block."""
+
+    models: list[tuple[str, str]]
+    slurm: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def load_models(path: str | Path) -> ModelList:
+    """Every model a model-list YAML names (any of its forms; names_1 / names_2 name models_1 / models_2), each
+    once: what `python -m tracing.catalog add --config` catalogues. Its main: block (launch.py's) is not used."""
+    path = Path(path)
+    doc = read_yaml(path)
+    if doc is None:
+        raise TracingError(f"{path} is empty; list models under 'models:' (see config/demo.yaml)")
+    if isinstance(doc, list):
+        doc = {"models": doc}
+    if not isinstance(doc, dict):
+        raise TracingError(f"{path}: expected a mapping with 'models:' (or a list of model ids)")
+    unknown = sorted(set(map(str, doc)) - set(TOP_KEYS))
+    if unknown:
+        raise TracingError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(TOP_KEYS)}")
+    named: list[tuple[str, str]] = []
+    for keys in (("models",), ("base_models",), ("ft_models",), ("models_1", "names_1"), ("models_2", "names_2")):
+        ids = _model_list(doc, keys[0], path)
+        names = _model_list(doc, keys[1], path) if len(keys) > 1 else []
+        if names and len(names) != len(ids):
+            raise TracingError(f"{path}: {keys[1]} must name each of {keys[0]} ({len(names)} names, {len(ids)} models)")
+        named += list(zip(ids, names or ids))
+    if any(not m for m, _ in named):
+        raise TracingError(f"{path}: empty model id in the model list")
+    seen, models = set(), []
+    for model, name in named:
+        if model not in seen:
+            seen.add(model)
+            models.append((model, str(name)))
+    if not models:
+        raise TracingError(f"{path} names no models; list them under 'models:' (see config/demo.yaml)")
+    slurm = doc.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise TracingError(f"{path}: 'slurm:' must be a mapping of name: value")
+    bad = sorted(set(slurm) - set(SLURM_KEYS))
+    if bad:
+        raise TracingError(f"{path}: unknown slurm key(s) {', '.join(bad)}; valid: {', '.join(SLURM_KEYS)}")
+    return ModelList(models, dict(slurm), str(path))

@@ -20,6 +20,9 @@ AGGREGATE_SUBDIR = "aggregate"  # <results>/aggregate: tables and figures of `py
 SUBMITIT_SUBDIR = "submitit"  # <save>/submitit: job logs and pickles (not result records)
 MANIFEST = "launches.jsonl"  # <save>/launches.jsonl: one line per launch, for --status
 RECORD_SUFFIXES = (".p", ".pkl", ".pickle")
+CATALOG_INDEX = "index.json"  # <catalogue>/index.json: its schema, settings and models (written last)
+CATALOG_LOCK = ".lock"  # <catalogue>/.lock: held while the index is read, changed and written
+FINGERPRINTS_SUBDIR = "fingerprints"  # <catalogue>/fingerprints/<content hash>.safetensors
 
 
 def safe_name(model_id: str, max_len: int = 80) -> str:
@@ -74,3 +77,10 @@ def heatmap_name(base_id: str, ft_id: str, stat: str = "match_all") -> str:
 def job_name(base_name: str, ft_name: str) -> str:
     """Slurm job name of one pair."""
     return safe_name(f"{base_name}__vs__{ft_name}", max_len=120)
+
+
+def fingerprint_file(content_hash: str) -> str:
+    """A fingerprint's file in <catalogue>/fingerprints: named by its checkpoint's content hash."""
+    if not re.fullmatch(r"[0-9a-f]{64}", content_hash):
+        raise ValueError(f"not a sha256 content hash: {content_hash!r}")
+    return f"{content_hash}.safetensors"

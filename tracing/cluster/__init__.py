@@ -15,8 +15,8 @@ from tracing.cluster.job import PairJob, run_main
 from tracing.cluster.plan import Task, default_cluster, executor_parameters, plan
 from tracing.cluster.slurm import preflight
 from tracing.cluster.status import print_status, record_status, status_table
-from tracing.cluster.submit import launch, submit
+from tracing.cluster.submit import launch, submit, submit_array
 from tracing.cluster.wait import wait_for
 
 __all__ = ["PairJob", "Task", "default_cluster", "executor_parameters", "launch", "plan", "preflight",
-           "print_status", "record_status", "run_main", "status_table", "submit", "wait_for"]
+           "print_status", "record_status", "run_main", "status_table", "submit", "submit_array", "wait_for"]

@@ -38,9 +38,9 @@ def _repo_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
-def submit(tasks: list[Task], folder: Path, cluster: str, params: dict,
-           runner: Callable[[RunConfig], dict] | None = None) -> list:
-    """Submit every task as one job array; returns the submitit jobs (same order as tasks)."""
+def submit_array(fn: Callable, args: list, folder: Path, cluster: str, params: dict) -> list:
+    """Submit fn(arg) for each of `args` as one submitit job array (`fn`: an importable callable, e.g. a
+    Checkpointable job object); returns the jobs, in the order of `args`. sbatch's refusal is one line."""
     folder.mkdir(parents=True, exist_ok=True)
     # jobs import `tracing` from this checkout whatever their working directory
     paths = [_repo_root(), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
@@ -50,11 +50,17 @@ def submit(tasks: list[Task], folder: Path, cluster: str, params: dict,
     said = io.StringIO()  # submitit echoes sbatch's stderr on a refusal; sbatch_error says it in one line
     try:
         with contextlib.redirect_stderr(said):
-            jobs = executor.map_array(PairJob(runner), [t.cfg for t in tasks])
+            jobs = executor.map_array(fn, args)
     except FailedJobError as e:
         raise sbatch_error(e) from None
     sys.stderr.write(said.getvalue())
     return jobs
+
+
+def submit(tasks: list[Task], folder: Path, cluster: str, params: dict,
+           runner: Callable[[RunConfig], dict] | None = None) -> list:
+    """Submit every task as one job array; returns the submitit jobs (same order as tasks)."""
+    return submit_array(PairJob(runner), [t.cfg for t in tasks], folder, cluster, params)
 
 
 def launch(config: str | Path, save: str | Path, flags: dict, cluster: str | None = None,
