@@ -13,12 +13,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 LAYERS = [
     ["errors", "naming", "choices", "matching", "plots", "zoo", "docs"],  # foundation: no model code
     ["config", "model_lists", "results", "result_folder", "devices", "arch", "access", "digests", "checkpoints",
-     "lineage", "hub", "describe"],
+     "lineage", "hub", "describe", "forest"],
     # tensors, models, and the opened pair built from them
     ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "pair",
      "derivations"],  # ... and derivation recipes
-    ["statistics", "report"],  # what is computed on a pair
-    ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
+    ["statistics", "report", "shares", "attribution", "kinship"],  # what is computed on a pair (or a few models)
+    ["pipeline", "aggregate", "generate", "trees"],  # one pair start to finish; offline aggregation; text sampling;
+    # family trees of many models
     ["demo", "cluster"],  # many pairs
     ["cli", "launcher", "examples"],  # main.py's and launch.py's flags; README examples from code
 ]

@@ -74,3 +74,14 @@ def heatmap_name(base_id: str, ft_id: str, stat: str = "match_all") -> str:
 def job_name(base_name: str, ft_name: str) -> str:
     """Slurm job name of one pair."""
     return safe_name(f"{base_name}__vs__{ft_name}", max_len=120)
+
+
+# merge attribution and family trees (tracing/attribution.py, tracing/trees.py)
+ATTRIBUTION_JSON, ATTRIBUTION_PNG = "attribution.json", "attribution.png"
+TREE_YAML, TREE_JSON, TREE_PNG = "tree.yaml", "tree.json", "tree.png"  # the lineage-tree YAML aggregate --truth reads
+TREES_DIR = RESULTS_DIR / "trees"
+
+
+def attribution_dir(suspect_id: str) -> Path:
+    """Default folder of `python -m tracing.attribution` for one suspect."""
+    return RESULTS_DIR / "attribution" / safe_name(suspect_id)

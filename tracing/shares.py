@@ -1,0 +1,93 @@
+"""Least-squares shares of one block: y = sum_m w_m x_m + e over a block's weight matrices, with intervals and
+p-values that treat each matrix row as one unit (tracing/attribution.py explains the model and why).
+
+    sums = block_sums(suspect, j, [(src_a, j), (src_b, j)])   # per-row X'X, X'y, y'y of block j's matrices
+    f = fit(sums)                          # share, se, lo, hi, log10p (per regressor), residual, alone
+    f = fit(sums, ci="bootstrap")          # percentile interval over rows drawn with replacement
+
+Only the 2-D weights of the block enter (attention and MLP matrices); norm gains and biases are left out: they
+sit near a common value (1 or 0) in every model, so one such vector would pull any two models together.
+Sums are float64 and read in pieces of rows (statistics/common.row_pieces), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.stats
+import torch
+
+from tracing.sources import Source
+from tracing.statistics.common import row_pieces
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+Z975 = float(scipy.stats.norm.isf(0.025))
+LN10 = math.log(10)
+
+
+def block_keys(src: Source, i: int) -> dict[str, str]:
+    """{key relative to the block: state-dict key} of the 2-D weights of block i of `src`."""
+    spec, shapes = src.spec, src.shapes()
+    return {spec.local_key(k): k for k, layer in spec.layer_of.items()
+            if layer == i and k in shapes and len(shapes[k]) == 2}
+
+
+def _row_sums(y: torch.Tensor, xs: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row r of y (n, d): X_r'X_r (n, k, k), X_r'y_r (n, k), y_r'y_r (n,), in float64."""
+    y = y.double()  # (n, d)
+    x = torch.stack([t.double() for t in xs])  # (k, n, d)
+    return (torch.einsum("krd,lrd->rkl", x, x).numpy(), torch.einsum("krd,rd->rk", x, y).numpy(),
+            y.square().sum(1).numpy())
+
+
+def block_sums(suspect: Source, j: int, regressors: list[tuple[Source, int]]) -> dict:
+    """Per-row sums of block j of the suspect against block i of each regressor (source, i): xx (R, k, k),
+    xy (R, k), yy (R,), the number of values, and `equal_first`: the fraction of values equal to the first
+    regressor's bit for bit (the base's, when it is first)."""
+    keys = block_keys(suspect, j)
+    theirs = [block_keys(src, i) for src, i in regressors]
+    parts, equal, values, eps = [], np.zeros(len(regressors)), 0, EPS32
+    for local, key in keys.items():
+        for rows in row_pieces(suspect.shape(key)):
+            y = suspect.get(key, rows)  # (n, d)
+            xs = [src.get(blk[local], rows) for (src, _), blk in zip(regressors, theirs)]
+            parts.append(_row_sums(y, xs))
+            equal += [int((y == x).sum()) for x in xs]
+            values += y.numel()
+            eps = max(eps, float(torch.finfo(y.dtype).eps)) if y.is_floating_point() else eps
+    xx, xy, yy = (np.concatenate(p) for p in zip(*parts))
+    return {"xx": xx, "xy": xy, "yy": yy, "values": values, "equal": (equal / max(values, 1)).tolist(),
+            "eps": eps}
+
+
+def fit(sums: dict, ci: str = "sandwich", n_boot: int = 200, seed: int = 0) -> dict:
+    """The least-squares shares of one block from its per-row sums: share, se (cluster-robust over rows, floored
+    by the rounding of the suspect's storage dtype), lo / hi (95%: share +- 1.96 se, or bootstrap percentiles),
+    log10p (two-sided z against zero), residual ||e|| / ||y||, `noise`: the part of that residual rounding to the
+    storage dtype explains (eps / sqrt(12), relative), and `alone`: ||y - x_m|| / ||y|| for each regressor."""
+    xx, xy, yy = sums["xx"], sums["xy"], sums["yy"]
+    rows, k = xy.shape
+    a, b = xx.sum(0), xy.sum(0)  # (k, k), (k,)
+    a_inv = np.linalg.pinv(a)
+    w = a_inv @ b
+    g = xy - xx @ w  # (R, k): X_r' e_r, the score of row r
+    noise = sums.get("eps", EPS32) / math.sqrt(12)  # RMS rounding error relative to a value (uniform in an ulp)
+    floor = noise ** 2 * yy.sum() / max(sums["values"], 1)  # variance of one rounding per value
+    cov = a_inv @ (g.T @ g) @ a_inv * rows / max(rows - k, 1) + floor * a_inv
+    se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    z = np.abs(w) / np.maximum(se, 1e-300)
+    log10p = np.minimum(0.0, (math.log(2) + scipy.stats.norm.logsf(z)) / LN10)
+    if ci == "bootstrap":
+        counts = np.random.default_rng(seed).multinomial(rows, np.full(rows, 1.0 / rows), size=n_boot)  # (B, R)
+        a_boot = (counts @ xx.reshape(rows, -1)).reshape(n_boot, k, k)
+        w_boot = np.einsum("bkl,bl->bk", np.linalg.pinv(a_boot), counts @ xy)  # (B, k): each resample's shares
+        lo, hi = np.percentile(w_boot, [2.5, 97.5], axis=0)
+    else:
+        lo, hi = w - Z975 * se, w + Z975 * se
+    total = yy.sum()
+    rss = max(total - 2 * w @ b + w @ a @ w, 0.0)
+    alone = [max(total - 2 * b[m] + a[m, m], 0.0) for m in range(k)]
+    return {"share": w, "se": se, "lo": lo, "hi": hi, "log10p": log10p,
+            "residual": math.sqrt(rss / total) if total > 0 else 0.0, "noise": noise,
+            "alone": [math.sqrt(r / total) if total > 0 else 0.0 for r in alone]}
