@@ -7,8 +7,8 @@ which pairs are parent and child (edges), which way each edge points, and the li
     score_edges(forest, {child: [parents]})   # edges and directions right, against a truth
 
 `pairs`: one dict per unordered pair {"a", "b", "related" (bool), "distance" (float or None), "direction"
-(> 0: a is b's parent, < 0: b is a's), "why"}; `merges`: {model: {"parents": [...], "shares": {...}}} for the
-models merge attribution found to be merges (several parents).
+(> 0: a is b's parent, < 0: b is a's), "why", "label" (short, for the figure)}; `merges`: {model: {"parents":
+[...], "shares": {...}}} for the models merge attribution found to be merges (several parents).
 
 Families are the connected components of the related pairs. Inside a family the models that are not merges are
 joined by a minimum spanning tree over the distances (a parent is nearer to its child than to its grandchild or
@@ -94,18 +94,19 @@ def build_forest(names: Sequence[str], pairs: Sequence[dict], merges: Mapping[st
     merges = dict(merges or {})
     dist = {frozenset((p["a"], p["b"])): (FAR if p.get("distance") is None else p["distance"]) for p in pairs}
     direction: dict[tuple[str, str], float] = {}
-    why: dict[tuple[str, str], str] = {}
+    why: dict[tuple[str, str], tuple[str, str]] = {}
     for p in pairs:
         d = float(p.get("direction") or 0.0)
         direction[p["a"], p["b"]], direction[p["b"], p["a"]] = d, -d
-        why[p["a"], p["b"]] = why[p["b"], p["a"]] = p.get("why", "")
+        why[p["a"], p["b"]] = why[p["b"], p["a"]] = (p.get("why", ""), p.get("label", ""))
     out = []
     for members in families(names, pairs):
         plain = [m for m in members if m not in merges] or members[:1]
         tree = spanning_tree(plain, dist)
         root = choose_root(plain, tree, direction, dist)
         edges = [{"parent": u, "child": v, "distance": dist.get(frozenset((u, v))), "direction": direction.get((u, v)),
-                  "why": why.get((u, v), ""), "merge": False} for u, v in _orient(root, tree)]
+                  "why": why.get((u, v), ("", ""))[0], "label": why.get((u, v), ("", ""))[1], "merge": False}
+                 for u, v in _orient(root, tree)]
         for m in members:
             if m in merges and m not in plain:
                 shares = merges[m].get("shares", {})
@@ -113,7 +114,8 @@ def build_forest(names: Sequence[str], pairs: Sequence[dict], merges: Mapping[st
                     if par in members:
                         edges.append({"parent": par, "child": m, "distance": dist.get(frozenset((par, m))),
                                       "direction": None, "why": f"merge share {shares.get(par, math.nan):.2f}",
-                                      "merge": True, "share": shares.get(par)})
+                                      "label": f"{shares.get(par, math.nan):.2f}", "merge": True,
+                                      "share": shares.get(par)})
         out.append({"root": root, "members": list(members), "edges": edges})
     return {"families": out, "merges": merges}
 

@@ -5,7 +5,7 @@ survives changes of shape. The family trees (tracing/trees.py) are built from it
     k = kinship(pa, pb)
     k["distance"]     # symmetric: mean of d(A->B) and d(B->A) (below)
     k["direction"]    # > 0: A is B's parent, < 0: B is A's; |1000|: from shapes, |<=1|: from the weak signal
-    k["why"]          # e.g. "B's 3 blocks are 3 of A's 4: B pruned from A"
+    k["why"], k["label"]   # "B's blocks are some of A's: B pruned", "layers pruned"
 
 Distance d(X->Y): each block of X is mapped to the block of Y whose MLP units it finds best (statistics/screen.py);
 each MLP up-projection row of X's block is paired with its nearest row (cosine) in Y's block, and d is the RMS of
@@ -99,29 +99,32 @@ def _weak(pa: dict, pb: dict, map_ba: list[int], signal: str) -> float:
     return 2 * float(np.mean(votes)) - 1 if votes else 0.0
 
 
-def _shapes(pa: dict, pb: dict, cover_ab: bool, cover_ba: bool) -> tuple[float, str] | None:
-    """Direction from shapes: (+-STRONG, why) when every shape rule that speaks agrees, (0, why) when they
-    disagree (e.g. a pruned MLP beside an up-scaled depth: neither is the other's parent), None when none speaks."""
-    votes: list[tuple[int, str]] = []  # (+1: A the parent, -1: B the parent, why)
+def _shapes(pa: dict, pb: dict, cover_ab: bool, cover_ba: bool) -> tuple[float, str, str] | None:
+    """Direction from shapes: (+-STRONG, why, label) when every shape rule that speaks agrees, (0, why, label) when
+    they disagree (a pruned MLP beside an up-scaled depth: neither is the other's parent), None when none speaks."""
+    votes: list[tuple[int, str, str]] = []  # (+1: A the parent, -1: B the parent, why, short label)
     if pa["vocab"] != pb["vocab"] and vocab_disagrees(pa["source"], pb["source"]) is None:
         child = "B" if pb["vocab"] > pa["vocab"] else "A"
         votes.append((1 if child == "B" else -1,
-                      f"{child}'s vocabulary extends the other's ({pa['vocab']} -> {pb['vocab']} tokens)"))
+                      f"{child}'s vocabulary extends the other's ({pa['vocab']} -> {pb['vocab']} tokens)", "vocab"))
     if pa["layers"] != pb["layers"]:
         deep, shallow = ("A", "B") if pa["layers"] > pb["layers"] else ("B", "A")
         if (cover_ab if deep == "A" else cover_ba):  # every block of the deeper model is one of the shallower's
-            votes.append((1 if shallow == "A" else -1, f"{deep}'s blocks are all {shallow}'s: {deep} up-scaled"))
+            votes.append((1 if shallow == "A" else -1, f"{deep}'s blocks are all {shallow}'s: {deep} up-scaled",
+                          "up-scaled"))
         elif (cover_ba if deep == "A" else cover_ab):
-            votes.append((1 if deep == "A" else -1, f"{shallow}'s blocks are some of {deep}'s: {shallow} pruned"))
+            votes.append((1 if deep == "A" else -1, f"{shallow}'s blocks are some of {deep}'s: {shallow} pruned",
+                          "layers pruned"))
     for what in ("hidden", "mlp"):
         if pa[what] != pb[what]:
             narrow = "B" if pb[what] < pa[what] else "A"
-            votes.append((1 if narrow == "B" else -1, f"{narrow}'s {what} width is smaller: {narrow} pruned"))
+            votes.append((1 if narrow == "B" else -1, f"{narrow}'s {what} width is smaller: {narrow} pruned",
+                          f"{what} pruned"))
     if not votes:
         return None
-    signs = {v for v, _ in votes}
-    why = "; ".join(w for _, w in votes)
-    return (STRONG * signs.pop(), why) if len(signs) == 1 else (0.0, f"shapes disagree ({why})")
+    signs = {v for v, _, _ in votes}
+    why, label = "; ".join(w for _, w, _ in votes), ", ".join(x for _, _, x in votes)
+    return (STRONG * signs.pop(), why, label) if len(signs) == 1 else (0.0, f"shapes disagree ({why})", "conflict")
 
 
 def kinship(pa: dict, pb: dict, signal: str = "norm") -> dict[str, Any]:
@@ -144,12 +147,12 @@ def kinship(pa: dict, pb: dict, signal: str = "norm") -> dict[str, Any]:
         map_ba = None
     strong = _shapes(pa, pb, cover_ab, cover_ba)
     if strong is not None:
-        out["direction"], out["why"] = strong
+        out["direction"], out["why"], out["label"] = strong
     elif map_ba is not None:
         vote = _weak(pa, pb, map_ba, signal)
-        out["direction"] = vote
+        out["direction"], out["label"] = vote, f"{signal} {vote:+.2f}"
         out["why"] = f"{signal} vote {vote:+.2f} ({'A' if vote >= 0 else 'B'} the parent)"
     else:
-        out["direction"], out["why"] = 0.0, "no evidence of direction"
+        out["direction"], out["why"], out["label"] = 0.0, "no evidence of direction", "?"
     out["votes"] = {s: _weak(pa, pb, map_ba, s) for s in WEAK} if map_ba is not None else None
     return out

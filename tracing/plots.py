@@ -259,8 +259,9 @@ def family_trees(families, path: str) -> str:
             ax.annotate("", xy=(x2, y2 + 0.12), xytext=(x1, y1 - 0.12),
                         arrowprops={"arrowstyle": "->", "lw": 1.0, "ls": "--" if e.get("merge") else "-",
                                     "color": "C3" if e.get("merge") else "0.3"})
-            label = f"{e['share']:.2f}" if e.get("merge") and e.get("share") is not None else e.get("why", "")[:28]
-            ax.text((x1 + x2) / 2, (y1 + y2) / 2, label, fontsize=5, color="0.35", ha="center")
+            ax.text(x1 + 0.65 * (x2 - x1), y1 + 0.65 * (y2 - y1), (e.get("label") or e.get("why", ""))[:24],
+                    fontsize=6, color="C3" if e.get("merge") else "0.35", ha="center",
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
     for node, (x, y) in placed.items():
         ax.text(x, y, names[node], ha="center", va="center", fontsize=7,
                 bbox={"boxstyle": "round", "fc": "white", "ec": "0.5"})

@@ -1,7 +1,7 @@
 """Least-squares shares of one block: y = sum_m w_m x_m + e over a block's weight matrices, with intervals and
 p-values that treat each matrix row as one unit (tracing/attribution.py explains the model and why).
 
-    sums = block_sums(suspect, j, [(src_a, j), (src_b, j)])   # per-row X'X, X'y, y'y of block j's matrices
+    sums = block_sums(suspect, j, [(src_a, j), (src_b, j)])   # per-unit X'X, X'y, y'y of block j's matrices
     f = fit(sums)                          # share, se, lo, hi, log10p (per regressor), residual, alone
     f = fit(sums, ci="bootstrap")          # percentile interval over rows drawn with replacement
 
@@ -18,6 +18,7 @@ import numpy as np
 import scipy.stats
 import torch
 
+from tracing.arch import mlp
 from tracing.sources import Source
 from tracing.statistics.common import row_pieces
 
@@ -41,22 +42,45 @@ def _row_sums(y: torch.Tensor, xs: list[torch.Tensor]) -> tuple[np.ndarray, np.n
             y.square().sum(1).numpy())
 
 
+def _units(src: Source, key: str, i: int, w: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """`w` as (units, rest) and the units' name: the MLP neurons of block i where the matrix has that axis (one
+    neuron is a row of the gate and up matrices and a column of the down matrix: one unit), else its rows."""
+    spec = src.spec
+    if mlp(i) in spec.axes[key]:
+        rows = spec.neuron_rows(w, key, mlp(i))
+        return rows.reshape(rows.shape[0], -1), "mlp"
+    return w.reshape(w.shape[0], -1), spec.local_key(key)
+
+
 def block_sums(suspect: Source, j: int, regressors: list[tuple[Source, int]]) -> dict:
-    """Per-row sums of block j of the suspect against block i of each regressor (source, i): xx (R, k, k),
-    xy (R, k), yy (R,), the number of values, and `equal_first`: the fraction of values equal to the first
-    regressor's bit for bit (the base's, when it is first)."""
+    """Sums per unit of block j of the suspect against block i of each regressor (source, i): xx (U, k, k),
+    xy (U, k), yy (U,) over the units (an MLP neuron across the gate, up and down matrices; a row of any other
+    matrix), the number of values, `equal`: for each regressor the fraction of values equal to its own bit for
+    bit (TIES and DARE leave many at the base's), and `eps`: the suspect's storage precision (the largest
+    machine epsilon of its dtypes)."""
     keys = block_keys(suspect, j)
     theirs = [block_keys(src, i) for src, i in regressors]
+    index: dict[tuple[str, int], int] = {}  # unit -> its row in the sums
     parts, equal, values, eps = [], np.zeros(len(regressors)), 0, EPS32
     for local, key in keys.items():
-        for rows in row_pieces(suspect.shape(key)):
-            y = suspect.get(key, rows)  # (n, d)
+        by_rows = suspect.spec.axis(key, mlp(j)) in (None, 0)  # units are stored rows: read in pieces
+        for rows in row_pieces(suspect.shape(key)) if by_rows else [None]:
+            y = suspect.get(key, rows)
             xs = [src.get(blk[local], rows) for (src, _), blk in zip(regressors, theirs)]
-            parts.append(_row_sums(y, xs))
             equal += [int((y == x).sum()) for x in xs]
             values += y.numel()
             eps = max(eps, float(torch.finfo(y.dtype).eps)) if y.is_floating_point() else eps
-    xx, xy, yy = (np.concatenate(p) for p in zip(*parts))
+            y_units, name = _units(suspect, key, j, y)  # (n, d)
+            x_units = [_units(src, blk[local], i, x)[0] for (src, i), blk, x in zip(regressors, theirs, xs)]
+            start = 0 if rows is None else rows.start
+            ids = [index.setdefault((name, start + r), len(index)) for r in range(len(y_units))]
+            parts.append((np.array(ids), *_row_sums(y_units, x_units)))
+    k = len(regressors)
+    xx, xy, yy = np.zeros((len(index), k, k)), np.zeros((len(index), k)), np.zeros(len(index))
+    for ids, pxx, pxy, pyy in parts:
+        np.add.at(xx, ids, pxx)
+        np.add.at(xy, ids, pxy)
+        np.add.at(yy, ids, pyy)
     return {"xx": xx, "xy": xy, "yy": yy, "values": values, "equal": (equal / max(values, 1)).tolist(),
             "eps": eps}
 

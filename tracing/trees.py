@@ -125,7 +125,8 @@ def infer_forest(sources: Mapping[str, Source], log10p: Mapping[frozenset, float
         k = kin.get(frozenset((p["a"], p["b"])))
         if k is not None:  # kinship's direction is from its first model to its second
             sign = 1.0 if k["a"] == p["a"] else -1.0
-            p.update(distance=k["distance"], direction=sign * k["direction"], why=k["why"], votes=k["votes"])
+            p.update(distance=k["distance"], direction=sign * k["direction"], why=k["why"], label=k["label"],
+                     votes=k["votes"])
     found = {m: v for g in groups for m, v in find_merges(g, sources, kin).items()} if merges else {}
     forest = build_forest(names, pairs, found)
     forest.update(pairs=pairs, alpha=alpha, correction=f"bonferroni over {n_tests} pairs", signal=signal)
