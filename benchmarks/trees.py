@@ -53,20 +53,21 @@ ZOO = [
 ]
 
 
-def build_key() -> str:
+def build_key(rep: int) -> str:
     import tokenizers
     import torch
     import transformers
 
-    h = hashlib.sha256(json.dumps([ZOO, SHAPE, FT], default=str).encode())
+    h = hashlib.sha256(json.dumps([ZOO, SHAPE, FT, rep], default=str).encode())
     for path in sorted((Path(ROOT) / "tracing" / "derivations").glob("*.py")):
         h.update(path.read_bytes())
     h.update(json.dumps([torch.__version__, transformers.__version__, tokenizers.__version__]).encode())
     return h.hexdigest()[:16]
 
 
-def build(zoo: Path) -> dict[str, str]:
-    """name -> checkpoint directory, every model of ZOO (rebuilt when the recipes or ZOO change)."""
+def build(zoo: Path, rep: int) -> dict[str, str]:
+    """name -> checkpoint directory, every model of ZOO (rebuilt when the recipes or ZOO change); replicate `rep`
+    draws every seed (initialisation, training batches, text) 1000 * rep further on."""
     import torch
 
     from tracing import derivations
@@ -74,7 +75,7 @@ def build(zoo: Path) -> dict[str, str]:
     from tracing.derivations.train import retokenize
 
     key_file = zoo / "build.json"
-    if key_file.exists() and json.loads(key_file.read_text()).get("key") == build_key():
+    if key_file.exists() and json.loads(key_file.read_text()).get("key") == build_key(rep):
         return {name: str(zoo / name) for name, *_ in ZOO}
     tok = tiny.build_tokenizer(tiny.synthetic_text(3000, seed=0), vocab_size=512)
     text = tiny.synthetic_text(4000, seed=1)
@@ -83,13 +84,16 @@ def build(zoo: Path) -> dict[str, str]:
         t0 = time.perf_counter()
         if kind == "base":
             ids = torch.tensor(tok(text)["input_ids"])
-            model = derivations.pretrain(tiny.tiny_config(arch, vocab_size=len(tok), **SHAPE), ids, seed=opts["seed"])
+            model = derivations.pretrain(tiny.tiny_config(arch, vocab_size=len(tok), **SHAPE), ids,
+                                         seed=opts["seed"] + 1000 * rep)
             models[name], toks[name] = model, tok
         else:
             base, ptok = models[parents[0]], toks[parents[0]]
-            ids = retokenize(tok, torch.tensor(tok(tiny.synthetic_text(1500, seed=100 + k))["input_ids"]), ptok)
+            text_k = tiny.synthetic_text(1500, seed=100 + k + 1000 * rep)
+            ids = retokenize(tok, torch.tensor(tok(text_k)["input_ids"]), ptok)
             extra = {"models": tuple(models[p] for p in parents)} if kind.startswith("merge") else \
-                {"seed": 10 + k} if "seed" in inspect.signature(derivations.KINDS[kind].fn).parameters else {}
+                {"seed": 10 + k + 1000 * rep} if "seed" in inspect.signature(derivations.KINDS[kind].fn).parameters \
+                else {}
             if kind == "merge-ties":  # the merge's base is the fine-tunes' parent
                 base = models[ZOO[[n for n, *_ in ZOO].index(parents[0])][2][0]]
             d = derivations.derive(kind, base, ptok, ids, **opts, **extra)
@@ -97,7 +101,7 @@ def build(zoo: Path) -> dict[str, str]:
         models[name].save_pretrained(zoo / name)
         toks[name].save_pretrained(zoo / name)
         print(f"  built {name} ({kind}) in {time.perf_counter() - t0:.1f} s", flush=True)
-    key_file.write_text(json.dumps({"key": build_key()}))
+    key_file.write_text(json.dumps({"key": build_key(rep)}))
     return {name: str(zoo / name) for name, *_ in ZOO}
 
 
@@ -114,6 +118,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", default=str(Path(ROOT) / "results" / "trees_bench"))
     ap.add_argument("--evidence", default="auto", choices=("auto", "weights"))
+    ap.add_argument("--replicates", type=int, default=2, help="zoos built from other seeds")
     ap.add_argument("--markdown", default=None)
     args, head, t0 = start(ap)
     import torch
@@ -122,25 +127,29 @@ def main() -> int:
     from tracing.trees import infer_forest, pair_tests, write_forest
 
     torch.set_num_threads(1)
-    zoo = Path(args.zoo)
-    paths = build(zoo / "models")
-    name_of = {p: n for n, p in paths.items()}
-    sources = {p: open_source(p, progress=False) for p in paths.values()}
-    tests = pair_tests(sources, zoo / args.evidence, args.evidence)
-    log10p = {k: v["log10_pvalue"] for k, v in tests.items()}
-    walls = sorted(v["wall_s"] for v in tests.values() if v["wall_s"] is not None)
-    pair_s = walls[len(walls) // 2] if walls else float("nan")
-    rows, lines = [], []
-    for signal in ("norm", "kurtosis"):
-        t1 = time.perf_counter()
-        forest = infer_forest(sources, log10p, signal=signal)
-        rows.append(summarize(forest, name_of, signal, time.perf_counter() - t1))
-        if signal == "norm":
-            main_forest = rename(forest, name_of)
-            figure = write_forest(main_forest, zoo / "forest")["png"]
-            if args.markdown:
-                shutil.copy(figure, Path(args.markdown).parent / "trees.png")
-    lines += report(rows, main_forest, log10p, name_of, pair_s, args.evidence)
+    lines: list[str] = []
+    for rep in range(args.replicates):
+        zoo = Path(args.zoo) / f"rep{rep}"
+        paths = build(zoo / "models", rep)
+        name_of = {p: n for n, p in paths.items()}
+        sources = {p: open_source(p, progress=False) for p in paths.values()}
+        tests = pair_tests(sources, zoo / args.evidence, args.evidence)
+        log10p = {k: v["log10_pvalue"] for k, v in tests.items()}
+        walls = sorted(v["wall_s"] for v in tests.values() if v["wall_s"] is not None)
+        pair_s = walls[len(walls) // 2] if walls else float("nan")
+        rows = []
+        for signal in ("norm", "kurtosis"):
+            t1 = time.perf_counter()
+            forest = infer_forest(sources, log10p, signal=signal)
+            rows.append(summarize(forest, name_of, signal, time.perf_counter() - t1))
+            if signal == "norm":
+                main_forest = rename(forest, name_of)
+                figure = write_forest(main_forest, zoo / "forest")["png"]
+                if args.markdown and rep == 0:
+                    shutil.copy(figure, Path(args.markdown).parent / "trees.png")
+        lines += [f"### Replicate {rep} (every seed {1000 * rep} further on)", ""]
+        lines += report(rows, main_forest, log10p, name_of, pair_s, args.evidence)
+        lines.append("")
     publish(lines, head, t0, args.markdown)
     return 0
 
@@ -208,7 +217,7 @@ def report(rows: list[dict], forest: dict, log10p: dict, name_of: dict, pair_s: 
             lines.append(f"| {root[fam['root']]} | {e['parent']} -> {e['child']} "
                          f"| {'right' if ok is True else ok} | {e['why']} "
                          f"| {_num(e['distance'])} |")
-    lines += ["", "![the inferred forest](trees.png)"]
+    lines += ["", "Figure of replicate 0: `trees.png` (written beside this file)."]
     return lines
 
 

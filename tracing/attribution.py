@@ -14,16 +14,18 @@ deltas from the base); a passthrough block copied from block i of m gives w_m = 
 the others. The layer map i_m(j) is the block of m whose MLP units the suspect's block j finds best
 (statistics/screen.py: blind to the order of units, so depths may differ and a permuted suspect maps too).
 
-Intervals and tests. The rows of each weight matrix are the units of resampling: errors within a row may be
-correlated, rows are taken as independent. The standard error is the cluster-robust (sandwich) one,
-A^-1 (sum_r g_r g_r') A^-1 with A = X'X and g_r = X_r' e_r the score of row r, plus a floor of one float32
-rounding per value (so an exact copy still gets a finite p); ci = share +- 1.96 se, or with ci="bootstrap" the
-2.5 / 97.5 percentiles of the shares refit on rows drawn with replacement (the same per-row sums, nothing read
-again). Each share is tested against zero (two-sided z; log10 p from the normal's logsf, never rounded) and
-Holm's correction runs over every (block, regressor) test of the suspect; a regressor is a *source* of block j
-when its Holm-adjusted p <= alpha and |share| >= MIN_SHARE (a significant share of 0.01 is not a parent).
-Under H0 (the suspect independent of model m) the suspect's rows and columns are in an order unrelated to m's,
-so the scores g_r have mean zero and are independent across rows: the test keeps its level.
+Intervals and tests. The units of resampling are an MLP neuron (its row of the gate and up matrices and its column
+of the down matrix) and a row of every other matrix: errors within a unit may be correlated, units are taken as
+independent. The standard error is the cluster-robust (sandwich) one, A^-1 (sum_u g_u g_u') A^-1 with A = X'X
+and g_u = X_u' e_u the score of unit u, plus a floor of one rounding per value in the suspect's storage dtype (so
+an exact copy still gets a finite p); ci = share +- 1.96 se, or with ci="bootstrap" the 2.5 / 97.5 percentiles
+of the shares refit on units drawn with replacement (the same per-unit sums, nothing read again). Each share is
+tested against zero (two-sided z; log10 p from the normal's logsf, never rounded) and Holm's correction runs over
+every (block, regressor) test of the suspect; a regressor is a *source* of block j when its Holm-adjusted p <=
+alpha and |share| >= MIN_SHARE (a significant share of 0.01 is not a parent). Under H0 (the suspect independent
+of model m) the suspect's units are in an order unrelated to m's, so the scores have mean zero and are
+independent across units; norm gains and biases stay out (shares.py). Measured calibration:
+docs/generated/merges.md.
 
 TIES and DARE (the sparsified merges) are not linear in the parents, so what is estimated is the least-squares
 share: how much of each parent's task vector the merge carries. For dare_linear the drop mask is independent of

@@ -1,13 +1,15 @@
 """Least-squares shares of one block: y = sum_m w_m x_m + e over a block's weight matrices, with intervals and
-p-values that treat each matrix row as one unit (tracing/attribution.py explains the model and why).
+p-values that treat each MLP neuron (gate row, up row, down column) and each row of the other matrices as one
+unit (tracing/attribution.py explains the model and why).
 
     sums = block_sums(suspect, j, [(src_a, j), (src_b, j)])   # per-unit X'X, X'y, y'y of block j's matrices
     f = fit(sums)                          # share, se, lo, hi, log10p (per regressor), residual, alone
-    f = fit(sums, ci="bootstrap")          # percentile interval over rows drawn with replacement
+    f = fit(sums, ci="bootstrap")          # percentile interval over units drawn with replacement
 
 Only the 2-D weights of the block enter (attention and MLP matrices); norm gains and biases are left out: they
 sit near a common value (1 or 0) in every model, so one such vector would pull any two models together.
-Sums are float64 and read in pieces of rows (statistics/common.row_pieces), so memory stays bounded.
+Sums are float64; matrices whose units are rows are read in pieces of rows (statistics/common.row_pieces), a down
+projection (neurons are its columns) whole.
 """
 
 from __future__ import annotations
@@ -86,25 +88,25 @@ def block_sums(suspect: Source, j: int, regressors: list[tuple[Source, int]]) ->
 
 
 def fit(sums: dict, ci: str = "sandwich", n_boot: int = 200, seed: int = 0) -> dict:
-    """The least-squares shares of one block from its per-row sums: share, se (cluster-robust over rows, floored
+    """The least-squares shares of one block from its per-unit sums: share, se (cluster-robust over units, floored
     by the rounding of the suspect's storage dtype), lo / hi (95%: share +- 1.96 se, or bootstrap percentiles),
     log10p (two-sided z against zero), residual ||e|| / ||y||, `noise`: the part of that residual rounding to the
     storage dtype explains (eps / sqrt(12), relative), and `alone`: ||y - x_m|| / ||y|| for each regressor."""
     xx, xy, yy = sums["xx"], sums["xy"], sums["yy"]
-    rows, k = xy.shape
+    units, k = xy.shape
     a, b = xx.sum(0), xy.sum(0)  # (k, k), (k,)
     a_inv = np.linalg.pinv(a)
     w = a_inv @ b
-    g = xy - xx @ w  # (R, k): X_r' e_r, the score of row r
+    g = xy - xx @ w  # (U, k): X_u' e_u, the score of unit u
     noise = sums.get("eps", EPS32) / math.sqrt(12)  # RMS rounding error relative to a value (uniform in an ulp)
     floor = noise ** 2 * yy.sum() / max(sums["values"], 1)  # variance of one rounding per value
-    cov = a_inv @ (g.T @ g) @ a_inv * rows / max(rows - k, 1) + floor * a_inv
+    cov = a_inv @ (g.T @ g) @ a_inv * units / max(units - k, 1) + floor * a_inv
     se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     z = np.abs(w) / np.maximum(se, 1e-300)
     log10p = np.minimum(0.0, (math.log(2) + scipy.stats.norm.logsf(z)) / LN10)
     if ci == "bootstrap":
-        counts = np.random.default_rng(seed).multinomial(rows, np.full(rows, 1.0 / rows), size=n_boot)  # (B, R)
-        a_boot = (counts @ xx.reshape(rows, -1)).reshape(n_boot, k, k)
+        counts = np.random.default_rng(seed).multinomial(units, np.full(units, 1.0 / units), size=n_boot)  # (B, U)
+        a_boot = (counts @ xx.reshape(units, -1)).reshape(n_boot, k, k)
         w_boot = np.einsum("bkl,bl->bk", np.linalg.pinv(a_boot), counts @ xy)  # (B, k): each resample's shares
         lo, hi = np.percentile(w_boot, [2.5, 97.5], axis=0)
     else:
