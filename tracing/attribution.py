@@ -133,9 +133,12 @@ def attribute(suspect: Source, candidates: Mapping[str, Source], base: Source | 
     """Per block of `suspect`, the shares of each candidate (and of `base`) in its weights (module docstring).
 
     `align`: "auto" permutes the suspect's units to line up with the base's (else the first candidate's) when
-    they do not line up already, "yes" always, "no" never. Returns plain data: suspect, models, alpha, aligned,
-    notes, layers [{layer, sources [...], tested [...every regressor...], residual, best_single}],
-    models {name: {mean_share, blocks_as_source}}, kind, parents, summary."""
+    they do not line up already, "yes" always, "no" never (force it only on a suspect known to be related: the
+    alignment picks the permutation most like the reference). Returns plain data: suspect, models (the
+    regressors' names, the base first), alpha, aligned, notes, layers [{layer, sources [the significant ones],
+    tested [every regressor: model, layer, share, ci, se, log10_pvalue, log10_pvalue_holm, screen, equal],
+    residual, noise, best_single}], shares {name: {mean_share, blocks_as_source, equal}}, kind, parents,
+    summary."""
     if not candidates:
         raise TracingError("attribution needs at least one candidate parent")
     if base is not None and base_name in candidates:

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from tracing.arch import mlp
+from tracing.arch import RESID, mlp
 from tracing.sources import Source
 from tracing.statistics.common import row_pieces
 
@@ -36,55 +36,80 @@ def block_keys(src: Source, i: int) -> dict[str, str]:
             if layer == i and k in shapes and len(shapes[k]) == 2}
 
 
-def _row_sums(y: torch.Tensor, xs: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row r of y (n, d): X_r'X_r (n, k, k), X_r'y_r (n, k), y_r'y_r (n,), in float64."""
-    y = y.double()  # (n, d)
+def _sums(y: torch.Tensor, xs: list[torch.Tensor]) -> tuple[np.ndarray, ...]:
+    """For y (n, d) and the regressors' (n, d): per row X'X (n, k, k), X'y (n, k), y'y (n,), and per column
+    X'X (d, k, k), X'y (d, k); float64."""
+    y = y.double()
     x = torch.stack([t.double() for t in xs])  # (k, n, d)
     return (torch.einsum("krd,lrd->rkl", x, x).numpy(), torch.einsum("krd,rd->rk", x, y).numpy(),
-            y.square().sum(1).numpy())
+            y.square().sum(1).numpy(), torch.einsum("krd,lrd->dkl", x, x).numpy(),
+            torch.einsum("krd,rd->dk", x, y).numpy())
 
 
-def _units(src: Source, key: str, i: int, w: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """`w` as (units, rest) and the units' name: the MLP neurons of block i where the matrix has that axis (one
-    neuron is a row of the gate and up matrices and a column of the down matrix: one unit), else its rows."""
+def _oriented(src: Source, key: str, i: int, w: torch.Tensor) -> tuple[torch.Tensor, str, bool]:
+    """`w` as (units, residual dims), the units' name ("mlp" for the MLP neurons of block i: a neuron is a row of
+    the gate and up matrices and a column of the down matrix, one unit; else the matrix's key), and whether the
+    stored rows are the units."""
     spec = src.spec
     if mlp(i) in spec.axes[key]:
         rows = spec.neuron_rows(w, key, mlp(i))
-        return rows.reshape(rows.shape[0], -1), "mlp"
-    return w.reshape(w.shape[0], -1), spec.local_key(key)
+        return rows.reshape(rows.shape[0], -1), "mlp", spec.axis(key, mlp(i)) == 0
+    if spec.axis(key, RESID) == 0:
+        return w.T, spec.local_key(key), False
+    return w, spec.local_key(key), True
+
+
+class _Clusters:
+    """Sums of the entries of one cluster (an index per cluster name), for the sandwich."""
+
+    def __init__(self, k: int):
+        self.index: dict[tuple[str, int], int] = {}
+        self.parts: list[tuple[np.ndarray, ...]] = []
+        self.k = k
+
+    def add(self, name: str, start: int, *sums: np.ndarray) -> None:
+        ids = np.array([self.index.setdefault((name, start + r), len(self.index)) for r in range(len(sums[0]))])
+        self.parts.append((ids, *sums))
+
+    def total(self) -> list[np.ndarray]:
+        n, k = len(self.index), self.k
+        out = [np.zeros((n, k, k)), np.zeros((n, k)), np.zeros(n)][:len(self.parts[0]) - 1]
+        for ids, *sums in self.parts:
+            for acc, part in zip(out, sums):
+                np.add.at(acc, ids, part)
+        return out
 
 
 def block_sums(suspect: Source, j: int, regressors: list[tuple[Source, int]]) -> dict:
-    """Sums per unit of block j of the suspect against block i of each regressor (source, i): xx (U, k, k),
+    """Sums per cluster of block j of the suspect against block i of each regressor (source, i): xx (U, k, k),
     xy (U, k), yy (U,) over the units (an MLP neuron across the gate, up and down matrices; a row of any other
-    matrix), the number of values, `equal`: for each regressor the fraction of values equal to its own bit for
-    bit (TIES and DARE leave many at the base's), and `eps`: the suspect's storage precision (the largest
-    machine epsilon of its dtypes)."""
+    matrix, oriented so its residual axis is last), xx_r (D, k, k), xy_r (D, k) over the residual dimensions
+    (one is a column of every matrix read from or a row of every matrix written to the residual stream), the
+    number of values, `equal`: for each regressor the fraction of values equal to its own bit for bit (TIES and
+    DARE leave many at the base's), and `eps`: the suspect's storage precision (the largest machine epsilon of
+    its dtypes)."""
     keys = block_keys(suspect, j)
     theirs = [block_keys(src, i) for src, i in regressors]
-    index: dict[tuple[str, int], int] = {}  # unit -> its row in the sums
-    parts, equal, values, eps = [], np.zeros(len(regressors)), 0, EPS32
+    units, resid = _Clusters(len(regressors)), _Clusters(len(regressors))
+    equal, values, eps = np.zeros(len(regressors)), 0, EPS32
     for local, key in keys.items():
-        by_rows = suspect.spec.axis(key, mlp(j)) in (None, 0)  # units are stored rows: read in pieces
+        by_rows = suspect.spec.axis(key, mlp(j)) in (None, 0)  # neurons are not columns: read in pieces of rows
         for rows in row_pieces(suspect.shape(key)) if by_rows else [None]:
             y = suspect.get(key, rows)
             xs = [src.get(blk[local], rows) for (src, _), blk in zip(regressors, theirs)]
             equal += [int((y == x).sum()) for x in xs]
             values += y.numel()
             eps = max(eps, float(torch.finfo(y.dtype).eps)) if y.is_floating_point() else eps
-            y_units, name = _units(suspect, key, j, y)  # (n, d)
-            x_units = [_units(src, blk[local], i, x)[0] for (src, i), blk, x in zip(regressors, theirs, xs)]
+            y_or, name, rows_are_units = _oriented(suspect, key, j, y)  # (n_units, d_resid)
+            x_or = [_oriented(src, blk[local], i, x)[0] for (src, i), blk, x in zip(regressors, theirs, xs)]
+            uxx, uxy, uyy, rxx, rxy = _sums(y_or, x_or)
             start = 0 if rows is None else rows.start
-            ids = [index.setdefault((name, start + r), len(index)) for r in range(len(y_units))]
-            parts.append((np.array(ids), *_row_sums(y_units, x_units)))
-    k = len(regressors)
-    xx, xy, yy = np.zeros((len(index), k, k)), np.zeros((len(index), k)), np.zeros(len(index))
-    for ids, pxx, pxy, pyy in parts:
-        np.add.at(xx, ids, pxx)
-        np.add.at(xy, ids, pxy)
-        np.add.at(yy, ids, pyy)
-    return {"xx": xx, "xy": xy, "yy": yy, "values": values, "equal": (equal / max(values, 1)).tolist(),
-            "eps": eps}
+            has_resid = suspect.spec.axis(key, RESID) is not None
+            units.add(name, start if rows_are_units else 0, uxx, uxy, uyy)
+            resid.add("resid" if has_resid else local, 0 if rows_are_units else start, rxx, rxy)
+    (xx, xy, yy), (xx_r, xy_r) = units.total(), resid.total()
+    return {"xx": xx, "xy": xy, "yy": yy, "xx_r": xx_r, "xy_r": xy_r, "values": values,
+            "equal": (equal / max(values, 1)).tolist(), "eps": eps}
 
 
 def fit(sums: dict, ci: str = "sandwich", n_boot: int = 200, seed: int = 0) -> dict:
@@ -98,9 +123,13 @@ def fit(sums: dict, ci: str = "sandwich", n_boot: int = 200, seed: int = 0) -> d
     a_inv = np.linalg.pinv(a)
     w = a_inv @ b
     g = xy - xx @ w  # (U, k): X_u' e_u, the score of unit u
+    meat = g.T @ g * units / max(units - k, 1)
+    if "xy_r" in sums:  # two-way: + the residual dimensions' scores (the entries' own term not taken off: larger)
+        g_r = sums["xy_r"] - sums["xx_r"] @ w  # (D, k)
+        meat = meat + g_r.T @ g_r * len(g_r) / max(len(g_r) - k, 1)
     noise = sums.get("eps", EPS32) / math.sqrt(12)  # RMS rounding error relative to a value (uniform in an ulp)
     floor = noise ** 2 * yy.sum() / max(sums["values"], 1)  # variance of one rounding per value
-    cov = a_inv @ (g.T @ g) @ a_inv * units / max(units - k, 1) + floor * a_inv
+    cov = a_inv @ meat @ a_inv + floor * a_inv
     se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     z = np.abs(w) / np.maximum(se, 1e-300)
     log10p = np.minimum(0.0, (math.log(2) + scipy.stats.norm.logsf(z)) / LN10)

@@ -85,6 +85,10 @@ def _lines_up(a: Source, b: Source) -> bool:
         all(a.shape(ka[k]) == b.shape(kb[k]) for k in ka)
 
 
+def _distance(k: dict) -> float:
+    return math.inf if k["distance"] is None else k["distance"]
+
+
 def find_merges(members: Sequence[str], sources: Mapping[str, Source], kin: Mapping[frozenset, dict]) -> dict:
     """{member: {"parents", "shares", "base", "summary"}} for the members attribution calls merges."""
     out = {}
@@ -92,7 +96,7 @@ def find_merges(members: Sequence[str], sources: Mapping[str, Source], kin: Mapp
         others = [o for o in members if o != m and _lines_up(sources[m], sources[o])]
         if len(others) < 2:
             continue
-        near = sorted(others, key=lambda o: kin[frozenset((m, o))]["distance"] or math.inf)[:MERGE_CANDIDATES]
+        near = sorted(others, key=lambda o: _distance(kin[frozenset((m, o))]))[:MERGE_CANDIDATES]
         res = attribute(sources[m], {o: sources[o] for o in near}, suspect_name=m)
         shares = {o: v["mean_share"] for o, v in res["shares"].items()}
         parents = [o for o in res["parents"] if shares[o] > 0]
