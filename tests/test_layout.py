@@ -13,12 +13,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tracing"
 LAYERS = [
     ["errors", "naming", "choices", "solvers", "cosines", "matching", "plots", "zoo", "docs"],  # no model code
     ["config", "model_lists", "results", "result_folder", "devices", "arch", "access", "digests", "checkpoints",
-     "lineage", "hub", "describe"],
+     "lineage", "hub", "describe", "forest"],
     # tensors, models, and the opened pair built from them; experts
     ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "pair",
      "derivations", "moe", "units", "recipes"],  # ... and derivation recipes
-    ["statistics", "report"],  # what is computed on a pair
-    ["pipeline", "aggregate", "generate"],  # one pair start to finish; offline aggregation; text sampling
+    ["statistics", "report", "shares", "attribution", "kinship"],  # what is computed on a pair (or a few models)
+    ["pipeline", "aggregate", "generate", "trees"],  # one pair start to finish; offline aggregation; text sampling;
+    # family trees of many models
     ["demo", "cluster", "catalog"],  # many pairs; a catalogue of fingerprints (one suspect, many bases)
     ["cli", "launcher", "examples"],  # main.py's and launch.py's flags; README examples from code
 ]

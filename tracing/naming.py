@@ -84,3 +84,14 @@ def fingerprint_file(content_hash: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", content_hash):
         raise ValueError(f"not a sha256 content hash: {content_hash!r}")
     return f"{content_hash}.safetensors"
+
+
+# merge attribution and family trees (tracing/attribution.py, tracing/trees.py)
+ATTRIBUTION_JSON, ATTRIBUTION_PNG = "attribution.json", "attribution.png"
+TREE_YAML, TREE_JSON, TREE_PNG = "tree.yaml", "tree.json", "tree.png"  # the lineage-tree YAML aggregate --truth reads
+TREES_DIR = RESULTS_DIR / "trees"
+
+
+def attribution_dir(suspect_id: str) -> Path:
+    """Default folder of `python -m tracing.attribution` for one suspect."""
+    return RESULTS_DIR / "attribution" / safe_name(suspect_id)

@@ -195,3 +195,78 @@ def roc_curves(curves: dict, path: str) -> str:
     ax.set_ylabel("true positive rate (derived kinds)")
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
+
+
+# ---- merge attribution and family trees ----
+def attribution_bars(layers, path: str, title: str = "merge attribution") -> str:
+    """One stacked bar per block of the suspect: each source's share (negative shares, e.g. the base's in task
+    arithmetic, below zero), one colour per model; a source's own block is written on its segment when it is
+    not the same block (passthrough, up-scaling)."""
+    models = list(dict.fromkeys(s["model"] for lay in layers for s in lay["sources"]))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    fig, ax = _subplots((max(4.5, 1.5 + 0.45 * len(layers)), 3.6))
+    for lay in layers:
+        up = down = 0.0
+        for s in lay["sources"]:
+            bottom = up if s["share"] >= 0 else down
+            ax.bar(lay["layer"], s["share"], bottom=bottom, color=colours[s["model"]], edgecolor="white", width=0.8)
+            if s["layer"] != lay["layer"]:
+                ax.text(lay["layer"], bottom + s["share"] / 2, str(s["layer"]), ha="center", va="center", fontsize=7)
+            up, down = (up + s["share"], down) if s["share"] >= 0 else (up, down + s["share"])
+    for m in models:
+        ax.bar(0, 0, color=colours[m], label=m)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xlabel("block of the suspect")
+    ax.set_ylabel("share (least squares)")
+    ax.set_xticks([lay["layer"] for lay in layers])
+    ax.set_title(title[:90], fontsize=8)
+    if models:
+        ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def _lay(node: str, depth: int, kids: dict, placed: dict, slot: list) -> None:
+    """Place `node` above its children (leaves left to right from slot[0])."""
+    for k in kids.get(node, []):
+        _lay(k, depth + 1, kids, placed, slot)
+    xs = [placed[k][0] for k in kids.get(node, [])]
+    placed[node] = ((min(xs) + max(xs)) / 2 if xs else slot[0], -depth)
+    slot[0] += 0 if xs else 1.0
+
+
+def family_trees(families, path: str) -> str:
+    """Each family's tree side by side, generations top to bottom: an arrow from parent to child (dashed, with
+    the share, into a merge), the edge's evidence in small print."""
+    placed: dict[str, tuple[float, float]] = {}
+    slot = [0.0]
+    for fam in families:
+        kids: dict[str, list[str]] = {}
+        for e in fam["edges"]:
+            if not e.get("merge"):
+                kids.setdefault(e["parent"], []).append(e["child"])
+        _lay(fam["root"], 0, kids, placed, slot)
+        for m in dict.fromkeys(e["child"] for e in fam["edges"] if e.get("merge")):
+            ups = [placed[e["parent"]] for e in fam["edges"] if e["child"] == m and e["parent"] in placed]
+            placed[m] = (slot[0], min(y for _, y in ups) - 1 if ups else 0.0)
+            slot[0] += 1.0
+        slot[0] += 0.6
+    low = min([y for _, y in placed.values()] or [0.0])
+    names = short_names(list(placed))
+    fig, ax = _subplots((max(5.0, 1.4 * slot[0]), 1.6 + 1.3 * (1 - low)))
+    for fam in families:
+        for e in fam["edges"]:
+            (x1, y1), (x2, y2) = placed[e["parent"]], placed[e["child"]]
+            ax.annotate("", xy=(x2, y2 + 0.12), xytext=(x1, y1 - 0.12),
+                        arrowprops={"arrowstyle": "->", "lw": 1.0, "ls": "--" if e.get("merge") else "-",
+                                    "color": "C3" if e.get("merge") else "0.3"})
+            ax.text(x1 + 0.65 * (x2 - x1), y1 + 0.65 * (y2 - y1), (e.get("label") or e.get("why", ""))[:24],
+                    fontsize=6, color="C3" if e.get("merge") else "0.35", ha="center",
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
+    for node, (x, y) in placed.items():
+        ax.text(x, y, names[node], ha="center", va="center", fontsize=7,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "0.5"})
+    ax.set_xlim(-0.8, max(slot[0] - 0.2, 1.0))
+    ax.set_ylim(low - 0.6, 0.6)
+    ax.axis("off")
+    ax.set_title("families: parent above child (dashed: merged into)", fontsize=8)
+    return _save(fig, path)

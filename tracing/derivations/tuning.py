@@ -71,7 +71,7 @@ def lora(base: Model, tok: Any, ids: torch.Tensor, *, rank: int = 8, alpha: int 
          lr: float = 1e-3, seed: int = 1) -> Derived:
     """A rank-r LoRA on every linear module of the blocks, trained, then merged into the weights."""
     peft_model, adapter = _trained_lora(base, ids, rank, alpha, steps, lr, seed)
-    model = peft_model.merge_and_unload().eval()
+    model = peft_model.merge_and_unload().eval().requires_grad_(True)  # peft froze the base: a recipe may train it
     return Derived("lora", model, tok, truth("lora", base, model, parents=[BASE], layer_map=same_layers(model),
                                               adapter={**adapter, "merged": True},
                                               training=trained(steps, lr, seed)))
@@ -82,7 +82,7 @@ def lora_adapter(base: Model, tok: Any, ids: torch.Tensor, *, rank: int = 8, alp
                  lr: float = 1e-3, seed: int = 1) -> Derived:
     """The same LoRA saved as a PEFT adapter directory whose adapter_config.json names the base's directory."""
     peft_model, adapter = _trained_lora(base, ids, rank, alpha, steps, lr, seed)
-    model = copy.deepcopy(peft_model).merge_and_unload().eval()
+    model = copy.deepcopy(peft_model).merge_and_unload().eval().requires_grad_(True)
 
     def write(out: Path, base_dir: str | None) -> Path:
         if base_dir is None:
