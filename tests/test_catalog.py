@@ -126,6 +126,64 @@ def test_cli_identify_writes_the_json(zoo_catalog, tmp_path, capsys):
     assert main(["list", "--catalog", str(z["catalog"])]) == 0 and "10 model(s)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["merge-linear", "passthrough"])
+def test_a_merge_of_two_catalogued_models_gets_its_shares_per_layer(zoo_catalog, tokenizer, text_ids, tmp_path,
+                                                                     kind):
+    """Two catalogued parents: a 70/30 linear merge gets its shares back in every layer, a frankenmerge each
+    layer's source model and layer; the JSON's layers carry them and the terminal says what was merged."""
+    from tracing.catalog.cli import table
+
+    z = zoo_catalog
+    a, b = z["models"]["llama-0"], z["models"]["llama-1"]
+    if kind == "merge-linear":
+        d = derive(kind, a, tokenizer, text_ids, weights=(0.7, 0.3), models=(a, b))
+        truth = [{"llama-0": 0.7, "llama-1": 0.3}] * 4
+    else:
+        d = derive(kind, a, tokenizer, text_ids, other=b, split=2)
+        truth = [{"llama-0": 1.0}] * 2 + [{"llama-1": 1.0}] * 2
+    result = identify(z["catalog"], str(save(d, tmp_path / kind)), confirm=0)
+    assert {"llama-0", "llama-1"} <= set(result["related"])
+    merge = result["merge"]
+    assert merge["merge"] and merge["kind"] == ("linear" if kind == "merge-linear" else "passthrough"), merge
+    for j, (layer, want) in enumerate(zip(result["layers"], truth)):
+        got = {s["model"]: s for s in layer["sources"]}
+        assert set(got) == set(want), layer
+        for name, share in want.items():
+            assert got[name]["share"] == pytest.approx(share, abs=0.05) and got[name]["layer"] == j
+            assert got[name]["log10_pvalue"] < -6
+    assert "attribution: " in table(result) and ("merge of" in merge["summary"] or "passthrough" in merge["summary"])
+
+
+def test_a_derivative_of_one_base_keeps_the_fingerprint_layer_map(zoo_catalog):
+    """llama-0 and its catalogued fine-tune are both related to a fine-tune of llama-0: least squares between
+    relatives is no merge, and the layers stay the fingerprints' (share 1.0)."""
+    z = zoo_catalog
+    result = identify(z["catalog"], z["paths"]["finetune"], confirm=0)
+    assert result["merge"] is not None and not result["merge"]["merge"], result["merge"]
+    assert all(x["sources"][0]["share"] == 1.0 for x in result["layers"])
+
+
+def test_tree_of_a_catalogue(zoo_catalog, tmp_path, capsys):
+    """`tree` tests every catalogued pair and groups the catalogue into families: llama-0, its fine-tune and its
+    layer-pruned copy are one family, llama-0 the parent of the pruned model (shapes say the direction; the 5-step
+    fine-tune is too close for the weights' direction vote to be asked of it here); independent models are families
+    of their own; the lineage YAML is written."""
+    from tracing.catalog.cli import main
+
+    z = zoo_catalog
+    cat = tmp_path / "cat"
+    add_models(cat, [(z["paths"][n], n) for n in ("llama-0", "llama-0-ft", "layer-prune", "llama-1", "gpt2-0",
+                                                  "gpt2-1")])
+    out = tmp_path / "tree"
+    assert main(["tree", "--catalog", str(cat), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "llama-0 -> layer-prune" in printed, printed
+    forest = json.loads((out / "tree.json").read_text())
+    fams = sorted(sorted(f["members"]) for f in forest["families"])
+    assert ["layer-prune", "llama-0", "llama-0-ft"] in fams and not any("llama-1" in f or "gpt2-0" in f for f in fams if len(f) > 1)
+    assert (out / "tree.yaml").read_text().strip() and (out / "tree.png").stat().st_size > 0
+
+
 def test_add_twice_is_a_no_op(zoo_catalog, tmp_path, capsys):
     from tracing.catalog.cli import main
 

@@ -4,7 +4,7 @@
     # -> out/tree.yaml (the lineage tree `python -m tracing.aggregate --truth` reads), tree.json, tree.png,
     #    out/records/ (one `auto` record per pair: `python -m tracing.aggregate out/records --truth ...` scores them)
 
-    forest = infer_forest(sources, log10p)     # what the catalogue's `tree` command calls (below)
+    forest = build_trees({name: location, ...}, out)   # what `python -m tracing.catalog tree` calls
 
 Steps: (1) every pair gets a log10 p from the pipeline (`--evidence auto`, the default test; `weights`: csu_all
 where it fits, else auto: weights only, no activations); (2) pairs whose p, Bonferroni-corrected over all pairs,
@@ -45,18 +45,21 @@ MERGE_CANDIDATES = 4  # nearest relatives a member is attributed to
 MERGE_KINDS = ("linear", "task_arithmetic", "sparse")
 
 
-def pair_tests(sources: Mapping[str, Source], out: Path, evidence: str = "auto",
-               progress: bool = False) -> dict[frozenset, dict]:
+def pair_tests(sources: Mapping[str, Source], out: Path, evidence: str = "auto", progress: bool = False,
+               locations: Mapping[str, str] | None = None) -> dict[frozenset, dict]:
     """The relation test of every pair of the models (name -> source: the headers decide the test) through the
     pipeline, records under out/records (an ok record of the same two checkpoints, by content hash, is read, not
-    recomputed): pair -> {"stat", "log10_pvalue" (None where no test fits), "wall_s", "derivation"}."""
+    recomputed): pair -> {"stat", "log10_pvalue" (None where no test fits), "wall_s", "derivation"}. `locations`:
+    name -> what the pipeline opens (default: the name itself)."""
     found: dict[frozenset, dict] = {}
-    hashes = {m: resolve(m).content_hash for m in sources}
+    where = {m: (locations or {}).get(m, m) for m in sources}
+    hashes = {m: resolve(where[m]).content_hash for m in sources}
     for a, b in itertools.combinations(sources, 2):
         stat = "auto"
         if evidence == "weights" and get_stat("csu_all").misfit(sources[a], sources[b]) is None:
             stat = "csu_all"
-        cfg = RunConfig(base_model_id=a, ft_model_id=b, stat=stat, save=str(out / "records"), no_progress=True)
+        cfg = RunConfig(base_model_id=where[a], ft_model_id=where[b], stat=stat, save=str(out / "records"),
+                        no_progress=True)
         path = cfg.result_path()
         rec = load_record(path) if path.exists() else {}
         try:
@@ -120,7 +123,7 @@ def infer_forest(sources: Mapping[str, Source], log10p: Mapping[frozenset, float
         p = log10p.get(frozenset((a, b)))
         pairs.append({"a": a, "b": b, "log10_pvalue": p, "related": p is not None and p <= cut})
     groups = [g for g in families(names, pairs) if len(g) > 1]
-    profiles = {m: profile(sources[m]) for g in groups for m in g}
+    profiles = {m: {**profile(sources[m]), "name": m} for g in groups for m in g}  # named as in `sources`
     kin: dict[frozenset, dict] = {}
     for g in groups:
         for a, b in itertools.combinations(g, 2):
@@ -174,18 +177,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    names, out = model_names(args.models), Path(args.out)
-    sources = {m: open_source(m, progress=False) for m in names}
-    tests = pair_tests(sources, out, args.evidence, progress=True)
+    names = model_names(args.models)
+    build_trees({m: m for m in names}, Path(args.out), args.evidence, args.alpha, args.signal, not args.no_merges)
+    return 0
+
+
+def build_trees(locations: Mapping[str, str], out: Path, evidence: str = "auto", alpha: float = ALPHA,
+                signal: str = "norm", merges: bool = True) -> dict:
+    """Every pair of the models (name -> what the pipeline opens) tested, the forest inferred, written to `out`
+    and printed (what `python -m tracing.trees` and `python -m tracing.catalog tree` do). Returns the forest."""
+    sources = {m: open_source(loc, progress=False) for m, loc in locations.items()}
+    tests = pair_tests(sources, out, evidence, progress=True, locations=locations)
     log10p = {k: v["log10_pvalue"] for k, v in tests.items()}
-    forest = infer_forest(sources, log10p, alpha=args.alpha, signal=args.signal, merges=not args.no_merges)
+    forest = infer_forest(sources, log10p, alpha=alpha, signal=signal, merges=merges)
     paths = write_forest(forest, out)
     for fam in forest["families"]:
         print(f"family of {fam['root']} ({len(fam['members'])} models)")
         for e in fam["edges"]:
             print(f"  {e['parent']} -> {e['child']}  ({e['why']})")
     print("\n".join(f"wrote {v}" for v in paths.values()))
-    return 0
+    return forest
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python -m tracing.catalog list --catalog DIR
     python -m tracing.catalog remove --catalog DIR NAME...
     python -m tracing.catalog identify --catalog DIR SUSPECT --json FILE
+    python -m tracing.catalog tree --catalog DIR --out DIR            # families and directed trees (tracing.trees)
 
 Bad input (no catalogue, a corrupt or newer file, a suspect of a family not catalogued, an unknown name) is one
 line on stderr and exit code 2.
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from tracing.catalog.add import add_models
-from tracing.catalog.identify import CONFIRM, identify
+from tracing.catalog.identify import CONFIRM, identify, reachable
 from tracing.catalog.sketch import Settings
 from tracing.catalog.store import Catalog
 from tracing.devices import resolve_device, threads
@@ -59,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--device", default="cpu", help="where the comparisons run: cpu, cuda, auto (default cpu)")
     ident.add_argument("--save", default=None, help="keep the exact tests' records in this folder")
     ident.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable)")
-    for sp in (add, lst, rm, ident):
+    tree = sub.add_parser("tree", help="families and directed trees of the catalogued models (every pair tested)")
+    tree.add_argument("--out", required=True, metavar="DIR", help="tree.yaml (aggregate --truth reads it), tree.json, "
+                      "tree.png and the pair records")
+    tree.add_argument("--evidence", default="auto", choices=("auto", "weights"), help="the pair test (weights: "
+                      "csu_all where it fits)")
+    tree.add_argument("--alpha", type=float, default=0.01, help="family-wise level over all pairs (default 0.01)")
+    tree.add_argument("--no_merges", action="store_true", help="skip merge attribution")
+    for sp in (add, lst, rm, ident, tree):
         sp.add_argument("--catalog", required=True, metavar="DIR", help="the catalogue folder")
     for sp in (lst, ident):
         sp.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
@@ -68,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return exit_on_error(lambda: {"add": _add, "list": _list, "remove": _remove, "identify": _identify}
-                         [args.command](args))
+    return exit_on_error(lambda: {"add": _add, "list": _list, "remove": _remove, "identify": _identify,
+                                  "tree": _tree}[args.command](args))
 
 
 def _add(args) -> int:
@@ -133,6 +141,23 @@ def _identify(args) -> int:
     return EXIT_OK
 
 
+def _tree(args) -> int:
+    from tracing.trees import build_trees
+
+    cat = Catalog.open(args.catalog)
+    cat.require_models()
+    gone = [e["name"] for e in cat.entries if not reachable(e["location"])]
+    if gone:
+        raise TracingError(f"a tree tests every pair from the files, and {', '.join(gone)} is no longer at its "
+                           f"location: add it again from where it is, or remove it")
+    if len(cat.entries) < 2:
+        raise TracingError(f"a tree needs two or more catalogued models; {cat.root} holds {len(cat.entries)}")
+    with threads(None):
+        build_trees({e["name"]: e["location"] for e in cat.entries}, Path(args.out), args.evidence, args.alpha,
+                    merges=not args.no_merges)
+    return EXIT_OK
+
+
 def _write_json(path: str, data: dict) -> None:
     target = Path(path)
     try:
@@ -160,7 +185,10 @@ def table(result: dict) -> str:
         rest = result["candidates"][SHOWN:]
         lines.append(f"  ... and {len(rest)} more ({sum(c['related'] for c in rest)} related; the JSON lists all)")
     lines.append(f"verdict: {result['verdict']}")
-    mapped = [f"{x['layer']}<-{x['sources'][0]['model']}:{x['sources'][0]['layer']}"
+    if (merge := result.get("merge")) is not None:
+        lines.append(f"attribution: {merge.get('summary') or merge.get('error')}")
+    mapped = [f"{x['layer']}<-" + "+".join(f"{s['model']}:{s['layer']}" + ("" if s["share"] == 1.0 else
+                                          f"({s['share']:.2f})") for s in x["sources"])
               for x in result["layers"] if x["sources"]]
     if mapped and result["related"]:
         lines.append("layers: " + " ".join(mapped))

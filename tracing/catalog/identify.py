@@ -18,6 +18,8 @@ fingerprint of its architecture family compared, one p-value per candidate corre
    every candidate whose Holm-adjusted p is significant but not decisive (-6 < log10 p <= log10 0.01); and when no
    candidate is decisive, the best candidates whatever their p. Its p joins the candidate's planned tests; Holm
    again. Related: Holm-adjusted p <= 0.01. No related candidate: "no catalogued base".
+7. Two or more related candidates with their files at hand: merge attribution (catalog/merge.py), which reads the
+   suspect and them again; a merge's per-block shares are the JSON's `layers`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from tracing import matching
 from tracing.catalog.compare import PATIENCE, TESTS, misfit, run, screen
 from tracing.catalog.fingerprint import build
+from tracing.catalog.merge import attribute_related
 from tracing.catalog.store import Catalog
 from tracing.catalog.verdict import Candidate, adjust, candidate_record, layer_sources
 from tracing.checkpoints import resolve
@@ -47,7 +50,7 @@ CONFIRM = 2  # candidates the exact test may confirm per query
 NO_BASE = "no catalogued base"
 
 
-def _reachable(location: str) -> bool:
+def reachable(location: str) -> bool:
     """Whether the exact test can open a catalogued model: a local path that exists, or a hub id."""
     return os.path.exists(location) or not location.startswith(("/", ".", "~"))
 
@@ -116,7 +119,7 @@ def identify(root: str | Path, suspect: str, *, confirm: int = CONFIRM, device: 
     for e in entries:
         fp = cat.load(e)
         misfits = {test: why for test in TESTS if (why := misfit(test, fp, fp_s))}
-        planned = len(TESTS) - len(misfits) + (1 if confirm > 0 and _reachable(e["location"]) else 0)
+        planned = len(TESTS) - len(misfits) + (1 if confirm > 0 and reachable(e["location"]) else 0)
         cands.append(Candidate(e, fp, planned, misfits))
     seconds["load"], t = time.perf_counter() - t, time.perf_counter()
     dev = torch.device(device)
@@ -140,12 +143,16 @@ def identify(root: str | Path, suspect: str, *, confirm: int = CONFIRM, device: 
             for c in chosen:
                 c.exact = confirm_pair(c.entry["location"], suspect, Path(save or tmp), device, exact_options)
         adjust(cands)
-    seconds["confirm"] = time.perf_counter() - t
+    seconds["confirm"], t = time.perf_counter() - t, time.perf_counter()
+    best = sorted((c for c in cands if c.related and reachable(c.entry["location"])), key=lambda c: c.log10_holm)
+    merge = attribute_related(ckpt, [(c.name, c.entry["location"]) for c in best], dev)
+    seconds["attribution"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    return _result(cat, fp_s, ckpt, cands, read_bytes, seconds)
+    return _result(cat, fp_s, ckpt, cands, read_bytes, seconds, merge)
 
 
-def _result(cat: Catalog, fp_s, ckpt, cands: list[Candidate], read_bytes: int, seconds: dict) -> dict:
+def _result(cat: Catalog, fp_s, ckpt, cands: list[Candidate], read_bytes: int, seconds: dict,
+            merge: dict | None) -> dict:
     rank = sorted(cands, key=lambda c: (c.log10_holm, c.log10_raw, -max(c.screen_score(t) for t in TESTS)))
     rank_of = {id(c): k for k, c in enumerate(rank)}
     cands = sorted(cands, key=lambda c: rank_of[id(c)])
@@ -160,6 +167,7 @@ def _result(cat: Catalog, fp_s, ckpt, cands: list[Candidate], read_bytes: int, s
             "catalog": str(cat.root), "settings": cat.settings.to_dict(), "compared": len(cands),
             "candidates": [candidate_record(c, fp_s, adapter_rank) for c in cands], "not_compared": others,
             "related": related, "verdict": ("related: " + ", ".join(related)) if related else NO_BASE,
-            "layers": layer_sources(fp_s, cands),
+            "layers": merge["layers"] if merge and merge.get("merge") else layer_sources(fp_s, cands),
+            "merge": merge,
             "correction": f"Bonferroni over each candidate's planned tests, Holm over the {len(cands)} candidates",
             "alpha": ALPHA, "seconds": seconds}
