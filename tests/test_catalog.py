@@ -326,6 +326,16 @@ def test_a_suspect_of_another_architecture_is_one_line(small_catalog, zoo_catalo
     assert_one_line(err, "no catalogued model is of the gpt2 family", "llama (2)", "add a base of its family")
 
 
+def test_a_mixture_of_experts_is_one_line(small_catalog, tmp_path, capsys):
+    from tracing.catalog.cli import main
+
+    zoo.tiny_model("mixtral", seed=0).save_pretrained(tmp_path / "moe")
+    capsys.readouterr()
+    assert main(["add", "--catalog", str(small_catalog), str(tmp_path / "moe")]) == 2
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1 and "mixture of experts (mixtral)" in failed[0] and "pair by pair" in failed[0]
+
+
 def test_removing_an_unknown_name_is_one_line(small_catalog, capsys):
     code, err = run_cli(capsys, "remove", "--catalog", str(small_catalog), "llama-7")
     assert code == 2

@@ -99,6 +99,9 @@ def build(src: Source, settings: Settings, *, name: str, content_hash: str | Non
     """The fingerprint of the checkpoint behind `src` (module docstring), read tensor by tensor."""
     t0 = time.perf_counter()
     spec = src.spec
+    if any(layer.moe is not None for layer in spec.layers):
+        raise TracingError(f"{name} is a mixture of experts ({spec.model_type}): fingerprints sketch dense MLP units "
+                           f"only; compare it pair by pair (python main.py --base_model_id BASE --ft_model_id {name})")
     vocab, hidden = src.shape(spec.embed)  # (vocab, hidden)
     g_basis = basis(hidden, settings)  # (hidden, k)
     arrays: dict[str, torch.Tensor] = {}
