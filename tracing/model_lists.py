@@ -95,13 +95,8 @@ def _raw_pairs(doc: dict, flat: str, path: Path) -> list[tuple[str, str, str, st
     return list(zip(m1, m2, n1, n2))
 
 
-def load_config(path: str | Path, flat: str | None = None) -> LaunchConfig:
-    """Parse and validate a model-list YAML (flat list | base_models x ft_models | models_1/models_2 pairs).
-
-    A bare top-level list (the original tool's format) is a flat list. Duplicate pairs are kept once;
-    a pair of a model with itself is dropped. The main: block is checked against RunConfig's fields.
-    """
-    path = Path(path)
+def _read_list(path: Path) -> dict:
+    """A model-list YAML as a mapping of its known top-level keys (a bare list: its `models:`)."""
     doc = read_yaml(path)
     if doc is None:
         raise TracingError(f"{path} is empty; list models under 'models:' (see config/demo.yaml)")
@@ -112,6 +107,17 @@ def load_config(path: str | Path, flat: str | None = None) -> LaunchConfig:
     unknown = sorted(set(map(str, doc)) - set(TOP_KEYS))
     if unknown:
         raise TracingError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(TOP_KEYS)}")
+    return doc
+
+
+def load_config(path: str | Path, flat: str | None = None) -> LaunchConfig:
+    """Parse and validate a model-list YAML (flat list | base_models x ft_models | models_1/models_2 pairs).
+
+    A bare top-level list (the original tool's format) is a flat list. Duplicate pairs are kept once;
+    a pair of a model with itself is dropped. The main: block is checked against RunConfig's fields.
+    """
+    path = Path(path)
+    doc = _read_list(path)
     flat = flat or infer_flat(doc)
     if flat not in MODEL_KEYS:
         raise TracingError(f"--flat must be one of {', '.join(MODEL_KEYS)}, got '{flat}'")
@@ -160,16 +166,7 @@ def load_models(path: str | Path) -> ModelList:
     """Every model a model-list YAML names (any of its forms; names_1 / names_2 name models_1 / models_2), each
     once: what `python -m tracing.catalog add --config` catalogues. Its main: block (launch.py's) is not used."""
     path = Path(path)
-    doc = read_yaml(path)
-    if doc is None:
-        raise TracingError(f"{path} is empty; list models under 'models:' (see config/demo.yaml)")
-    if isinstance(doc, list):
-        doc = {"models": doc}
-    if not isinstance(doc, dict):
-        raise TracingError(f"{path}: expected a mapping with 'models:' (or a list of model ids)")
-    unknown = sorted(set(map(str, doc)) - set(TOP_KEYS))
-    if unknown:
-        raise TracingError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(TOP_KEYS)}")
+    doc = _read_list(path)
     named: list[tuple[str, str]] = []
     for keys in (("models",), ("base_models",), ("ft_models",), ("models_1", "names_1"), ("models_2", "names_2")):
         ids = _model_list(doc, keys[0], path)
