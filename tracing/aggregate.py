@@ -19,12 +19,12 @@ from pathlib import Path
 import pandas as pd
 
 from tracing import plots
+from tracing.choices import LOWER_IS_RELATED
 from tracing.errors import TracingError, exit_on_error
 from tracing.lineage import load_tree, related
 from tracing.naming import AGGREGATE_SUBDIR
 from tracing.result_folder import read_records, record_key
 from tracing.results import check_writable, error_line
-from tracing.statistics import get_stat
 
 COLUMNS = ["base", "ft", "stat", "status", "value", "log10_pvalue", "aligned_value", "aligned_log10_pvalue",
            "base_loss", "ft_loss", "base_ppl", "ft_ppl", "wall_time_s", "key", "commit", "dirty", "finished", "error",
@@ -86,10 +86,7 @@ def auc(scores: list[float], labels: list[bool]) -> float | None:
 
 
 def _higher_is_related(stat: str) -> bool:
-    try:
-        return get_stat(stat).higher_is_related
-    except TracingError:  # a record of a statistic this version does not know
-        return True
+    return stat not in LOWER_IS_RELATED  # a statistic this version does not know: higher
 
 
 def score(df: pd.DataFrame, tree: dict[str, str], threshold: float) -> pd.DataFrame:

@@ -12,6 +12,9 @@ METHODS = {"fast": "greedy mutual-best matching; exact assignment where its p is
            "exact": "exact linear assignment everywhere (scipy, float64): the paper's statistic bit for bit"}
 DEFAULT_METHOD = "fast"
 
+# statistics whose `value` is lower for related pairs (PERMTEST's direction, aggregate's AUC); higher for the others
+LOWER_IS_RELATED = frozenset({"auto", "csu", "csu_all", "jsd", "l2", "mode"})
+
 
 def check_method(name: str) -> str:
     """A --matching value, or a TracingError listing the valid ones."""

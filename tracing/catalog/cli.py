@@ -26,6 +26,7 @@ from tracing.devices import resolve_device, threads
 from tracing.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TracingError, exit_on_error
 from tracing.model_lists import SLURM_KEYS, load_models
 from tracing.results import atomic_write
+from tracing.trees import build_trees
 
 SHOWN = 10  # candidates printed (the JSON holds all)
 
@@ -142,8 +143,6 @@ def _identify(args) -> int:
 
 
 def _tree(args) -> int:
-    from tracing.trees import build_trees
-
     cat = Catalog.open(args.catalog)
     cat.require_models()
     gone = [e["name"] for e in cat.entries if not reachable(e["location"])]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tracing.arch import ArchSpec
+from tracing.choices import LOWER_IS_RELATED
 from tracing.config import FIELDS, RunConfig
 from tracing.errors import TracingError
 from tracing.matching import DEFAULT_METHOD
@@ -142,7 +143,7 @@ class StatInfo:
     needs_data: bool = False  # needs ctx.blocks (and the models loaded, unless composite)
     fits: tuple[Misfit, ...] = ()  # what the pair must satisfy, asked of headers and configs before anything runs
     scalar: bool = True  # `value` can be wrapped in PERMTEST (--num_perm)
-    higher_is_related: bool = True  # direction of `value` for PERMTEST
+    higher_is_related: bool = True  # direction of `value` for PERMTEST (choices.LOWER_IS_RELATED)
     composite: bool = False  # runs other statistics on ctx.pair, loading the models itself if one needs them
 
     @property
@@ -161,11 +162,10 @@ _MODULES = ("auto", "l2", "cos", "emb", "csu", "mode", "csh", "match", "match_al
 
 
 def register(name: str, *, help: str, aliases: tuple[str, ...] = (), needs_data: bool = False,
-             fits: tuple[Misfit, ...] = (), scalar: bool = True, higher_is_related: bool = True,
-             composite: bool = False):
+             fits: tuple[Misfit, ...] = (), scalar: bool = True, composite: bool = False):
     def deco(fn):
-        _REGISTRY[name] = StatInfo(name, fn, help, aliases, needs_data, tuple(fits), scalar, higher_is_related,
-                                   composite)
+        _REGISTRY[name] = StatInfo(name, fn, help, aliases, needs_data, tuple(fits), scalar,
+                                   name not in LOWER_IS_RELATED, composite)
         for a in aliases:
             _ALIASES[a] = name
         return fn

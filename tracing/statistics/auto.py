@@ -90,7 +90,7 @@ def combined_log10p(log10ps: list[float], k: int) -> float:
     return min(0.0, math.log10(k) + min(finite)) if finite else 0.0
 
 
-@register("auto", composite=True, scalar=False, higher_is_related=False, fits=(no_test_fits,),
+@register("auto", composite=True, scalar=False, fits=(no_test_fits,),
           help="the tests that fit the pair (csu, csu --align, match; csu_all, match_all when shapes differ), "
                "weights first, stopping once one settles it; Bonferroni over the planned tests; the derivation "
                "named")

@@ -68,7 +68,7 @@ def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device 
 
 
 
-@register("csu", fits=(experts_differ, weights_differ), higher_is_related=False,
+@register("csu", fits=(experts_differ, weights_differ),
           help="MLP up-projection rows (each expert's and the router's in MoE layers): linear assignment on cosine "
                "similarity, Spearman vs identity, Fisher over layers (Bonferroni over an MoE layer's experts; "
                "log10 p; exact under H0)")
@@ -171,7 +171,7 @@ def _screened_jobs(ctx: StatContext, jobs: list[tuple[Matrix, Matrix]]) -> list[
     return out
 
 
-@register("csu_all", fits=(no_shared_roles,), higher_is_related=False,
+@register("csu_all", fits=(no_shared_roles,),
           help="csu for every pair of weight matrices of the same role in any two layers (depth and width may "
                "differ: the narrower matrix is matched into the wider; every expert of an MoE against every MLP or "
                "expert of the other model), Holm-corrected layer and expert map")

@@ -33,7 +33,7 @@ def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tenso
     return (0.5 * (kl_pm + kl_qm)).clamp_min(0)
 
 
-@register("jsd", needs_data=True, fits=(vocab_disagrees,), higher_is_related=False,
+@register("jsd", needs_data=True, fits=(vocab_disagrees,),
           help="Jensen-Shannon divergence of next-token distributions over the shared vocabulary (nats)")
 @torch.no_grad()
 def jsd(ctx: StatContext) -> StatResult:

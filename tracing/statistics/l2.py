@@ -17,7 +17,7 @@ from tracing.statistics.common import paired_weights, squared_distance
 from tracing.statistics.fits import require_fit, weights_differ
 
 
-@register("l2", fits=(weights_differ,), higher_is_related=False,
+@register("l2", fits=(weights_differ,),
           help="Euclidean distance between all corresponding weights (lower = more related; no p-value)")
 @torch.no_grad()
 def l2(ctx: StatContext) -> StatResult:

@@ -39,7 +39,6 @@ def interpolated_loss(ctx: StatContext, alpha: float, groups: tuple[str, ...]) -
 
 
 @register("mode", aliases=("mc",), needs_data=True, fits=(weights_or_vocab_differ, vocab_disagrees),
-          higher_is_related=False,
           help="loss of the weight-interpolated model at --alpha (curve with --alphas); low = related")
 def mode(ctx: StatContext) -> StatResult:
     require_fit(ctx, "mode")
