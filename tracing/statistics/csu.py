@@ -150,15 +150,16 @@ def no_shared_roles(a: Source, b: Source) -> str | None:
 SCREEN_ROLES = ("mlp.up", "attn.out")  # the roles "fast" screens and tests: an MLP's (or expert's), an attention's
 
 
-def _screened_jobs(ctx: StatContext, jobs: list[tuple[Matrix, Matrix]]) -> list[tuple[Matrix, Matrix]]:
-    """The candidate pairs among `jobs`: for each screened role and ft matrix (a layer's, or one expert's), the base
-    matrices whose units it finds best (screen.py); when only base is an MoE, for each of its matrices (each expert)
-    the ft matrices it is found best in, so that every expert gets its candidates. Every matrix is read once for the
-    screen, and only the few screened rows of each ft matrix are kept. (The screen is blind to unit order on both
-    sides, so picking by row or by column keeps the tested p-values exact: screen.py.)"""
+def _screened_jobs(ctx: StatContext, jobs: list[tuple[Matrix, Matrix]]) -> tuple[list, list]:
+    """The candidate pairs among `jobs`, (best, runner-up): for each screened role and ft matrix (a layer's, or one
+    expert's), the base matrix whose units it finds best, then the second best (screen.py); when only base is an
+    MoE, for each of its matrices (each expert) the ft matrices it is found best in (all among the best, so that
+    every expert gets its candidates). Every matrix is read once for the screen, and only the few screened rows of
+    each ft matrix are kept. (The screen is blind to unit order on both sides, so picking by row or by column keeps
+    the tested p-values exact: screen.py.)"""
     per_base = moe_side(ctx.spec_base, ctx.spec_ft) == "base"
     shared = [r for r in SCREEN_ROLES if any(ma.role == r for ma, _ in jobs)] or [jobs[0][0].role]
-    out = []
+    best, runner_up = [], []
     for r in shared:
         pairs = {(ma, mb) for ma, mb in jobs if ma.role == r}
         la = list(dict.fromkeys(ma for ma, _ in jobs if ma.role == r))
@@ -166,9 +167,14 @@ def _screened_jobs(ctx: StatContext, jobs: list[tuple[Matrix, Matrix]]) -> list[
         rows_b = {mb: screen.screened_rows(mb.read(ctx.source_ft)) for mb in lb}  # (<= SCREEN_ROWS, d) each
         rows_a = ((ma, ma.read(ctx.source_base)) for ma in la)
         scores = screen.screen_scores(rows_a, rows_b, la, lb, ctx.compute_device)  # (len(la), len(lb))
-        picked = {(a, b) for b, a in screen.candidates(scores.T)} if per_base else screen.candidates(scores)
-        out += [(la[a], lb[b]) for a, b in picked if (la[a], lb[b]) in pairs]
-    return out
+        if per_base:
+            top = {(a, b) for b, a in screen.candidates(scores.T)}
+            best += [(la[a], lb[b]) for a, b in top if (la[a], lb[b]) in pairs]
+            continue
+        first = screen.candidates(scores, 1)
+        best += [(la[a], lb[b]) for a, b in first if (la[a], lb[b]) in pairs]
+        runner_up += [(la[a], lb[b]) for a, b in screen.candidates(scores) - first if (la[a], lb[b]) in pairs]
+    return best, runner_up
 
 
 @register("csu_all", fits=(no_shared_roles,),
@@ -188,12 +194,14 @@ def csu_all(ctx: StatContext) -> StatResult:
     if not jobs:  # only --layers can leave nothing to compare once the fit check holds
         raise TracingError(f"csu_all has nothing to compare in --layers {ctx.layers}: pick other layers")
 
-    family = jobs  # every comparable pair of matrices: the Holm family
+    family, runner_up = jobs, []  # family: every comparable pair of matrices, the Holm family
     if ctx.matching != "exact":  # screen every pair, test the candidates (statistics/screen.py)
-        jobs = _screened_jobs(ctx, jobs)
+        jobs, runner_up = _screened_jobs(ctx, jobs)
         family = [job for job in family if job[0].role in {ma.role for ma, _ in jobs}]
     pos_a, pos_b = {m: k for k, m in enumerate(mats_a)}, {m: k for k, m in enumerate(mats_b)}
-    jobs = sorted(jobs, key=lambda job: (at[job[0].role], pos_a[job[0]], pos_b[job[1]]))
+
+    def order(js: list) -> list:
+        return sorted(js, key=lambda job: (at[job[0].role], pos_a[job[0]], pos_b[job[1]]))
 
     # jobs run base matrix by base matrix: keep the last few base matrices read (each is compared n_b times)
     read_a = functools.lru_cache(maxsize=matching.default_workers() + 1)(lambda m: m.read(ctx.source_base))
@@ -203,9 +211,16 @@ def csu_all(ctx: StatContext) -> StatResult:
         return match_rows(read_a(ma), mb.read(ctx.source_ft), ctx.compute_device, ctx.matching,
                           _seed(ctx.seed, ma, mb, at[ma.role]))
 
-    results = matching.map_in_threads(test_pair, jobs)
-    bar = tqdm(results, total=len(jobs), desc="csu_all pairs", disable=not ctx.progress)
-    recs = list(bar)  # the bar first: its last pull lets it reach 100% and close
+    def run(js: list) -> list[dict]:
+        bar = tqdm(matching.map_in_threads(test_pair, js), total=len(js), desc="csu_all pairs",
+                   disable=not ctx.progress or not js)
+        return list(bar)  # the bar first: its last pull lets it reach 100% and close
+
+    jobs = order(jobs)
+    recs = run(jobs)
+    settled = {mb for (_, mb), rec in zip(jobs, recs) if rec["log10_pvalue"] <= screen.DECISIVE_LOG10P}
+    runner_up = order([job for job in runner_up if job[1] not in settled])  # screen.py: the level holds
+    jobs, recs = jobs + runner_up, recs + run(runner_up)
     raw = np.array([rec["log10_pvalue"] for rec in recs])
     tested = ~np.isnan(raw)
     holm = np.full_like(raw, np.nan)

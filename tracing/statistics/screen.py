@@ -13,7 +13,10 @@ their norms, so its value does not change when the units of either model are rel
 are exchangeable given A and the unordered set of B's units; the screen is a function of exactly those, so
 choosing pairs by it says nothing about the order of B's units, which is all that the identity test looks at.
 A pair that is not tested enters the Holm family with p = 1, which can only make the family-wise test more
-conservative: the layer map keeps its level.
+conservative: the layer map keeps its level. That holds whatever decides which pairs are tested, even the tested
+p-values themselves (Holm's adjusted p-values only grow when a raw p grows, and each pair's raw p is a fixed
+function of the two models): so csu_all tests each ft layer's runner-up only when its best-screening pair is not
+decisive (log10 p > DECISIVE_LOG10P).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tracing import matching
 
 SCREEN_ROWS = 32  # units of each ft matrix the screen compares (the largest by norm: a choice blind to order)
 CANDIDATES_PER_FT_LAYER = 2  # base layers tested exactly for each ft layer (the best screens)
+DECISIVE_LOG10P = -6.0  # a best-screening pair this significant settles its ft layer: the runner-up is not tested
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
