@@ -278,7 +278,7 @@ def scale_table(work: Path, sc: dict, repeats: int) -> tuple[list[str], dict]:
     null_q = work / "query-null.json"
     null_wall = timed([*ident[:6], sc["independent"], "--json", str(null_q), "--confirm", "0"])[0]
     null = json.loads(null_q.read_text())
-    csu_null = timed([*csu[:4], sc["independent"], *csu[6:]])[0]
+    csu_null = timed([*csu[:5], sc["independent"], *csu[6:]])[0]
     cat = Catalog.open(sc["catalogue"])
     fp_bytes = [e["fingerprint_bytes"] for e in cat.entries]
     weight_bytes = [e["weight_bytes"] for e in cat.entries]
