@@ -147,7 +147,7 @@ def zoo_table(work: Path, z: dict, runs: dict) -> list[str]:
     torch.set_num_threads(1)
     identify(work / "zoo-catalogue", z["suspects"]["llama-0/finetune"]["path"], confirm=0)  # imports, caches
     lines = ["| suspect | truth | identify: related (log10 p) | pair runs: related | equal | identify's derivation "
-             "line | exact tests | identify | pair runs |", "|---|---|---|---|---|---|---|---|---|"]
+             "line | merge attribution | exact tests | identify | pair runs |", "|---|---|---|---|---|---|---|---|---|---|"]
     agree = 0
     for s, info in z["suspects"].items():
         t0 = time.perf_counter()
@@ -159,9 +159,10 @@ def zoo_table(work: Path, z: dict, runs: dict) -> list[str]:
         agree += mine == by_pairs
         shown = ", ".join(f"{c} ({found[c]['log10_pvalue']:.0f})" for c in mine) or "none"
         line = next((found[c]["derivation"] for c in mine), "-")
+        merge = r["merge"]["summary"] if r["merge"] and r["merge"].get("merge") else "-"
         pairs_s = sum(runs[f"{c} | {s}"]["wall_s"] for c in found)
         lines.append(f"| {s} | {', '.join(info['truth']) or 'none'} | {shown} | {', '.join(by_pairs) or 'none'} | "
-                     f"{'yes' if mine == by_pairs else '**no**'} | {line} | "
+                     f"{'yes' if mine == by_pairs else '**no**'} | {line} | {merge} | "
                      f"{sum(c['confirmed'] for c in r['candidates'])} | {wall:.1f} s | "
                      f"{pairs_s:.1f} s ({len(found)}) |")
         print(lines[-1], flush=True)
