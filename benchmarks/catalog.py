@@ -147,7 +147,8 @@ def zoo_table(work: Path, z: dict, runs: dict) -> list[str]:
     torch.set_num_threads(1)
     identify(work / "zoo-catalogue", z["suspects"]["llama-0/finetune"]["path"], confirm=0)  # imports, caches
     lines = ["| suspect | truth | identify: related (log10 p) | pair runs: related | equal | identify's derivation "
-             "line | merge attribution | exact tests | identify | pair runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "line | merge attribution | exact tests | identify | pair runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     agree = 0
     for s, info in z["suspects"].items():
         t0 = time.perf_counter()
