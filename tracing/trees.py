@@ -72,7 +72,8 @@ def pair_tests(sources: Mapping[str, Source], out: Path, evidence: str = "auto",
                                     "wall_s": rec.get("wall_time_s"),
                                     "derivation": (rec.get("extras") or {}).get("derivation")}
         if progress:
-            print(f"  {a} vs {b}: {stat} log10 p {found[frozenset((a, b))]['log10_pvalue']}", flush=True)
+            p = found[frozenset((a, b))]["log10_pvalue"]
+            print(f"  {a} vs {b}: {stat} log10 p {'-' if p is None else f'{p:.2f}'}", flush=True)
     return found
 
 
