@@ -66,13 +66,16 @@ def inv_norms(x: torch.Tensor) -> torch.Tensor:
     return x.float().square().sum(dim=1, dtype=torch.float64).sqrt().clamp_min(1e-30).reciprocal().float()
 
 
-def exact_bf16_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def exact_bf16_cosines(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor | None = None,
+                       inv_b: torch.Tensor | None = None) -> torch.Tensor:
     """Cosines (n, m) float32 of bf16 rows a (n, d), b (m, d): the product of the stored values on the bf16 units
-    with float32 accumulation and results, scaled by the inverse norms."""
+    with float32 accumulation and results, scaled by the inverse norms (inv_norms of a and b, when known)."""
     af, bf = a.float(), b.float()  # exact: every bf16 value is a float32 value
     with bf16_products():
         sim = af @ bf.T  # (n, m)
-    return sim.mul_(inv_norms(a)[:, None]).mul_(inv_norms(b)[None, :])
+    inv_a = inv_norms(a) if inv_a is None else inv_a
+    inv_b = inv_norms(b) if inv_b is None else inv_b
+    return sim.mul_(inv_a[:, None]).mul_(inv_b[None, :])
 
 
 class LazyCosine:
@@ -84,10 +87,18 @@ class LazyCosine:
         self.device = a.device
         self._exact: torch.Tensor | None = None
 
+    @functools.cached_property
+    def inv_a(self) -> torch.Tensor:
+        return inv_norms(self.a)  # (n,)
+
+    @functools.cached_property
+    def inv_b(self) -> torch.Tensor:
+        return inv_norms(self.b)  # (m,)
+
     def exact(self) -> torch.Tensor:
         """The float32 cosine matrix (n, m), computed once."""
         if self._exact is None:
-            self._exact = exact_bf16_cosines(self.a, self.b)
+            self._exact = exact_bf16_cosines(self.a, self.b, self.inv_a, self.inv_b)
         return self._exact
 
     def __getitem__(self, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -96,19 +107,31 @@ class LazyCosine:
             return self._exact[index]
         rows, cols = index
         a, b = self.a.index_select(0, rows).float(), self.b.index_select(0, cols).float()  # (k, d) each
-        return (a * b).sum(dim=1).mul_(inv_norms(a)).mul_(inv_norms(b))
+        return (a * b).sum(dim=1).mul_(self.inv_a[rows]).mul_(self.inv_b[cols])
+
+    def _bounded(self) -> bool:
+        """Every row finite and no product can overflow (|a_i . b_j| <= |a_i| |b_j| < 1e38): then every cosine,
+        coarse or exact, is finite, as pair_units needs to use every unit."""
+        inv_a, inv_b = self.inv_a, self.inv_b
+        if not all(bool(torch.isfinite(v).all()) and bool((v > 0).all()) for v in (inv_a, inv_b)):
+            return False
+        return float(inv_a.min().double().reciprocal() * inv_b.min().double().reciprocal()) < 1e38
 
     def certified_best(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows, cols) pairing every unit of the narrower side with its best partner, when the bf16 product
         certifies that each best is strict and all are distinct in exact() too (module docstring); else None."""
         if self._exact is not None:
             return None
-        narrow, wide = (self.a, self.b) if self.shape[0] <= self.shape[1] else (self.b, self.a)
-        inv_w = inv_norms(wide)
+        if not self._bounded():
+            return None
+        a_narrow = self.shape[0] <= self.shape[1]
+        narrow, wide = (self.a, self.b) if a_narrow else (self.b, self.a)
+        inv_w = self.inv_b if a_narrow else self.inv_a
         best = []
         for s in [0, *range(min(SAMPLE_ROWS, narrow.shape[0]), narrow.shape[0], ROW_BLOCK)]:
             e = min(SAMPLE_ROWS, narrow.shape[0]) if s == 0 else min(s + ROW_BLOCK, narrow.shape[0])
-            got = _certified_block(narrow[s:e], wide, inv_w)
+            inv_n = inv_norms(narrow[s:e]) if s == 0 else (self.inv_a if a_narrow else self.inv_b)[s:e]
+            got = _certified_block(narrow[s:e], inv_n, wide, inv_w)
             if got is None:
                 return None
             best.append(got)
@@ -119,13 +142,13 @@ class LazyCosine:
         return (own, cols) if self.shape[0] <= self.shape[1] else (cols, own)
 
 
-def _certified_block(rows: torch.Tensor, wide: torch.Tensor, inv_w: torch.Tensor) -> torch.Tensor | None:
-    """Best column (r,) of each row of `rows` (r, d) among `wide` (m, d) by cosine, if certified; else None."""
+def _certified_block(rows: torch.Tensor, inv_rows: torch.Tensor, wide: torch.Tensor,
+                     inv_w: torch.Tensor) -> torch.Tensor | None:
+    """Best column (r,) of each row of `rows` (r, d) among `wide` (m, d) by cosine, if certified; else None.
+    inv_rows (r,), inv_w (m,): their inverse norms (finite and no product overflowing: LazyCosine._bounded)."""
     with torch.autocast("cpu", enabled=False):
         raw = rows @ wide.T  # (r, m) bf16 results, float32 accumulation inside
-    cos = raw.float().mul_(inv_norms(rows)[:, None]).mul_(inv_w[None, :])
-    if not bool(torch.isfinite(cos).all()):
-        return None
+    cos = raw.float().mul_(inv_rows[:, None]).mul_(inv_w[None, :])
     top, idx = cos.topk(2, dim=1)  # (r, 2)
     # |coarse - float32| <= rounding of the result + both products' summation error (cosine scale: |a||b| = 1),
     # with 1% to spare for the float32 scalings

@@ -58,15 +58,22 @@ def _refill(s: torch.Tensor, cand: torch.Tensor, units: torch.Tensor, free_other
     cand[units] = masked.topk(cand.shape[1], dim=1).indices
 
 
-COLUMN_BLOCK = 1024  # columns per step of column_topk
+ROW_BLOCK = 1024  # rows per step of column_topk
 
 
 def column_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best rows of every column of s (n, m): values and row indices, (m, k) each, best first. Through
-    transposed copies of blocks of columns: topk along the first axis of a row-major matrix is several times
-    slower."""
-    tops = [s[:, c:c + COLUMN_BLOCK].T.contiguous().topk(k, dim=1) for c in range(0, s.shape[1], COLUMN_BLOCK)]
-    return torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
+    """The k best rows of every column of s (n, m): values and row indices, (m, k) each, best first. Each block of
+    rows is transposed whole (a contiguous block transposes ~5x faster than a strided block of columns, and topk
+    along the first axis is slower still), its columns' best k kept, and the blocks' candidates merged."""
+    vals, idx = [], []
+    for r in range(0, s.shape[0], ROW_BLOCK):
+        block = s[r:r + ROW_BLOCK].T.contiguous()  # (m, rows in the block)
+        top = block.topk(min(k, block.shape[1]), dim=1)
+        vals.append(top.values)
+        idx.append(top.indices + r)
+    v, i = torch.cat(vals, dim=1), torch.cat(idx, dim=1)  # (m, k per block)
+    top = v.topk(k, dim=1)
+    return top.values, i.gather(1, top.indices)
 
 
 def greedy(s: torch.Tensor, k: int = GREEDY_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
