@@ -60,6 +60,18 @@ def log10p(stat: str, base, ft, blocks=None, matching: str = "fast", **options):
     return get_stat(stat.split()[0]).fn(ctx)
 
 
+def save_base_and_derived(model, folder) -> None:
+    """`model` saved as folder/base, then with 1% Gaussian noise (seed 2) on every weight as folder/derived."""
+    import torch
+
+    model.save_pretrained(folder / "base")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder / "derived")
+
+
 def heavy_tailed(model, seed: int, sigma_neuron: float = 1.0, sigma_resid: float = 1.0):
     """Give a random-init Llama the structure of a trained one, in place: log-normal gains on each MLP neuron
     (its gate and up rows) and on each residual dimension (embedding columns), so activation norms are

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import ROOT, publish, start
+from bench_common import ROOT, publish, save_base_and_derived, start
 
 SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
              tie_word_embeddings=True, num_hidden_layers=30)
@@ -43,12 +43,7 @@ def build(folder: Path, gguf: bool) -> tuple[str, str, str | None]:
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)).float()
-    model.save_pretrained(folder / "base")
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
-    model.save_pretrained(folder / "derived")
+    save_base_and_derived(model, folder)
     if not gguf:
         return str(folder / "base"), str(folder / "derived"), None
     sys.path.insert(0, os.path.join(ROOT, "tests"))

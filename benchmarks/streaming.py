@@ -26,6 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench_common import save_base_and_derived
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -42,12 +44,7 @@ def build(folder: Path, layers: int) -> tuple[str, str]:
     config = transformers.LlamaConfig(num_hidden_layers=layers, **SHAPE)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float()
-    model.save_pretrained(folder / "base")
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
-    model.save_pretrained(folder / "derived")
+    save_base_and_derived(model, folder)
     return str(folder / "base"), str(folder / "derived")
 
 
