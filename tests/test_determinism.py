@@ -30,10 +30,11 @@ def demo_1_thread(tmp_path_factory) -> Path:
 
 
 def test_demo_models_are_the_same_bits_under_1_and_2_threads(demo_1_thread, tmp_path):
+    """... and with the progress bar shown (as `python main.py --demo` builds them) or not (as pytest does)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        two = ensure_demo_models(tmp_path / "demo", progress=False)
+        two = ensure_demo_models(tmp_path / "demo", progress=True)
     finally:
         torch.set_num_threads(before)
     assert _digests(two) == _digests(demo_1_thread) and len(_digests(two)) == 3

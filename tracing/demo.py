@@ -35,7 +35,7 @@ from tracing.naming import DEMO_DIR
 from tracing.perm import apply_perm, random_perm
 from tracing.pipeline import run_pair
 
-RECIPE = dict(version=1, family="llama", hidden=96, layers=3, intermediate=256, vocab=512,
+RECIPE = dict(version=2, family="llama", hidden=96, layers=3, intermediate=256, vocab=512,
               train_steps=120, finetune_steps=30, lr=3e-3)
 ALPHA = 0.01  # verdict threshold on p
 Row = tuple  # (pair, test, log10 p or None, reading)
@@ -64,10 +64,12 @@ def _train_models(root: Path, progress: bool) -> None:
     shape = dict(vocab_size=len(tok), hidden=r["hidden"], layers=r["layers"], intermediate=r["intermediate"])
     steps = tqdm(total=2 * r["train_steps"] + r["finetune_steps"], desc="demo: training", disable=not progress)
     models = {}
-    for name, seed in (("base", 0), ("independent", 1)):
-        models[name] = _fit(zoo.tiny_model(r["family"], seed=seed, **shape), ids, r["train_steps"], seed, steps)
+    for k, (name, seed) in enumerate((("base", 0), ("independent", 1))):
+        models[name] = _fit(zoo.tiny_model(r["family"], seed=seed, **shape), ids, r["train_steps"], seed, steps,
+                            start=k * r["train_steps"])
     ft_text = torch.tensor(tok(zoo.synthetic_text(2000, seed=7))["input_ids"])
-    derived = _fit(copy.deepcopy(models["base"]), ft_text, r["finetune_steps"], 2, steps, lr=r["lr"] / 3)
+    derived = _fit(copy.deepcopy(models["base"]), ft_text, r["finetune_steps"], 2, steps,
+                   start=2 * r["train_steps"], lr=r["lr"] / 3)
     spec = get_spec(derived.config)
     apply_perm(derived, spec, random_perm(spec, derived.state_dict(), seed=123))
     models["derived"] = derived
@@ -78,9 +80,11 @@ def _train_models(root: Path, progress: bool) -> None:
     (root / "recipe.json").write_text(json.dumps(_built_with()))
 
 
-def _fit(model, ids, steps, seed, bar, lr=RECIPE["lr"]):
-    for _ in range(steps // 10):
-        zoo.finetune(model, ids, steps=10, lr=lr, seed=seed * 7919 + bar.n, block_size=64, batch_size=8)
+def _fit(model, ids, steps, seed, bar, start, lr=RECIPE["lr"]):
+    """`steps` training steps in rounds of 10, each seeded by the steps done before it (`start` + this model's:
+    never by the progress bar, which counts nothing when it is disabled)."""
+    for done in range(start, start + steps, 10):
+        zoo.finetune(model, ids, steps=10, lr=lr, seed=seed * 7919 + done, block_size=64, batch_size=8)
         bar.update(10)
     return model
 
