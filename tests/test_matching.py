@@ -107,6 +107,19 @@ def test_non_finite_similarities_drop_their_unit_instead_of_crashing():
     assert (p.excluded_a, p.excluded_b) == (1, 1) and 4 not in p.a and 6 not in p.b
 
 
+def test_greedy_takes_exact_ties_and_exhausted_candidates_in_its_stride():
+    """Every value equal, or few distinct values (bf16-rounded cosines): greedy still matches every unit of the
+    narrower side in the greedy order (ties to the lower row), also where a row's 8 candidates are all taken."""
+    from tracing.solvers import greedy
+
+    rows, cols = greedy(torch.zeros(40, 25))
+    assert sorted(cols.tolist()) == list(range(25)) and len(set(rows.tolist())) == 25
+    sim = torch.randint(0, 3, (50, 60), generator=torch.Generator().manual_seed(0)).double()
+    rows, cols = greedy(sim, k=2)
+    assert len(rows) == 50 and len(set(cols.tolist())) == 50
+    assert _value(sim.numpy(), rows.numpy(), cols.numpy()) == _value(sim.numpy(), *zip(*_greedy_reference(sim.numpy())))
+
+
 def test_ties_fall_in_random_order_not_index_order():
     """Half of B's units, spread over the layer, tie with every unit of A (what zeroed rows look like after
     cosine similarity). scipy alone breaks the ties in index order and pairs them monotonically with A's

@@ -7,12 +7,13 @@
     for r in map_in_threads(solve, layers, item_bytes=3 * n * m * 8): ...   # per-layer work on every core
 
 Solvers (tracing/solvers.py): "lap", the optimal assignment in float64 (scipy), the paper's matching; "greedy",
-the greedy matching in global order of similarity (mutual best pairs taken in vectorised rounds on the
-similarity's device). When every unit's best partner is strict and distinct, both return it. `--matching`
-(METHODS): "exact" tests the "lap" matching everywhere. "fast" (default) tests the greedy one, runs the exact
-one only where the greedy p is small but not yet decisive, and reports a p-value that stays valid (below).
-Cosine products of bf16 weights run on the CPU's bf16 units with float32 accumulation, and where a bf16
-product certifies every unit's best partner, without the float32 product (tracing/cosines.py).
+the greedy matching in global order of similarity (each unit's best candidates found on the similarity's device,
+the pairs taken in order from a heap). When every unit's best partner is strict and distinct, both return it.
+`--matching` (METHODS): "exact" tests the "lap" matching everywhere. "fast" (default) tests the greedy one, runs
+the exact one only where the greedy p is small but not yet decisive, and reports a p-value that stays valid
+(below). Cosine products of bf16 weights run on the CPU's bf16 units with float32 accumulation; where a bf16
+product certifies every unit's best partner, without the float32 product, and the greedy matching runs on the
+bf16-result product itself (tracing/cosines.py: an elementwise rounding, so still exact under H0).
 
 Why each matching's p is exact. Under H0 the units of B are exchangeable (relabelling them by a fixed π gives
 a model with the same distribution). If M(A, πB) = π∘M(A, B) (M is equivariant), B's matched index vector is
@@ -44,6 +45,7 @@ t added to the exact p elsewhere below s (invisible unless E < 1000 t). A layer 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import deque
@@ -146,6 +148,22 @@ def _indices(ok: torch.Tensor | None, n: int, device: torch.device) -> torch.Ten
     return torch.arange(n, device=device) if ok is None else ok.to(device).nonzero()[:, 0]
 
 
+def _lazy_pairs(sim: LazyCosine, solver: str, seed: Seed) -> Pairs:
+    """pair_units for a LazyCosine whose units are all usable and whose cosines are all finite: the pairs its
+    certificate finds (what every solver finds in exact()), else the greedy matching of its coarse() matrix, or
+    the solver's on exact(), both in the seeded random order of both sides that pair_units uses."""
+    n, m = sim.shape
+    g = np.random.default_rng(seed)
+    pa, pb = (torch.from_numpy(g.permutation(k)) for k in (n, m))
+    shuffled = sim.permuted(pa, pb)  # the product made in the random order: no copy of the (n, m) matrix
+    certified = shuffled.certified_best()
+    if certified is not None:
+        rows, cols = certified
+        return Pairs(pa[rows].numpy(), pb[cols].numpy(), 0, 0, m <= n, immediate=True)
+    rows, cols = SOLVERS[solver](shuffled.coarse() if solver == "greedy" else shuffled.exact())
+    return Pairs(pa[rows].numpy(), pb[cols].numpy(), 0, 0, m <= n)
+
+
 def pair_units(sim: torch.Tensor | LazyCosine, ok_a: torch.Tensor | None = None, ok_b: torch.Tensor | None = None,
                solver: str = "lap", seed: Seed = 0, min_units: int = MIN_UNITS) -> Pairs:
     """Match the usable units of A (rows of sim (n, m)) and B (columns): the narrower side into the wider.
@@ -158,10 +176,8 @@ def pair_units(sim: torch.Tensor | LazyCosine, ok_a: torch.Tensor | None = None,
     n, m = sim.shape
     if isinstance(sim, LazyCosine):
         every = all(ok is None or bool(ok.all()) for ok in (ok_a, ok_b))
-        certified = sim.certified_best() if every and min(n, m) >= min_units else None
-        if certified is not None:  # what distinct_best finds in sim.exact()
-            rows, cols = certified
-            return Pairs(rows.numpy(), cols.numpy(), 0, 0, m <= n, immediate=True)
+        if every and min(n, m) >= min_units and sim.bounded():
+            return _lazy_pairs(sim, solver, seed)
         sim = sim.exact()
     ia, ib = _indices(ok_a, n, sim.device), _indices(ok_b, m, sim.device)
     s = sim if len(ia) == n and len(ib) == m else sim.index_select(0, ia).index_select(1, ib)  # (n', m')
@@ -280,3 +296,17 @@ def map_in_threads(fn: Callable[[T], R], items: Iterable[T], workers: int | None
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def read_ahead(fn: Callable[[T], R], items: Iterable[T], ahead: int = 2) -> Iterator[R]:
+    """fn(item) for each item, in order, computed in one background thread up to `ahead` items before they are
+    asked for: the next layers are read from disk while the current ones are compared (a read waits on the disk,
+    not on a core)."""
+    items = iter(items)
+    with ThreadPoolExecutor(1) as pool:
+        pending = deque(pool.submit(fn, item) for item in itertools.islice(items, ahead))
+        while pending:
+            done = pending.popleft()
+            for item in itertools.islice(items, 1):
+                pending.append(pool.submit(fn, item))
+            yield done.result()

@@ -1,6 +1,6 @@
 """The two assignment solvers of tracing.matching, and the shortcut both share.
 
-    rows, cols = greedy(sim)          # sim (n, m): greedy matching in global order of similarity, on sim's device
+    rows, cols = greedy(sim)          # sim (n, m): greedy matching in global order of similarity
     rows, cols = lap(sim)             # the optimal assignment (scipy, float64): the paper's matching
     pairs = distinct_best(sim)        # every best partner strict and distinct: both solvers' answer, or None
 
@@ -10,6 +10,7 @@ runs where (degenerate units, ties in random order, the fast screen) and proves 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 
 import numpy as np
@@ -43,21 +44,6 @@ def lap(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(rows), torch.from_numpy(cols)
 
 
-def _first_free(cand: torch.Tensor, free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For candidate lists cand (r, k), best first: the first candidate still free (r,) and whether any is."""
-    avail = free[cand]  # (r, k)
-    return cand.gather(1, avail.to(torch.uint8).argmax(dim=1, keepdim=True))[:, 0], avail.any(dim=1)
-
-
-def _refill(s: torch.Tensor, cand: torch.Tensor, units: torch.Tensor, free_other: torch.Tensor, dim: int) -> None:
-    """cand[units] = the top candidates of those units (rows of s for dim 0, columns for dim 1) among the free
-    units of the other side."""
-    rows = s.index_select(dim, units)  # (e, other), or (other, e) for columns
-    rows = rows if dim == 0 else rows.T.contiguous()  # gathering columns first: a gather of rows of s.T is slow
-    masked = torch.where(free_other[None, :], rows, torch.full_like(rows, -torch.inf))
-    cand[units] = masked.topk(cand.shape[1], dim=1).indices
-
-
 ROW_BLOCK = 1024  # rows per step of column_topk
 
 
@@ -77,35 +63,37 @@ def column_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def greedy(s: torch.Tensor, k: int = GREEDY_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy matching in global order of similarity of s (n, m), on s's device: pairs (rows, cols).
+    """Greedy matching in global order of similarity of s (n, m): pairs (rows, cols).
 
-    Each round takes every mutual best pair among the free units (exactly the pairs the greedy order takes
-    next). Each unit keeps its k best partners in view and looks further only when all are taken."""
+    The pair taken next is the best one among free units: the best of the rows' best free columns. Each row
+    keeps its k best columns in view (found on s's device), in a heap by the value of its first free one; a row
+    whose k are all taken looks at its whole row again. Ties go to the lower row index."""
     n, m = s.shape
-    dev = s.device
-    row_cand = s.topk(min(k, m), dim=1).indices  # (n, k) columns, best first
-    col_cand = column_topk(s, min(k, n))[1]  # (m, k) rows, best first
-    free_r, free_c = torch.ones(n, dtype=torch.bool, device=dev), torch.ones(m, dtype=torch.bool, device=dev)
-    out_r, out_c = [], []
-    rows, cols = torch.arange(n, device=dev), torch.arange(m, device=dev)
-    while rows.numel() and cols.numel():
-        rb, ok = _first_free(row_cand[rows], free_c)
-        if not ok.all():
-            _refill(s, row_cand, rows[~ok], free_c, dim=0)
-            rb, _ = _first_free(row_cand[rows], free_c)
-        cb, ok = _first_free(col_cand[cols], free_r)
-        if not ok.all():
-            _refill(s, col_cand, cols[~ok], free_r, dim=1)
-            cb, _ = _first_free(col_cand[cols], free_r)
-        best_row = torch.full((m,), -1, dtype=torch.long, device=dev)
-        best_row[cols] = cb
-        mutual = best_row[rb] == rows  # (r,)
-        i, j = rows[mutual], rb[mutual]
-        out_r.append(i)
-        out_c.append(j)
-        free_r[i], free_c[j] = False, False
-        rows, cols = rows[free_r[rows]], cols[free_c[cols]]
-    return torch.cat(out_r).cpu(), torch.cat(out_c).cpu()
+    top = s.topk(min(k, m), dim=1)
+    vals, cand = top.values.cpu().numpy(), top.indices.cpu().numpy()  # (n, k): each row's best columns, best first
+    pos = np.zeros(n, dtype=np.int64)  # each row's first candidate not known to be taken
+    free = np.ones(m, dtype=bool)
+    heap = [(-float(vals[i, 0]), i) for i in range(n)]
+    heapq.heapify(heap)
+    rows, cols = [], []
+    while len(rows) < min(n, m):
+        _, i = heapq.heappop(heap)
+        p = pos[i]
+        while p < cand.shape[1] and not free[cand[i, p]]:
+            p += 1
+        if p == pos[i]:  # its best free column: the best free pair
+            free[cand[i, p]] = False
+            rows.append(i)
+            cols.append(int(cand[i, p]))
+            continue
+        if p == cand.shape[1]:  # every candidate taken: the row's best free columns again
+            row = s[i].cpu().masked_fill(torch.from_numpy(~free), -torch.inf)  # (m,)
+            top = row.topk(min(k, int(free.sum())))
+            cand[i, :len(top.indices)], vals[i, :len(top.values)] = top.indices.numpy(), top.values.numpy()
+            p = 0
+        pos[i] = p
+        heapq.heappush(heap, (-float(vals[i, p]), i))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
 
 
 SOLVERS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {"lap": lap, "greedy": greedy}

@@ -107,6 +107,17 @@ def squared_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(total)
 
 
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """‖b - a‖ / ‖a‖ (None where a is all zeros) in one pass: squares and differences in float32 (exact for close
+    bf16 values), sums in float64."""
+    sums = torch.zeros(2, dtype=torch.float64, device=a.device)
+    for x, y in _blocks(a, b):
+        sums[0] += x.square().sum(dtype=torch.float64)
+        sums[1] += (x - y).square().sum(dtype=torch.float64)
+    norm_sq, dist_sq = sums.tolist()
+    return (dist_sq / norm_sq) ** 0.5 if norm_sq > 0 else None
+
+
 def dot_and_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """(Σ ab, Σ a², Σ b²), products in float32, sums in float64."""
     sums = torch.zeros(3, dtype=torch.float64, device=a.device)

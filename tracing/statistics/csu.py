@@ -37,13 +37,12 @@ from tracing.sources.base import Source
 from tracing.statistics import StatContext, StatResult, register, screen
 from tracing.statistics.common import (
     MAPPING_ALPHA,
-    dot_and_norms,
     identity_test,
     layer_heatmap,
     layer_map,
     matching_extras,
+    relative_change,
     selected_layers,
-    squared_distance,
 )
 from tracing.statistics.experts import expert_map, expert_summary, group_verdicts, moe_side, verdict_line
 from tracing.statistics.fits import experts_differ, require_fit, weights_differ
@@ -55,15 +54,16 @@ from tracing.units import Matrix, block_matrices, up_matrices
 def match_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, device: torch.device | None = None,
                method: str = matching.DEFAULT_METHOD, seed: matching.Seed = 0) -> dict:
     """Match rows of (n, d) and (m, d) by cosine similarity and test the matching against the identity:
-    the layer's record (rho, log10_pvalue, n_units, excluded_base, excluded_ft, ...; identity_test).
+    the layer's record (rho, log10_pvalue, n_units, excluded_base, excluded_ft, ...; identity_test), and
+    rel_change, ‖B - A‖ / ‖A‖, where the shapes agree and the layer's p < 0.01.
     The cosine product runs on `device` (default: rows_a's)."""
     device = device or rows_a.device
     rows_a, rows_b = rows_a.to(device), rows_b.to(device)
     sim = matching.similarity(rows_a, rows_b)  # (n, m): a matrix, or a LazyCosine for bf16 rows
     record = identity_test(sim, matching.usable(rows_a), matching.usable(rows_b), method, seed)
-    if rows_a.shape == rows_b.shape:  # how far B's rows moved from A's, in place (tracing.describe)
-        norm_sq = dot_and_norms(rows_a, rows_a)[1]
-        record["rel_change"] = (squared_distance(rows_a, rows_b) / norm_sq) ** 0.5 if norm_sq > 0 else None
+    if rows_a.shape == rows_b.shape and record["log10_pvalue"] < matching.SCREEN_LOG10P:
+        # how far B's rows moved from A's, in place (tracing.describe); not between unrelated rows (p >= 0.01)
+        record["rel_change"] = relative_change(rows_a, rows_b)
     return record
 
 
@@ -81,14 +81,19 @@ def csu(ctx: StatContext) -> StatResult:
     jobs = [(i, ma, mb) for i in layers for ma, mb in zip(up_matrices(ctx.spec_base, i), up_matrices(ctx.spec_ft, i))
             if ma.kind != "router" or ctx.spec_base.layers[i].moe.n_experts >= matching.MIN_UNITS]
 
-    def test(job: tuple[int, Matrix, Matrix]) -> dict:  # runs in a worker thread (match_rows is no_grad itself)
+    def read(job: tuple[int, Matrix, Matrix]) -> tuple[int, Matrix, torch.Tensor, torch.Tensor]:  # reading thread
         i, ma, mb = job
+        return i, ma, ma.read(src_a), mb.read(src_b)
+
+    def test(read: tuple[int, Matrix, torch.Tensor, torch.Tensor]) -> dict:  # worker thread (match_rows: no_grad)
+        i, ma, rows_a, rows_b = read
         seed = (ctx.seed, i) if ma.kind in ("mlp", "shared") else (ctx.seed, i, 1 + (ma.expert or 0)) \
             if ma.kind == "expert" else (ctx.seed, i, 0)
-        return match_rows(ma.read(src_a), mb.read(src_b), ctx.compute_device, ctx.matching, seed)  # rows read now
+        return match_rows(rows_a, rows_b, ctx.compute_device, ctx.matching, seed)
 
     n = max(ma.rows_shape(ctx.spec_base, src_a.shapes())[0] for _, ma, _ in jobs)  # the widest matrix's units
-    results = matching.map_in_threads(test, jobs, item_bytes=3 * n * n * 8, device=ctx.compute_device or src_a.device)
+    results = matching.map_in_threads(test, matching.read_ahead(read, jobs), item_bytes=3 * n * n * 8,
+                                      device=ctx.compute_device or src_a.device)
     tests = list(tqdm(results, total=len(jobs), desc="csu matrices", disable=not ctx.progress))
     per_layer = [_layer_record(i, [(ma, r) for (j, ma, _), r in zip(jobs, tests) if j == i]) for i in layers]
     combined, _ = fisher_log10p([r["log10_pvalue"] for r in per_layer])
