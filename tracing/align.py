@@ -40,6 +40,7 @@ from tracing.matching import (
     map_in_threads,
     pair_units,
     permutation,
+    read_ahead,
     similarity,
     usable,
     usable_from_range,
@@ -85,13 +86,20 @@ def embedding_similarity(base: Source, ft: Source, spec: ArchSpec, vocab: int,
         exact_bf16 = a_stored.dtype == b_stored.dtype == torch.bfloat16 and device.type == "cpu"
         with bf16_products() if exact_bf16 else contextlib.nullcontext():  # bf16 values: exact inputs
             gram += (a_stored.float().T @ b_stored.float()).double()  # (hidden, hidden)
-        a, b = a_stored.double(), b_stored.double()  # (chunk, hidden)
-        sq_b += a.square().sum(0)
-        sq_f += b.square().sum(0)
+        sq_b += _squares(a_stored)
+        sq_f += _squares(b_stored)
+        a, b = a_stored, b_stored  # (chunk, hidden): min, max and finiteness as stored (exact)
         lo_b, hi_b, fin_b = torch.fmin(lo_b, a.amin(0)), torch.fmax(hi_b, a.amax(0)), fin_b & a.isfinite().all(0)
         lo_f, hi_f, fin_f = torch.fmin(lo_f, b.amin(0)), torch.fmax(hi_f, b.amax(0)), fin_f & b.isfinite().all(0)
     sim = gram / (sq_b.sqrt().clamp_min(1e-30)[:, None] * sq_f.sqrt().clamp_min(1e-30)[None, :])
     return sim, usable_from_range(lo_b, hi_b) & fin_b, usable_from_range(lo_f, hi_f) & fin_f
+
+
+def _squares(x: torch.Tensor) -> torch.Tensor:
+    """Σ x² over the rows of x (rows, hidden), float64: squares of bf16 values in float32 (exact), others in float64."""
+    if x.dtype == torch.bfloat16:
+        return x.float().square_().sum(0, dtype=torch.float64)
+    return x.double().square_().sum(0)
 
 
 @torch.no_grad()
@@ -137,12 +145,17 @@ def align_weights(base: Source | torch.nn.Module, ft: Source | torch.nn.Module, 
     vocab = min(base.shape(spec.embed)[0], ft.shape(spec.embed)[0])  # the shared vocabulary
     resid = permutation(*embedding_similarity(base, ft, spec, vocab, device), method, (seed, 0, 0))  # (hidden,)
 
-    def align_layer(i: int) -> Perm:  # runs in a worker thread
+    def read(i: int) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:  # in the reading thread
+        if i not in keys:
+            return i, None
+        return i, (_neuron_rows(spec, base, keys[i], mlp(i), None, device),  # (n_neurons, hidden) each
+                   _neuron_rows(spec, ft, keys[i], mlp(i), resid, device))
+
+    def align_layer(item: tuple[int, tuple[torch.Tensor, torch.Tensor] | None]) -> Perm:  # in a worker thread
+        i, rows = item
         out: Perm = {}
-        if i in keys:
-            rows_b = _neuron_rows(spec, base, keys[i], mlp(i), None, device)  # (n_neurons, hidden)
-            rows_f = _neuron_rows(spec, ft, keys[i], mlp(i), resid, device)  # (n_neurons, hidden)
-            out[mlp(i)] = _match_rows(rows_b, rows_f, method, (seed, 1, i))  # (n_neurons,)
+        if rows is not None:
+            out[mlp(i)] = _match_rows(*rows, method, (seed, 1, i))  # (n_neurons,)
         if spec.layers[i].moe is not None:
             out.update(align_experts(base, ft, i, resid, device, method, seed))
         return out
@@ -150,7 +163,7 @@ def align_weights(base: Source | torch.nn.Module, ft: Source | torch.nn.Module, 
     n = max([base.shape(k)[spec.axis(k, mlp(i))] for i, k in keys.items()] + [1])
     layers = [i for i in range(spec.n_layers) if i in keys or spec.layers[i].moe is not None]
     perm: Perm = {RESID: resid}
-    for p in tqdm(map_in_threads(align_layer, layers, item_bytes=3 * n * n * 8), total=len(layers),
+    for p in tqdm(map_in_threads(align_layer, read_ahead(read, layers), item_bytes=3 * n * n * 8), total=len(layers),
                   desc="align MLP", disable=not progress):
         perm.update(p)
     return perm
