@@ -134,9 +134,8 @@ class LazyCosine:
         if self._coarse is None:
             out = torch.empty(self.shape, dtype=torch.float32)
             for s in range(0, self.shape[0], ROW_BLOCK):
-                with torch.autocast("cpu", enabled=False):
-                    raw = self.a[s:s + ROW_BLOCK] @ self.b.T  # (rows, m) bf16 results, float32 accumulation inside
-                out[s:s + ROW_BLOCK].copy_(raw).mul_(self.inv_b[None, :]).mul_(self.inv_a[s:s + ROW_BLOCK, None])
+                e = min(s + ROW_BLOCK, self.shape[0])
+                _coarse_block(self.a[s:e], self.b, self.inv_a[s:e], self.inv_b, out=out[s:e])
             self._coarse = out
         return self._coarse
 
@@ -164,10 +163,9 @@ class LazyCosine:
             return None
         a_narrow = self.shape[0] <= self.shape[1]
         if self._coarse is None:
-            narrow, wide = (self.a, self.b) if a_narrow else (self.b, self.a)
+            (narrow, inv_n), (wide, inv_w) = ((self.a, self.inv_a), (self.b, self.inv_b))[::1 if a_narrow else -1]
             k = min(SAMPLE_ROWS, narrow.shape[0])
-            if _certified(_coarse_rows(narrow[:k], wide, inv_norms(narrow[:k]), self.inv_b if a_narrow else self.inv_a),
-                          narrow.shape[1]) is None:
+            if _certified(_coarse_block(narrow[:k], wide, inv_n[:k], inv_w).topk(2, dim=1), narrow.shape[1]) is None:
                 return None
         cos = self.coarse()
         best = _certified(cos.topk(2, dim=1) if a_narrow else column_topk(cos, 2), self.a.shape[1])
@@ -177,12 +175,14 @@ class LazyCosine:
         return (own, best) if a_narrow else (best, own)
 
 
-def _coarse_rows(rows: torch.Tensor, wide: torch.Tensor, inv_rows: torch.Tensor,
-                 inv_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best two coarse cosines of each of `rows` (r, d) among `wide` (m, d) and their columns, (r, 2) each."""
+def _coarse_block(rows: torch.Tensor, wide: torch.Tensor, inv_rows: torch.Tensor, inv_w: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Coarse cosines (r, m) float32 of `rows` (r, d) with `wide` (m, d), from their inverse norms (r,), (m,): the
+    product with bf16 results, scaled (into `out` when given)."""
     with torch.autocast("cpu", enabled=False):
         raw = rows @ wide.T  # (r, m) bf16 results, float32 accumulation inside
-    return raw.float().mul_(inv_rows[:, None]).mul_(inv_w[None, :]).topk(2, dim=1)
+    out = torch.empty(raw.shape, dtype=torch.float32) if out is None else out
+    return out.copy_(raw).mul_(inv_w[None, :]).mul_(inv_rows[:, None])
 
 
 def _certified(top2: tuple[torch.Tensor, torch.Tensor], d: int) -> torch.Tensor | None:

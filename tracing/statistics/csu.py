@@ -85,8 +85,8 @@ def csu(ctx: StatContext) -> StatResult:
         i, ma, mb = job
         return i, ma, ma.read(src_a), mb.read(src_b)
 
-    def test(read: tuple[int, Matrix, torch.Tensor, torch.Tensor]) -> dict:  # worker thread (match_rows: no_grad)
-        i, ma, rows_a, rows_b = read
+    def test(item: tuple[int, Matrix, torch.Tensor, torch.Tensor]) -> dict:  # worker thread (match_rows: no_grad)
+        i, ma, rows_a, rows_b = item
         seed = (ctx.seed, i) if ma.kind in ("mlp", "shared") else (ctx.seed, i, 1 + (ma.expert or 0)) \
             if ma.kind == "expert" else (ctx.seed, i, 0)
         return match_rows(rows_a, rows_b, ctx.compute_device, ctx.matching, seed)
