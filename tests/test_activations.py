@@ -14,9 +14,11 @@ from tracing.grams import layer_grams
 from tracing.matching import euclid_similarity, pair_units
 
 
-@pytest.fixture(scope="module")
-def pair():
-    a = zoo.tiny_model("llama", seed=0, vocab_size=256, hidden=32, layers=3, intermediate=48, heads=2, kv_heads=1)
+@pytest.fixture(scope="module", params=[48, 320], ids=["sums", "activations"])
+def pair(request):
+    """120 tokens: with 48 units a layer keeps its Gram sums (48² < 120·96 values), with 320 the activations."""
+    a = zoo.tiny_model("llama", seed=0, vocab_size=256, hidden=32, layers=3, intermediate=request.param, heads=2,
+                       kv_heads=1)
     b = copy.deepcopy(a)
     with torch.no_grad():
         for p in b.parameters():
@@ -145,7 +147,12 @@ def test_memory_budget_decides_the_passes(pair):
     a, b, spec, blocks = pair
     counter: dict = {}
     list(layer_grams(a, b, spec, spec, blocks, counter=counter, progress=False))  # default: from free RAM
-    assert counter["forward_passes"] == 1 and counter["budget_bytes"] > 2 * 48 * 48 * 4
-    per_layer = 2 * (48 * 48 + 2 * 48) * 4  # gate and up accumulators of one layer, float32
+    width = a.config.intermediate_size
+    if width == 48:  # gate and up accumulators of one layer, float32
+        assert counter["kept"] == "sums" and counter["layer_bytes"] == 2 * (width * width + 2 * width) * 4
+    else:  # gate and up activations of both models over the 120 tokens, float32
+        assert counter["kept"] == "activations" and counter["layer_bytes"] == 2 * blocks.numel() * 2 * width * 4
+    assert counter["forward_passes"] == 1 and counter["budget_bytes"] > 3 * counter["layer_bytes"]
+    per_layer = counter["layer_bytes"]
     list(layer_grams(a, b, spec, spec, blocks, budget_bytes=2 * per_layer, counter=counter, progress=False))
     assert counter["forward_passes"] == 2 and counter["budget_bytes"] == 2 * per_layer  # layers 0-1, then 2

@@ -90,6 +90,75 @@ def _chunks(layers: list[int], per_layer_bytes: int, budget_bytes: int) -> list[
     return [layers[k:k + per_chunk] for k in range(0, len(layers), per_chunk)]
 
 
+class _Sums:
+    """Running sums over batches for each (proj, layer) key: the Gram matrix (acc_dtype), the squared column norms
+    (float64) and the range of each unit; A's activations are held only until B's of the same batch arrive."""
+
+    def __init__(self, acc_dtype: torch.dtype):
+        self.acc_dtype = acc_dtype
+        self.gram: dict = {}  # key -> (width_A, width_B)
+        self.sq_a: dict = {}  # key -> (width_A,)
+        self.sq_b: dict = {}
+        self.range_a: dict = {}  # key -> (smallest, largest) value of each unit
+        self.range_b: dict = {}
+        self.held: dict = {}  # A's activations of the current batch
+
+    def add_a(self, key, x: torch.Tensor) -> None:  # x: (tokens, width_A)
+        self.held[key] = x
+        _add(self.sq_a, key, x.float().square().sum(0).double())  # per-batch sum in float32
+        _extend_range(self.range_a, key, x)
+
+    def add_b(self, key, y: torch.Tensor) -> None:  # y: (tokens, width_B)
+        x = self.held.pop(key)
+        y = y.to(x.device)
+        exact_bf16 = x.dtype == y.dtype == torch.bfloat16 and self.acc_dtype == torch.float32 and x.is_cpu
+        xt, y = x.T.to(self.acc_dtype), y.to(self.acc_dtype)  # (width_A, tokens), (tokens, width_B)
+        with bf16_products() if exact_bf16 else contextlib.nullcontext():  # bf16 activations: exact inputs
+            if key in self.gram:
+                self.gram[key].addmm_(xt, y)
+            else:
+                self.gram[key] = xt @ y
+        _add(self.sq_b, key, y.float().square().sum(0).double())
+        _extend_range(self.range_b, key, y)
+
+    def finish(self, key) -> tuple:
+        """(gram, sq_a, sq_b, range_a, range_b) of `key` on the CPU in float64; the key's sums are freed."""
+        return (_cpu64(self.gram.pop(key)), _cpu64(self.sq_a.pop(key)), _cpu64(self.sq_b.pop(key)),
+                tuple(map(_cpu64, self.range_a.pop(key))), tuple(map(_cpu64, self.range_b.pop(key))))
+
+
+class _Tokens:
+    """Each key's activations of every batch, kept as they are, and summed when the layer is finished: fewer bytes
+    than a Gram matrix while the tokens are fewer than the units (one Gram matrix alive at a time, not one per
+    layer, and no (width_A, width_B) accumulator touched during the passes)."""
+
+    def __init__(self, acc_dtype: torch.dtype):
+        self.acc_dtype = acc_dtype
+        self.a: dict = {}  # key -> [(tokens, width_A) per batch]
+        self.b: dict = {}
+
+    def add_a(self, key, x: torch.Tensor) -> None:
+        self.a.setdefault(key, []).append(x)
+
+    def add_b(self, key, y: torch.Tensor) -> None:
+        self.b.setdefault(key, []).append(y)
+
+    def finish(self, key) -> tuple:
+        sums = _Sums(self.acc_dtype)  # all tokens as one batch
+        sums.add_a(key, torch.cat(self.a.pop(key)))
+        sums.add_b(key, torch.cat(self.b.pop(key)))
+        return sums.finish(key)
+
+
+def _add(sums: dict, key, value: torch.Tensor) -> None:
+    sums[key] = value if key not in sums else sums[key].add_(value)
+
+
+def _model_itemsize(model: torch.nn.Module) -> int:
+    """Bytes of one activation value of `model` (its parameters' dtype)."""
+    return max((p.element_size() for p in model.parameters() if p.is_floating_point()), default=4)
+
+
 @torch.no_grad()
 def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec, spec_ft: ArchSpec,
                 blocks: torch.Tensor, *, projs: Sequence[str] = ("gate", "up"),
@@ -99,8 +168,10 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
     """Yield one `LayerGram` per layer (same layer index in both models), running the models in lockstep.
 
     Each chunk of layers costs one forward pass per model over `blocks` (chunks: accumulator_budget);
-    `counter["forward_passes"]` (passes per model), `counter["chunks"]` and `counter["budget_bytes"]` are
-    updated when given. The accumulators live on the models' device; each layer moves to the CPU when yielded.
+    `counter["forward_passes"]` (passes per model), `counter["chunks"]`, `counter["budget_bytes"]`,
+    `counter["kept"]` ("sums", or "activations" when the tokens take fewer bytes than the Gram matrices) and
+    `counter["layer_bytes"]` (what one layer keeps) are updated when given. What is kept lives on the models'
+    device; each layer moves to the CPU when yielded.
     """
     blocks = check_blocks(blocks)
     if spec_base.n_layers != spec_ft.n_layers:
@@ -111,52 +182,34 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
     names_a = {(p, i): n for i in layers for p, n in projection_modules(spec_base, i, projs).items()}
     names_b = {(p, i): n for i in layers for p, n in projection_modules(spec_ft, i, projs).items()}
     widths = {k: (module_width(base, names_a[k]), module_width(ft, names_b[k])) for k in names_a}
-    itemsize = torch.empty((), dtype=acc_dtype).element_size()
-    per_layer = max(sum(wa * wb + wa + wb for (p, i), (wa, wb) in widths.items() if i == layer) for layer in layers)
+    acc_size, act_size, tokens = torch.empty((), dtype=acc_dtype).element_size(), \
+        max(_model_itemsize(base), _model_itemsize(ft)), int(blocks.numel())
+
+    def layer_bytes(layer: int, keep_tokens: bool) -> int:
+        return sum(tokens * (wa + wb) * act_size if keep_tokens else (wa * wb + wa + wb) * acc_size
+                   for (p, i), (wa, wb) in widths.items() if i == layer)
+
+    keep_tokens = sum(layer_bytes(i, True) for i in layers) < sum(layer_bytes(i, False) for i in layers)
+    per_layer = max(layer_bytes(i, keep_tokens) for i in layers)
     budget = accumulator_budget(dev, budget_bytes)
-    chunks = _chunks(layers, per_layer * itemsize, budget)
+    chunks = _chunks(layers, per_layer, budget)
     if counter is not None:
-        counter.update(forward_passes=0, chunks=len(chunks), n_tokens=int(blocks.numel()), budget_bytes=budget)
+        counter.update(forward_passes=0, chunks=len(chunks), n_tokens=tokens, budget_bytes=budget,
+                       kept="activations" if keep_tokens else "sums", layer_bytes=per_layer)
 
     for chunk in chunks:
         keys = [k for k in names_a if k[1] in chunk]
-        # (proj, layer) -> (width_A, width_B); allocated up front (steady memory), written by the first batch
-        gram = {k: torch.empty(widths[k], dtype=acc_dtype, device=dev) for k in keys}
-        started: set = set()
-        sq_a = {k: torch.zeros(widths[k][0], dtype=torch.float64, device=dev) for k in keys}
-        sq_b = {k: torch.zeros(widths[k][1], dtype=torch.float64, device=dev) for k in keys}
-        range_a: dict = {}  # key -> (smallest, largest) value of each unit
-        range_b: dict = {}
-        held: dict = {}  # activations of model A for the current batch only
-
-        def keep_a(key, x):  # x: (tokens, width_A)
-            held[key] = x
-            sq_a[key] += x.float().square().sum(0).double()  # per-batch sum in float32
-            _extend_range(range_a, key, x)
-
-        def accumulate_b(key, y):  # y: (tokens, width_B)
-            x = held.pop(key)
-            y = y.to(x.device)
-            exact_bf16 = x.dtype == y.dtype == torch.bfloat16 and acc_dtype == torch.float32 and x.is_cpu
-            xt, y = x.T.to(acc_dtype), y.to(acc_dtype)  # (width_A, tokens), (tokens, width_B)
-            with bf16_products() if exact_bf16 else contextlib.nullcontext():  # bf16 activations: exact inputs
-                if key in started:
-                    gram[key].addmm_(xt, y)
-                else:
-                    torch.mm(xt, y, out=gram[key])
-                    started.add(key)
-            sq_b[key] += y.float().square().sum(0).double()
-            _extend_range(range_b, key, y)
+        kept = _Tokens(acc_dtype) if keep_tokens else _Sums(acc_dtype)
 
         def both(key, x):  # base and ft are the same module: one pass serves both sides
-            keep_a(key, x)
-            accumulate_b(key, x)
+            kept.add_a(key, x)
+            kept.add_b(key, x)
 
         if ft is base:
             runs = [(base, Hooks(base, {k: names_a[k] for k in keys}, both))]
         else:
-            runs = [(base, Hooks(base, {k: names_a[k] for k in keys}, keep_a)),
-                    (ft, Hooks(ft, {k: names_b[k] for k in keys}, accumulate_b))]
+            runs = [(base, Hooks(base, {k: names_a[k] for k in keys}, kept.add_a)),
+                    (ft, Hooks(ft, {k: names_b[k] for k in keys}, kept.add_b))]
         try:
             batches = range(0, len(blocks), batch_size)
             for s in tqdm(batches, desc=f"activations layers {chunk[0]}-{chunk[-1]}", disable=not progress):
@@ -166,16 +219,14 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
         finally:
             for _, hooks in runs:
                 hooks.remove()
-            held.clear()
         if counter is not None:
             counter["forward_passes"] += 1
         for i in chunk:
-            ps = [p for p in projs if (p, i) in gram]
-            yield LayerGram(layer=i, gram={p: _cpu64(gram.pop((p, i))) for p in ps},
-                            sq_base={p: _cpu64(sq_a.pop((p, i))) for p in ps},
-                            sq_ft={p: _cpu64(sq_b.pop((p, i))) for p in ps}, n_tokens=int(blocks.numel()),
-                            range_base={p: tuple(map(_cpu64, range_a.pop((p, i)))) for p in ps},
-                            range_ft={p: tuple(map(_cpu64, range_b.pop((p, i)))) for p in ps})
+            done = {p: kept.finish((p, i)) for p in projs if (p, i) in widths}
+            yield LayerGram(layer=i, gram={p: d[0] for p, d in done.items()},
+                            sq_base={p: d[1] for p, d in done.items()}, sq_ft={p: d[2] for p, d in done.items()},
+                            n_tokens=tokens, range_base={p: d[3] for p, d in done.items()},
+                            range_ft={p: d[4] for p, d in done.items()})
 
 
 @dataclass
