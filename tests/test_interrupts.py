@@ -1,6 +1,7 @@
 """Ctrl-C and SIGTERM end a run with one line and the shell's exit code (130 / 143), leaving no temporary file
 and no half-written record; an earlier result survives."""
 
+import gc
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tracing.errors import EXIT_SIGINT, EXIT_SIGTERM, exit_on_error
+from tracing.errors import EXIT_SIGINT, EXIT_SIGTERM, GC_THRESHOLDS, exit_on_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,3 +71,9 @@ def test_an_interrupted_launch_says_how_to_see_and_resume_its_jobs(tmp_path, mon
                           "config/demo.yaml --save")
     assert err.endswith(f"resume: python launch.py --config config/demo.yaml --save {tmp_path / 'out'} --wait "
                         "(pairs with an ok record are skipped)")
+
+
+def test_entry_points_run_the_cycle_collector_less_often_and_restore_it():
+    before, seen = gc.get_threshold(), []
+    assert exit_on_error(lambda: seen.append(gc.get_threshold()) or 0) == 0
+    assert seen == [GC_THRESHOLDS] and gc.get_threshold() == before

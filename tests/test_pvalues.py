@@ -119,3 +119,15 @@ def test_permtest_p_is_one_plus_count_over_T_plus_one_unrounded():
     assert permtest_log10p(5.0, [1.0] * 18 + [5.0]) == math.log10(2) - math.log10(20)  # ties count
     assert permtest_log10p(0.1, [1.0] * 19, higher_is_related=False) == -math.log10(20)
     assert permtest_log10p(0.1, [1.0] * 19, higher_is_related=True) == 0.0
+
+
+def test_t_tail_and_ranks_match_scipy_stats_bit_for_bit():
+    """pvalues leaves scipy.stats unimported (a quarter of a second at start-up) but computes what it would."""
+    from tracing.statistics.pvalues import _ranks, log_t_sf
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        df, t = int(rng.integers(1, 20000)), float(rng.normal() * rng.choice([0.01, 1.0, 30.0, 300.0]))
+        assert log_t_sf(t, df) == float(scipy.stats.t.logsf(t, df))  # -inf alike where the tail underflows
+        a = rng.integers(0, int(rng.integers(1, 10)), int(rng.integers(1, 40))).astype(float)
+        assert np.array_equal(_ranks(a), scipy.stats.rankdata(a))  # ties share their mean rank

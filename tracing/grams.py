@@ -20,7 +20,7 @@ processed in chunks, one more pass per chunk.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,17 +42,29 @@ def accumulator_budget(device: torch.device, override: int | None = None) -> int
     return int(override) if override is not None else int(BUDGET_FRACTION * free_memory(device))
 
 
-@dataclass
 class LayerGram:
-    """Streaming sufficient statistics of one layer for cosine / Euclidean neuron matching (CPU tensors)."""
+    """Streaming sufficient statistics of one layer for cosine / Euclidean neuron matching (CPU tensors, float64),
+    made when first asked for: in the worker thread that tests the layer, not in the thread that runs the models.
 
-    layer: int
-    gram: dict[str, torch.Tensor]  # proj -> (width_A, width_B) float64, sum over tokens of a_i b_j
-    sq_base: dict[str, torch.Tensor]  # proj -> (width_A,) float64, sum over tokens of a_i²
-    sq_ft: dict[str, torch.Tensor]  # proj -> (width_B,) float64
-    n_tokens: int
-    range_base: dict[str, tuple[torch.Tensor, torch.Tensor]]  # proj -> smallest, largest value of each unit
-    range_ft: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    gram[proj]: (width_A, width_B), the sum over tokens of a_i b_j; sq_base[proj] (width_A,) and sq_ft[proj]
+    (width_B,): sums of squares; range_base[proj], range_ft[proj]: each unit's (smallest, largest) value."""
+
+    def __init__(self, layer: int, n_tokens: int, make: dict[str, Callable[[], tuple]]):
+        self.layer, self.n_tokens = layer, n_tokens
+        self._make = make  # proj -> () -> (gram, sq_base, sq_ft, range_base, range_ft)
+        self._sums: dict[str, tuple] | None = None
+
+    def _field(self, k: int) -> dict:
+        if self._sums is None:  # not functools.cached_property: its lock (one per class before 3.12) stalls workers
+            self._sums = {p: make() for p, make in self._make.items()}
+            self._make = {}  # what they were made from is freed
+        return {p: s[k] for p, s in self._sums.items()}
+
+    gram = property(lambda self: self._field(0))
+    sq_base = property(lambda self: self._field(1))
+    sq_ft = property(lambda self: self._field(2))
+    range_base = property(lambda self: self._field(3))
+    range_ft = property(lambda self: self._field(4))
 
     def usable(self, *projs: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Units of A (width_A,) and B (width_B,) that are finite and not constant in every one of `projs`."""
@@ -121,10 +133,11 @@ class _Sums:
         _add(self.sq_b, key, y.float().square().sum(0).double())
         _extend_range(self.range_b, key, y)
 
-    def finish(self, key) -> tuple:
-        """(gram, sq_a, sq_b, range_a, range_b) of `key` on the CPU in float64; the key's sums are freed."""
-        return (_cpu64(self.gram.pop(key)), _cpu64(self.sq_a.pop(key)), _cpu64(self.sq_b.pop(key)),
-                tuple(map(_cpu64, self.range_a.pop(key))), tuple(map(_cpu64, self.range_b.pop(key))))
+    def take(self, key) -> Callable[[], tuple]:
+        """The key's sums, taken out: a call makes (gram, sq_a, sq_b, range_a, range_b) on the CPU in float64."""
+        sums = (self.gram.pop(key), self.sq_a.pop(key), self.sq_b.pop(key), self.range_a.pop(key),
+                self.range_b.pop(key))
+        return lambda: (*map(_cpu64, sums[:3]), *(tuple(map(_cpu64, r)) for r in sums[3:]))
 
 
 class _Tokens:
@@ -143,20 +156,19 @@ class _Tokens:
     def add_b(self, key, y: torch.Tensor) -> None:
         self.b.setdefault(key, []).append(y)
 
-    def finish(self, key) -> tuple:
-        sums = _Sums(self.acc_dtype)  # all tokens as one batch
-        sums.add_a(key, torch.cat(self.a.pop(key)))
-        sums.add_b(key, torch.cat(self.b.pop(key)))
-        return sums.finish(key)
+    def take(self, key) -> Callable[[], tuple]:
+        a, b = self.a.pop(key), self.b.pop(key)
+
+        def make() -> tuple:
+            sums = _Sums(self.acc_dtype)  # all tokens as one batch
+            sums.add_a(key, torch.cat(a))
+            sums.add_b(key, torch.cat(b))
+            return sums.take(key)()
+        return make
 
 
 def _add(sums: dict, key, value: torch.Tensor) -> None:
     sums[key] = value if key not in sums else sums[key].add_(value)
-
-
-def _model_itemsize(model: torch.nn.Module) -> int:
-    """Bytes of one activation value of `model` (its parameters' dtype)."""
-    return max((p.element_size() for p in model.parameters() if p.is_floating_point()), default=4)
 
 
 @torch.no_grad()
@@ -182,8 +194,8 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
     names_a = {(p, i): n for i in layers for p, n in projection_modules(spec_base, i, projs).items()}
     names_b = {(p, i): n for i in layers for p, n in projection_modules(spec_ft, i, projs).items()}
     widths = {k: (module_width(base, names_a[k]), module_width(ft, names_b[k])) for k in names_a}
-    acc_size, act_size, tokens = torch.empty((), dtype=acc_dtype).element_size(), \
-        max(_model_itemsize(base), _model_itemsize(ft)), int(blocks.numel())
+    acc_size, tokens = torch.empty((), dtype=acc_dtype).element_size(), int(blocks.numel())
+    act_size = max(p.element_size() for m in (base, ft) for p in m.parameters() if p.is_floating_point())
 
     def layer_bytes(layer: int, keep_tokens: bool) -> int:
         return sum(tokens * (wa + wb) * act_size if keep_tokens else (wa * wb + wa + wb) * acc_size
@@ -222,11 +234,7 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
         if counter is not None:
             counter["forward_passes"] += 1
         for i in chunk:
-            done = {p: kept.finish((p, i)) for p in projs if (p, i) in widths}
-            yield LayerGram(layer=i, gram={p: d[0] for p, d in done.items()},
-                            sq_base={p: d[1] for p, d in done.items()}, sq_ft={p: d[2] for p, d in done.items()},
-                            n_tokens=tokens, range_base={p: d[3] for p, d in done.items()},
-                            range_ft={p: d[4] for p, d in done.items()})
+            yield LayerGram(i, tokens, {p: kept.take((p, i)) for p in projs if (p, i) in widths})
 
 
 @dataclass

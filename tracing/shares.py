@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.stats
+import scipy.special
 import torch
 
 from tracing.arch import RESID, mlp
@@ -25,7 +25,7 @@ from tracing.sources import Source
 from tracing.statistics.common import row_pieces
 
 EPS32 = float(torch.finfo(torch.float32).eps)
-Z975 = float(scipy.stats.norm.isf(0.025))
+Z975 = -float(scipy.special.ndtri(0.025))  # scipy.stats.norm.isf(0.025)
 LN10 = math.log(10)
 
 
@@ -132,7 +132,7 @@ def fit(sums: dict, ci: str = "sandwich", n_boot: int = 200, seed: int = 0) -> d
     cov = a_inv @ meat @ a_inv + floor * a_inv
     se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     z = np.abs(w) / np.maximum(se, 1e-300)
-    log10p = np.minimum(0.0, (math.log(2) + scipy.stats.norm.logsf(z)) / LN10)
+    log10p = np.minimum(0.0, (math.log(2) + scipy.special.log_ndtr(-z)) / LN10)  # norm.logsf(z)
     if ci == "bootstrap":
         counts = np.random.default_rng(seed).multinomial(units, np.full(units, 1.0 / units), size=n_boot)  # (B, U)
         a_boot = (counts @ xx.reshape(units, -1)).reshape(n_boot, k, k)
