@@ -12,8 +12,9 @@ Both models run batch by batch in lockstep over the same token blocks; hooks on 
 Gram matrix G = X_Aᵀ X_B (width_A, width_B), the squared column norms of X_A and X_B, and each unit's smallest
 and largest value (degenerate units: tracing.matching.usable_from_range); products of bf16 activations (a
 model run in bf16) on a CPU run on its bf16 units with float32 accumulation (tracing.cosines.bf16_products).
-Memory is O(layers · width²), independent of the number of tokens; when the accumulators would exceed the
-budget (`--memory_budget`; default: half the free memory of the models' device, RAM on a CPU) the layers are
+Memory is O(layers · width²), independent of the number of tokens (while the tokens are fewer than the units,
+each layer keeps its activations instead, O(layers · tokens · width), and its sums are made when it is first
+used); when what is kept would exceed the budget (`--memory_budget`; default: half the free memory of the models' device, RAM on a CPU) the layers are
 processed in chunks, one more pass per chunk.
 """
 
