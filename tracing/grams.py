@@ -8,14 +8,14 @@
         cos, ok_a, ok_b = m.compare(w_base, w_ft)               # units u = W x of the two models over the tokens
 
 Both models run batch by batch in lockstep over the same token blocks; hooks on the MLP input projections
-(gate_proj / up_proj outputs, pre-activation; c_fc / dense_h_to_4h for GPT-2/NeoX) accumulate per layer the
-Gram matrix G = X_Aᵀ X_B (width_A, width_B), the squared column norms of X_A and X_B, and each unit's smallest
-and largest value (degenerate units: tracing.matching.usable_from_range); products of bf16 activations (a
-model run in bf16) on a CPU run on its bf16 units with float32 accumulation (tracing.cosines.bf16_products).
-Memory is O(layers · width²), independent of the number of tokens (while the tokens are fewer than the units,
-each layer keeps its activations instead, O(layers · tokens · width), and its sums are made when it is first
-used); when what is kept would exceed the budget (`--memory_budget`; default: half the free memory of the models' device, RAM on a CPU) the layers are
-processed in chunks, one more pass per chunk.
+(gate_proj / up_proj outputs, pre-activation; c_fc / dense_h_to_4h for GPT-2/NeoX) accumulate per layer the Gram
+matrix G = X_Aᵀ X_B (width_A, width_B), the squared column norms of X_A and X_B, and each unit's smallest and
+largest value (degenerate units: tracing.matching.usable_from_range); products of bf16 activations (a model run in
+bf16) on a CPU run on its bf16 units with float32 accumulation (tracing.cosines.bf16_products). Memory is
+O(layers · width²), independent of the number of tokens (while the tokens are fewer than the units, each layer keeps its
+activations instead, O(layers · tokens · width), and its sums are made when it is first used); when what is kept
+would exceed the budget (`--memory_budget`; default: half the free memory of the models' device, RAM on a CPU) the
+layers are processed in chunks, one more pass per chunk.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tracing.arch import ArchSpec
 from tracing.cosines import bf16_products
 from tracing.devices import model_device
 from tracing.errors import TracingError
-from tracing.matching import free_memory, usable_from_range
+from tracing.matching import euclid_similarity, free_memory, usable_from_range
 
 BUDGET_FRACTION = 0.5  # of the free device memory (RAM on a CPU) that accumulators may take by default
 
@@ -61,7 +61,7 @@ class LayerGram:
             self._make = {}  # what they were made from is freed
         return {p: s[k] for p, s in self._sums.items()}
 
-    gram = property(lambda self: self._field(0))
+    gram = property(lambda self: {p: g.double() for p, g in self._field(0).items()})  # kept in acc_dtype
     sq_base = property(lambda self: self._field(1))
     sq_ft = property(lambda self: self._field(2))
     range_base = property(lambda self: self._field(3))
@@ -77,7 +77,11 @@ class LayerGram:
         """Cosine similarity of every neuron of A with every neuron of B over the tokens: (width_A, width_B)."""
         na = self.sq_base[proj].sqrt().clamp_min(1e-30)
         nb = self.sq_ft[proj].sqrt().clamp_min(1e-30)
-        return (self.gram[proj] / na[:, None]).div_(nb[None, :])
+        return self._field(0)[proj].to(torch.float64, copy=True).div_(na[:, None]).div_(nb[None, :])
+
+    def euclid(self, proj: str) -> torch.Tensor:
+        """-|a_i - b_j|² / 2 (width_A, width_B) float64: tracing.matching.euclid_similarity, the original's cost."""
+        return euclid_similarity(self._field(0)[proj], self.sq_base[proj], self.sq_ft[proj])
 
     def sq_dist(self, proj: str) -> torch.Tensor:
         """Squared Euclidean distance between activation vectors: (width_A, width_B)."""
@@ -96,11 +100,6 @@ def _extend_range(ranges: dict, key, x: torch.Tensor) -> None:
 def _cpu64(t: torch.Tensor) -> torch.Tensor:
     """A float64 CPU copy (a yielded layer frees its device memory)."""
     return t.cpu().double()
-
-
-def _chunks(layers: list[int], per_layer_bytes: int, budget_bytes: int) -> list[list[int]]:
-    per_chunk = max(1, budget_bytes // max(per_layer_bytes, 1))
-    return [layers[k:k + per_chunk] for k in range(0, len(layers), per_chunk)]
 
 
 class _Sums:
@@ -135,10 +134,11 @@ class _Sums:
         _extend_range(self.range_b, key, y)
 
     def take(self, key) -> Callable[[], tuple]:
-        """The key's sums, taken out: a call makes (gram, sq_a, sq_b, range_a, range_b) on the CPU in float64."""
+        """The key's sums, taken out: a call moves (gram, sq_a, sq_b, range_a, range_b) to the CPU, the Gram matrix
+        as accumulated (LayerGram converts it when read), the others in float64."""
         sums = (self.gram.pop(key), self.sq_a.pop(key), self.sq_b.pop(key), self.range_a.pop(key),
                 self.range_b.pop(key))
-        return lambda: (*map(_cpu64, sums[:3]), *(tuple(map(_cpu64, r)) for r in sums[3:]))
+        return lambda: (sums[0].cpu(), *map(_cpu64, sums[1:3]), *(tuple(map(_cpu64, r)) for r in sums[3:]))
 
 
 class _Tokens:
@@ -151,10 +151,10 @@ class _Tokens:
         self.a: dict = {}  # key -> [(tokens, width_A) per batch]
         self.b: dict = {}
 
-    def add_a(self, key, x: torch.Tensor) -> None:
+    def add_a(self, key, x: torch.Tensor) -> None:  # x: (tokens, width_A)
         self.a.setdefault(key, []).append(x)
 
-    def add_b(self, key, y: torch.Tensor) -> None:
+    def add_b(self, key, y: torch.Tensor) -> None:  # y: (tokens, width_B)
         self.b.setdefault(key, []).append(y)
 
     def take(self, key) -> Callable[[], tuple]:
@@ -162,8 +162,8 @@ class _Tokens:
 
         def make() -> tuple:
             sums = _Sums(self.acc_dtype)  # all tokens as one batch
-            sums.add_a(key, torch.cat(a))
-            sums.add_b(key, torch.cat(b))
+            sums.add_a(key, torch.cat(a) if len(a) > 1 else a[0])
+            sums.add_b(key, torch.cat(b) if len(b) > 1 else b[0])
             return sums.take(key)()
         return make
 
@@ -205,7 +205,8 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
     keep_tokens = sum(layer_bytes(i, True) for i in layers) < sum(layer_bytes(i, False) for i in layers)
     per_layer = max(layer_bytes(i, keep_tokens) for i in layers)
     budget = accumulator_budget(dev, budget_bytes)
-    chunks = _chunks(layers, per_layer, budget)
+    per_chunk = max(1, budget // max(per_layer, 1))
+    chunks = [layers[k:k + per_chunk] for k in range(0, len(layers), per_chunk)]
     if counter is not None:
         counter.update(forward_passes=0, chunks=len(chunks), n_tokens=tokens, budget_bytes=budget,
                        kept="activations" if keep_tokens else "sums", layer_bytes=per_layer)

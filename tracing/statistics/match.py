@@ -29,7 +29,7 @@ def similarities(lg: LayerGram):
     def make(solver: str):
         if solver == "greedy":
             return lg.cosine("gate"), lg.cosine("up")
-        return tuple(matching.euclid_similarity(lg.gram[p], lg.sq_base[p], lg.sq_ft[p]) for p in ("gate", "up"))
+        return lg.euclid("gate"), lg.euclid("up")
     return make
 
 
