@@ -77,7 +77,7 @@ class LayerGram:
         """Cosine similarity of every neuron of A with every neuron of B over the tokens: (width_A, width_B)."""
         na = self.sq_base[proj].sqrt().clamp_min(1e-30)
         nb = self.sq_ft[proj].sqrt().clamp_min(1e-30)
-        return self._field(0)[proj].to(torch.float64, copy=True).div_(na[:, None]).div_(nb[None, :])
+        return torch.div(self._field(0)[proj], na[:, None]).div_(nb[None, :])  # float64 (exact upcast of the sums)
 
     def euclid(self, proj: str) -> torch.Tensor:
         """-|a_i - b_j|² / 2 (width_A, width_B) float64: tracing.matching.euclid_similarity, the original's cost."""
@@ -123,6 +123,7 @@ class _Sums:
     def add_b(self, key, y: torch.Tensor) -> None:  # y: (tokens, width_B)
         x = self.held.pop(key)
         y = y.to(x.device)
+        _extend_range(self.range_b, key, y)  # as stored (the same smallest and largest values as a float copy's)
         exact_bf16 = x.dtype == y.dtype == torch.bfloat16 and self.acc_dtype == torch.float32 and x.is_cpu
         xt, y = x.T.to(self.acc_dtype), y.to(self.acc_dtype)  # (width_A, tokens), (tokens, width_B)
         with bf16_products() if exact_bf16 else contextlib.nullcontext():  # bf16 activations: exact inputs
@@ -131,7 +132,6 @@ class _Sums:
             else:
                 self.gram[key] = xt @ y
         _add(self.sq_b, key, y.float().square().sum(0).double())
-        _extend_range(self.range_b, key, y)
 
     def take(self, key) -> Callable[[], tuple]:
         """The key's sums, taken out: a call moves (gram, sq_a, sq_b, range_a, range_b) to the CPU, the Gram matrix
