@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -227,10 +229,11 @@ def test_adapter_with_missing_base_needs_adapter_base(adapter, llama_dir, tmp_pa
 
 
 # ---------------------------------------------------------------------- GGUF
-def test_gguf_file_loads_with_the_same_logits_and_tokenizer(llama, tokenizer, ids, tmp_path):
+def test_gguf_file_loads_with_the_same_logits_and_tokenizer(llama, tokenizer, ids, tmp_path, capfd):
     path = tmp_path / "tiny.f32.gguf"
     write_gguf(llama, tokenizer, path)
     model, tok = load_model(str(path), progress=False)
+    assert "it/s" not in capfd.readouterr().err  # no dequantization bar with progress=False
     assert model.config.model_type == "llama"
     torch.testing.assert_close(_logits(model, ids), _logits(llama, ids), rtol=0, atol=1e-5)
     text = "The mother tongue of Hana is Swahili."
@@ -271,3 +274,11 @@ def test_token_is_scrubbed_from_library_failures(monkeypatch, caplog):
     assert "Bearer ***" in caplog.text and "refused: Bearer ***" in caplog.text and FAKE_TOKEN not in caplog.text
     logging.getLogger("transformers").removeHandler(handler)
     assert "Bearer ***" in seen.getvalue() and FAKE_TOKEN not in seen.getvalue()
+
+
+def test_quiet_loading_of_other_checkpoints_never_imports_the_gguf_code(llama_dir):
+    """Silencing GGUF's progress bar happens where GGUF files are read: --no_progress costs other runs nothing."""
+    code = (f"from tracing.models import load_model; load_model({str(llama_dir)!r}, progress=False); import sys; "
+            "print('transformers.modeling_gguf_pytorch_utils' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -12,12 +12,10 @@ builds on these to resolve a name once into a `Checkpoint`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
 import pickle
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,15 +138,9 @@ def guard(token: str | None, progress: bool) -> Iterator[None]:
     for h in handlers if filt else ():
         h.addFilter(filt)
     bars_on = transformers.utils.logging.is_progress_bar_enabled()
-    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
-    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
-    if not progress:
+    if not progress:  # the GGUF dequantization bar: tracing.models.gguf_name_maps_cached
         transformers.utils.logging.disable_progress_bar()
         hub_utils.disable_progress_bars()
-        if gguf_tqdm is None:  # its GGUF dequantization bar ignores the switch above
-            import transformers.modeling_gguf_pytorch_utils as gguf_utils
-            gguf_tqdm = gguf_utils.tqdm
-        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     except BaseException as e:
@@ -159,11 +151,9 @@ def guard(token: str | None, progress: bool) -> Iterator[None]:
     finally:
         for h in handlers if filt else ():
             h.removeFilter(filt)
-        if not progress:
-            gguf_utils.tqdm = gguf_tqdm
-            if bars_on:
-                transformers.utils.logging.enable_progress_bar()
-                hub_utils.enable_progress_bars()
+        if not progress and bars_on:
+            transformers.utils.logging.enable_progress_bar()
+            hub_utils.enable_progress_bars()
 
 
 def hub_error(exc: BaseException, src: Location, name: str, token: str | None) -> TracingError | None:

@@ -96,15 +96,20 @@ def fit_block_size(block_size: int | None, configs: dict[str, Any]) -> tuple[int
 def gguf_name_maps_cached() -> Iterator[None]:
     """While inside: gguf's `get_tensor_name_map(arch, n_blocks)` memoized. transformers' GGUF weight map calls it
     once per submodule (397 times for a 30-layer Llama: 15 s on this CPU, most of a 135M GGUF's load); the maps
-    are only read, so one per (arch, n_blocks) serves every call."""
+    are only read, so one per (arch, n_blocks) serves every call. Also: transformers' GGUF dequantization bar,
+    which ignores transformers' own switch, is off while that switch is (access.guard, --no_progress); patched
+    here, where GGUF files are read, so that other checkpoints never import the GGUF code (1.2 s)."""
     import gguf
+    import transformers.modeling_gguf_pytorch_utils as tf_gguf
 
-    real = gguf.get_tensor_name_map
+    real, bar = gguf.get_tensor_name_map, tf_gguf.tqdm
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(real)
+    if not transformers.utils.logging.is_progress_bar_enabled():
+        tf_gguf.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
-        gguf.get_tensor_name_map = real
+        gguf.get_tensor_name_map, tf_gguf.tqdm = real, bar
 
 
 def _from_pretrained(src: Location, config, *, dtype, device, device_map, token, trust_remote_code):
