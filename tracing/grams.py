@@ -184,7 +184,7 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
     `counter["forward_passes"]` (passes per model), `counter["chunks"]`, `counter["budget_bytes"]`,
     `counter["kept"]` ("sums", or "activations" when the tokens take fewer bytes than the Gram matrices) and
     `counter["layer_bytes"]` (what one layer keeps) are updated when given. What is kept lives on the models'
-    device; each layer moves to the CPU when yielded.
+    device; each layer moves to the CPU when it is first used (in the thread that uses it).
     """
     blocks = check_blocks(blocks)
     if spec_base.n_layers != spec_ft.n_layers:
