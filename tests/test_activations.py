@@ -6,9 +6,10 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from tracing import matching, zoo
+from tracing import grams, matching, zoo
 from tracing.activations import sample_activations, sample_positions
 from tracing.arch import get_spec
+from tracing.cosines import LazyCosine, cpu_has_bf16
 from tracing.errors import TracingError
 from tracing.grams import layer_grams
 from tracing.matching import euclid_similarity, pair_units
@@ -66,6 +67,39 @@ def test_bf16_models_accumulate_exact_products_in_float32(pair):
         xa, xb = full_a["up", lg.layer].double(), full_b["up", lg.layer].double()
         assert torch.equal(xa, xa.bfloat16().double())  # bf16 values
         torch.testing.assert_close(lg.gram["up"], xa.T @ xb, rtol=1e-5, atol=1e-4)
+
+
+def test_screen_cosines_give_the_pairs_of_the_float64_cosines(pair, monkeypatch):
+    """bf16 activations kept on a CPU with bf16 units: the greedy screen's cosines are a LazyCosine of them. A
+    related layer's pairs are certified without a Gram matrix; an unrelated one is matched on the float64
+    cosines; either way the pairs are those lg.cosine gives."""
+    a, _, spec, blocks = pair
+    a16, b16 = copy.deepcopy(a).bfloat16(), copy.deepcopy(a)
+    with torch.no_grad():  # fine-tuned: weights moved by a tenth of their scale
+        for p in b16.parameters():
+            p.add_(0.002 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    b16 = b16.bfloat16()
+    other = zoo.tiny_model("llama", seed=9, vocab_size=256, hidden=32, layers=3,
+                           intermediate=a.config.intermediate_size, heads=2, kv_heads=1).bfloat16()
+
+    def pairs(lg, proj: str, screen: bool) -> tuple:
+        ok_a, ok_b = lg.usable(proj)
+        got = pair_units(lg.screen_cosine(proj) if screen else lg.cosine(proj), ok_a, ok_b, "greedy", lg.layer)
+        return sorted(zip(got.a.tolist(), got.b.tolist())), got.immediate
+
+    for ft, related in ((b16, True), (other, False)):
+        want = {(lg.layer, p): pairs(lg, p, False) for lg in layer_grams(a16, ft, spec, spec, blocks, progress=False)
+                for p in ("gate", "up")}
+        assert all(w[1] == related for w in want.values())  # every best partner strict and distinct: related
+        got = {(lg.layer, p): pairs(lg, p, True) for lg in layer_grams(a16, ft, spec, spec, blocks, progress=False)
+               for p in ("gate", "up")}
+        assert got == want
+    kept = next(layer_grams(a16, b16, spec, spec, blocks, progress=False)).screen_cosine("up")
+    assert isinstance(kept, LazyCosine) == (a.config.intermediate_size == 320 and cpu_has_bf16())
+    if isinstance(kept, LazyCosine):
+        monkeypatch.setattr(grams, "_product", lambda *args: pytest.fail("a Gram matrix was made"))
+        for lg in layer_grams(a16, b16, spec, spec, blocks, progress=False):
+            assert pairs(lg, "gate", True)[1] and pairs(lg, "up", True)[1]
 
 
 def test_one_forward_pass_per_model_for_all_layers(pair):

@@ -90,3 +90,20 @@ def test_alignment_permutation_on_lazy_cosines_is_the_float32_one():
     ok = torch.ones(120, dtype=torch.bool)
     assert torch.equal(matching.permutation(cosines.LazyCosine(a, b), ok, ok, "fast", seed=2),
                        matching.permutation(matching.cosine_matrix(a, b), ok, ok, "fast", seed=2))
+
+
+def test_a_given_exact_matrix_stands_for_the_cosines():
+    """LazyCosine(..., exact=f): f() is what pairs, values and the fallback use (tracing.grams gives float64
+    cosines of activations); a certificate still decides related rows without it."""
+    a = _rows(120, 64, 8)
+    for b in (_derived(a, 9, noise=0.01), _rows(120, 64, 10)):  # related, unrelated
+        given = matching.cosine_matrix(a.double(), b.double())  # (120, 120) float64
+        made = []
+        lazy = cosines.LazyCosine(a, b, exact=lambda made=made, given=given: made.append(1) or given)
+        got, want = (matching.pair_units(s, solver="greedy", seed=3) for s in (lazy, given))
+        assert (got.a.tolist(), got.b.tolist(), got.immediate) == (want.a.tolist(), want.b.tolist(), want.immediate)
+        assert bool(made) != want.immediate  # the given matrix is made only where no certificate decides
+        rows = torch.arange(5)
+        assert torch.equal(lazy[rows, rows], given[rows, rows])
+        with pytest.raises(ValueError, match="cannot be reordered"):
+            lazy.permuted(rows, rows)

@@ -15,7 +15,7 @@ LAYERS = [
     ["config", "model_lists", "results", "result_folder", "devices", "arch", "access", "digests", "checkpoints",
      "lineage", "hub", "describe", "forest"],
     # tensors, models, and the opened pair built from them; experts
-    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "transforms", "align", "pair",
+    ["perm", "data", "models", "sources", "evaluate", "activations", "grams", "moments", "transforms", "align", "pair",
      "derivations", "moe", "units", "recipes"],  # ... and derivation recipes
     ["statistics", "report", "shares", "attribution", "kinship"],  # what is computed on a pair (or a few models)
     ["pipeline", "aggregate", "generate", "trees"],  # one pair start to finish; offline aggregation; text sampling;

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -92,14 +92,19 @@ def exact_bf16_cosines(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor | N
 
 
 class LazyCosine:
-    """cosine_matrix(a, b) of bf16 rows a (n, d), b (m, d) on a CPU, computed only as precisely as needed."""
+    """cosine_matrix(a, b) of bf16 rows a (n, d), b (m, d) on a CPU, computed only as precisely as needed.
+
+    `exact`, when given, makes the matrix exact() stands for: the same cosines, computed otherwise (in float64
+    from float32 sums of the same products: tracing.grams). certified_best() still decides for it (its bound
+    covers both products' summation errors); where it does not, tracing.matching matches on exact() itself."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor | None = None,
-                 inv_b: torch.Tensor | None = None):
+                 inv_b: torch.Tensor | None = None, exact: Callable[[], torch.Tensor] | None = None):
         self.a, self.b = a, b
         self.shape = (a.shape[0], b.shape[0])
         self.device = a.device
         self._inv = [inv_a, inv_b]
+        self.given_exact = exact
         self._exact: torch.Tensor | None = None
         self._coarse: torch.Tensor | None = None
 
@@ -118,13 +123,16 @@ class LazyCosine:
     def permuted(self, pa: torch.Tensor, pb: torch.Tensor) -> LazyCosine:
         """The cosines of a[pa] and b[pb]: this matrix with its rows and columns in another order (nothing
         computed yet; the inverse norms, when known, reordered)."""
+        if self.given_exact is not None:
+            raise ValueError("a LazyCosine with a given exact() matrix cannot be reordered")
         inv = [None if v is None else v[p] for v, p in zip(self._inv, (pa, pb))]
         return LazyCosine(self.a.index_select(0, pa), self.b.index_select(0, pb), *inv)
 
     def exact(self) -> torch.Tensor:
-        """The float32 cosine matrix (n, m), computed once."""
+        """The cosine matrix (n, m): float32 (or what `exact` gives), computed once."""
         if self._exact is None:
-            self._exact = exact_bf16_cosines(self.a, self.b, self.inv_a, self.inv_b)
+            make = self.given_exact or (lambda: exact_bf16_cosines(self.a, self.b, self.inv_a, self.inv_b))
+            self._exact = make()
         return self._exact
 
     def coarse(self) -> torch.Tensor:
@@ -141,8 +149,8 @@ class LazyCosine:
 
     def __getitem__(self, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Cosines (k,) float32 at index = (rows, cols), (k,) each, as exact()[rows, cols] gives them."""
-        if self._exact is not None:
-            return self._exact[index]
+        if self._exact is not None or self.given_exact is not None:
+            return self.exact()[index]
         rows, cols = index
         return row_dots(self.a, self.b, rows, cols).mul_(self.inv_a[rows]).mul_(self.inv_b[cols])
 

@@ -3,33 +3,32 @@
     for lg in layer_grams(base, ft, spec_a, spec_b, blocks, projs=("gate", "up"), counter=c):
         cost = lg.sq_dist("gate")   # (width_A, width_B) float64, on the CPU
         ok_a, ok_b = lg.usable("gate", "up")   # (width_A,), (width_B,) units usable in both projections
+        sim = lg.screen_cosine("gate")  # for the greedy screen; lg.cosine("gate"): (width_A, width_B) float64
     c["forward_passes"]             # passes per model (1 unless chunked)
-    for m in input_moments(base, ft, spec_a, spec_b, blocks):   # MLP inputs' moments (any linear unit, experts)
-        cos, ok_a, ok_b = m.compare(w_base, w_ft)               # units u = W x of the two models over the tokens
 
 Both models run batch by batch in lockstep over the same token blocks; hooks on the MLP input projections
 (gate_proj / up_proj outputs, pre-activation; c_fc / dense_h_to_4h for GPT-2/NeoX) accumulate per layer the Gram
 matrix G = X_Aᵀ X_B (width_A, width_B), the squared column norms of X_A and X_B, and each unit's smallest and
 largest value (degenerate units: tracing.matching.usable_from_range); products of bf16 activations (a model run in
 bf16) on a CPU run on its bf16 units with float32 accumulation (tracing.cosines.bf16_products). Memory is
-O(layers · width²), independent of the number of tokens (while the tokens are fewer than the units, each layer keeps its
-activations instead, O(layers · tokens · width), and its sums are made when it is first used); when what is kept
+O(layers · width²), independent of the number of tokens. While the tokens are fewer than the units, each layer keeps
+its activations instead, O(layers · tokens · width), and its sums are made when it is first used; on a CPU with bf16
+units, a related layer's matching then needs no Gram matrix at all (LayerGram.screen_cosine). When what is kept
 would exceed the budget (`--memory_budget`; default: half the free memory of the models' device, RAM on a CPU) the
-layers are processed in chunks, one more pass per chunk.
+layers are processed in chunks, one more pass per chunk. MoE layers: tracing.moments.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from tracing.activations import Hooks, check_blocks, check_layers, module_width, projection_modules
 from tracing.arch import ArchSpec
-from tracing.cosines import bf16_products
+from tracing.cosines import LazyCosine, bf16_products, cpu_has_bf16
 from tracing.devices import model_device
 from tracing.errors import TracingError
 from tracing.matching import euclid_similarity, free_memory, usable_from_range
@@ -44,44 +43,52 @@ def accumulator_budget(device: torch.device, override: int | None = None) -> int
 
 
 class LayerGram:
-    """Streaming sufficient statistics of one layer for cosine / Euclidean neuron matching (CPU tensors, float64),
-    made when first asked for: in the worker thread that tests the layer, not in the thread that runs the models.
+    """Streaming sufficient statistics of one layer for cosine / Euclidean neuron matching (CPU tensors), made when
+    first asked for: in the worker thread that tests the layer, not in the thread that runs the models.
 
-    gram[proj]: (width_A, width_B), the sum over tokens of a_i b_j; sq_base[proj] (width_A,) and sq_ft[proj]
-    (width_B,): sums of squares; range_base[proj], range_ft[proj]: each unit's (smallest, largest) value."""
+    gram[proj]: (width_A, width_B) float64, the sum over tokens of a_i b_j; sq_base[proj] (width_A,) and
+    sq_ft[proj] (width_B,): sums of squares; range_base[proj], range_ft[proj]: each unit's (smallest, largest)
+    value (float64)."""
 
-    def __init__(self, layer: int, n_tokens: int, make: dict[str, Callable[[], tuple]]):
+    def __init__(self, layer: int, n_tokens: int, parts: dict[str, _Part]):
         self.layer, self.n_tokens = layer, n_tokens
-        self._make = make  # proj -> () -> (gram, sq_base, sq_ft, range_base, range_ft)
-        self._sums: dict[str, tuple] | None = None
+        self._parts = parts  # proj -> its sums, or the activations they are made from
 
-    def _field(self, k: int) -> dict:
-        if self._sums is None:  # not functools.cached_property: its lock (one per class before 3.12) stalls workers
-            self._sums = {p: make() for p, make in self._make.items()}
-            self._make = {}  # what they were made from is freed
-        return {p: s[k] for p, s in self._sums.items()}
-
-    gram = property(lambda self: {p: g.double() for p, g in self._field(0).items()})  # kept in acc_dtype
-    sq_base = property(lambda self: self._field(1))
-    sq_ft = property(lambda self: self._field(2))
-    range_base = property(lambda self: self._field(3))
-    range_ft = property(lambda self: self._field(4))
+    gram = property(lambda self: {p: part.gram().double() for p, part in self._parts.items()})
+    sq_base = property(lambda self: {p: part.moments()[0] for p, part in self._parts.items()})
+    sq_ft = property(lambda self: {p: part.moments()[1] for p, part in self._parts.items()})
+    range_base = property(lambda self: {p: part.moments()[2] for p, part in self._parts.items()})
+    range_ft = property(lambda self: {p: part.moments()[3] for p, part in self._parts.items()})
 
     def usable(self, *projs: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Units of A (width_A,) and B (width_B,) that are finite and not constant in every one of `projs`."""
-        ok_a = torch.stack([usable_from_range(*self.range_base[p]) for p in projs]).all(dim=0)
-        ok_b = torch.stack([usable_from_range(*self.range_ft[p]) for p in projs]).all(dim=0)
+        ok_a = torch.stack([usable_from_range(*self._parts[p].moments()[2]) for p in projs]).all(dim=0)
+        ok_b = torch.stack([usable_from_range(*self._parts[p].moments()[3]) for p in projs]).all(dim=0)
         return ok_a, ok_b
 
     def cosine(self, proj: str) -> torch.Tensor:
         """Cosine similarity of every neuron of A with every neuron of B over the tokens: (width_A, width_B)."""
-        na = self.sq_base[proj].sqrt().clamp_min(1e-30)
-        nb = self.sq_ft[proj].sqrt().clamp_min(1e-30)
-        return torch.div(self._field(0)[proj], na[:, None]).div_(nb[None, :])  # float64 (exact upcast of the sums)
+        sq_a, sq_b = self._parts[proj].moments()[:2]
+        na, nb = sq_a.sqrt().clamp_min(1e-30), sq_b.sqrt().clamp_min(1e-30)
+        return torch.div(self._parts[proj].gram(), na[:, None]).div_(nb[None, :])  # float64 (exact upcast of the sums)
+
+    def screen_cosine(self, proj: str) -> torch.Tensor | LazyCosine:
+        """cosine(proj), or where the layer kept bf16 activations on a CPU with bf16 units, a LazyCosine of them
+        whose exact() is cosine(proj): where its certificate finds every unit's strict, distinct best partner (a
+        related layer) those are the pairs matching.pair_units finds in cosine(proj), with no Gram matrix made;
+        elsewhere pair_units matches on cosine(proj) itself (tracing.cosines)."""
+        part = self._parts[proj]
+        if part.acts is None or not all(t.dtype == torch.bfloat16 and t.is_cpu for t in part.acts) \
+                or not cpu_has_bf16():
+            return self.cosine(proj)
+        x, y = part.acts  # (tokens, width_A), (tokens, width_B): a unit's activations are a column
+        inv_a, inv_b = (sq.sqrt().clamp_min(1e-30).reciprocal().float() for sq in part.moments()[:2])
+        return LazyCosine(x.T, y.T, inv_a, inv_b, exact=lambda: self.cosine(proj))
 
     def euclid(self, proj: str) -> torch.Tensor:
         """-|a_i - b_j|² / 2 (width_A, width_B) float64: tracing.matching.euclid_similarity, the original's cost."""
-        return euclid_similarity(self._field(0)[proj], self.sq_base[proj], self.sq_ft[proj])
+        sq_a, sq_b = self._parts[proj].moments()[:2]
+        return euclid_similarity(self._parts[proj].gram(), sq_a, sq_b)
 
     def sq_dist(self, proj: str) -> torch.Tensor:
         """Squared Euclidean distance between activation vectors: (width_A, width_B)."""
@@ -89,12 +96,52 @@ class LayerGram:
         return d.clamp_min(0)
 
 
-def _extend_range(ranges: dict, key, x: torch.Tensor) -> None:
-    """ranges[key] = (smallest, largest) value of each column of x (tokens, width) so far."""
-    lo, hi = x.amin(dim=0), x.amax(dim=0)
-    if key in ranges:
-        lo, hi = torch.minimum(ranges[key][0], lo), torch.maximum(ranges[key][1], hi)
-    ranges[key] = (lo, hi)
+class _Part:
+    """One projection of one layer: its sums moved to the CPU when first read, or, where the activations were kept
+    (`acts`: (x (tokens, width_A), y (tokens, width_B)) on the models' device), made from them when first read:
+    moments() (sq_a, sq_b, range_a, range_b) float64 and gram() (width_A, width_B) as accumulated (acc_dtype)."""
+
+    def __init__(self, acc_dtype: torch.dtype, sums: tuple | None = None, acts: tuple | None = None):
+        self.acc_dtype, self._sums, self.acts = acc_dtype, sums, acts
+        self._moments: tuple | None = None
+        self._gram: torch.Tensor | None = None
+
+    def moments(self) -> tuple:
+        if self._moments is None:
+            if self._sums is not None:
+                sq_a, sq_b, range_a, range_b = self._sums[1:]
+            else:
+                x, y = self.acts
+                sq_a, sq_b, range_a, range_b = _square_sums(x), _square_sums(y), _range(x), _range(y)
+            self._moments = (_cpu64(sq_a), _cpu64(sq_b), *(tuple(map(_cpu64, r)) for r in (range_a, range_b)))
+        return self._moments
+
+    def gram(self) -> torch.Tensor:
+        if self._gram is None:
+            gram = self._sums[0] if self._sums is not None else _product(*self.acts, self.acc_dtype)
+            self._gram = gram.cpu()
+        return self._gram
+
+
+def _square_sums(x: torch.Tensor) -> torch.Tensor:
+    """Σ_t x_t² of each column of x (tokens, width): (width,) float64, summed in float32."""
+    return x.to(torch.float32, copy=True).square_().sum(0).double()  # a float32 copy, squared in place
+
+
+def _range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(smallest, largest) value of each column of x (tokens, width), as stored."""
+    return x.amin(dim=0), x.amax(dim=0)
+
+
+def _product(x: torch.Tensor, y: torch.Tensor, acc_dtype: torch.dtype, out: torch.Tensor | None = None) \
+        -> torch.Tensor:
+    """x.T @ y (width_A, width_B) in acc_dtype for x (tokens, width_A), y (tokens, width_B), added into `out` when
+    given. bf16 activations on a CPU: products on the bf16 units (exact inputs), float32 accumulation."""
+    y = y.to(x.device)
+    exact_bf16 = x.dtype == y.dtype == torch.bfloat16 and acc_dtype == torch.float32 and x.is_cpu
+    xt, y = x.T.to(acc_dtype), y.to(acc_dtype)  # (width_A, tokens), (tokens, width_B)
+    with bf16_products() if exact_bf16 else contextlib.nullcontext():
+        return xt @ y if out is None else out.addmm_(xt, y)
 
 
 def _cpu64(t: torch.Tensor) -> torch.Tensor:
@@ -117,32 +164,32 @@ class _Sums:
 
     def add_a(self, key, x: torch.Tensor) -> None:  # x: (tokens, width_A)
         self.held[key] = x
-        _add(self.sq_a, key, x.float().square().sum(0).double())  # per-batch sum in float32
+        _add(self.sq_a, key, _square_sums(x))
         _extend_range(self.range_a, key, x)
 
     def add_b(self, key, y: torch.Tensor) -> None:  # y: (tokens, width_B)
         x = self.held.pop(key)
         y = y.to(x.device)
-        _extend_range(self.range_b, key, y)  # as stored (the same smallest and largest values as a float copy's)
-        exact_bf16 = x.dtype == y.dtype == torch.bfloat16 and self.acc_dtype == torch.float32 and x.is_cpu
-        xt, y = x.T.to(self.acc_dtype), y.to(self.acc_dtype)  # (width_A, tokens), (tokens, width_B)
-        with bf16_products() if exact_bf16 else contextlib.nullcontext():  # bf16 activations: exact inputs
-            if key in self.gram:
-                self.gram[key].addmm_(xt, y)
-            else:
-                self.gram[key] = xt @ y
-        _add(self.sq_b, key, y.float().square().sum(0).double())
+        _extend_range(self.range_b, key, y)
+        self.gram[key] = _product(x, y, self.acc_dtype, self.gram.get(key))
+        _add(self.sq_b, key, _square_sums(y))
 
-    def take(self, key) -> Callable[[], tuple]:
-        """The key's sums, taken out: a call moves (gram, sq_a, sq_b, range_a, range_b) to the CPU, the Gram matrix
-        as accumulated (LayerGram converts it when read), the others in float64."""
-        sums = (self.gram.pop(key), self.sq_a.pop(key), self.sq_b.pop(key), self.range_a.pop(key),
-                self.range_b.pop(key))
-        return lambda: (sums[0].cpu(), *map(_cpu64, sums[1:3]), *(tuple(map(_cpu64, r)) for r in sums[3:]))
+    def take(self, key) -> _Part:
+        """The key's sums, taken out (moved to the CPU when first read)."""
+        return _Part(self.acc_dtype, sums=tuple(d.pop(key) for d in (self.gram, self.sq_a, self.sq_b, self.range_a,
+                                                                        self.range_b)))
+
+
+def _extend_range(ranges: dict, key, x: torch.Tensor) -> None:
+    """ranges[key] = (smallest, largest) value of each column of x (tokens, width) so far."""
+    lo, hi = _range(x)
+    if key in ranges:
+        lo, hi = torch.minimum(ranges[key][0], lo), torch.maximum(ranges[key][1], hi)
+    ranges[key] = (lo, hi)
 
 
 class _Tokens:
-    """Each key's activations of every batch, kept as they are, and summed when the layer is finished: fewer bytes
+    """Each key's activations of every batch, kept as they are, and summed when the layer is first used: fewer bytes
     than a Gram matrix while the tokens are fewer than the units (one Gram matrix alive at a time, not one per
     layer, and no (width_A, width_B) accumulator touched during the passes)."""
 
@@ -157,15 +204,9 @@ class _Tokens:
     def add_b(self, key, y: torch.Tensor) -> None:  # y: (tokens, width_B)
         self.b.setdefault(key, []).append(y)
 
-    def take(self, key) -> Callable[[], tuple]:
+    def take(self, key) -> _Part:
         a, b = self.a.pop(key), self.b.pop(key)
-
-        def make() -> tuple:
-            sums = _Sums(self.acc_dtype)  # all tokens as one batch
-            sums.add_a(key, torch.cat(a) if len(a) > 1 else a[0])
-            sums.add_b(key, torch.cat(b) if len(b) > 1 else b[0])
-            return sums.take(key)()
-        return make
+        return _Part(self.acc_dtype, acts=tuple(torch.cat(x) if len(x) > 1 else x[0] for x in (a, b)))
 
 
 def _add(sums: dict, key, value: torch.Tensor) -> None:
@@ -237,84 +278,3 @@ def layer_grams(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec,
             counter["forward_passes"] += 1
         for i in chunk:
             yield LayerGram(i, tokens, {p: kept.take((p, i)) for p in projs if (p, i) in widths})
-
-
-@dataclass
-class InputMoments:
-    """Second moments of one layer's MLP inputs (what the router, the experts and a dense MLP read) in two models on
-    the same tokens, with a column of ones appended (so means come out too): enough to compare any linear units of
-    those inputs, e.g. every expert's up projection over every token, without hooking them. CPU float64."""
-
-    layer: int
-    base: torch.Tensor  # (hidden_A + 1, hidden_A + 1): Σ x̃ x̃ᵀ over tokens, x̃ = [x, 1]
-    ft: torch.Tensor  # (hidden_B + 1, hidden_B + 1)
-    cross: torch.Tensor  # (hidden_A + 1, hidden_B + 1): Σ x̃_A x̃_Bᵀ
-    n_tokens: int
-
-    def compare(self, w_base: torch.Tensor, w_ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For units u = W x (rows of w_base (n, hidden_A), w_ft (m, hidden_B); no bias): the cosine similarity of
-        every unit pair over the tokens (n, m), and the units of each side that vary (not constant, finite)."""
-        wa, wb = (torch.cat([w.double(), w.new_zeros(len(w), 1, dtype=torch.float64)], 1) for w in (w_base, w_ft))
-        gram = wa @ self.cross @ wb.T  # (n, m): Σ_t u_i(t) v_j(t)
-        sq_a, sq_b = ((w @ s * w).sum(1) for w, s in ((wa, self.base), (wb, self.ft)))  # Σ_t u_i(t)²
-        cos = gram / (sq_a.sqrt().clamp_min(1e-30)[:, None] * sq_b.sqrt().clamp_min(1e-30)[None, :])
-        return cos, self._varies(wa, self.base, sq_a), self._varies(wb, self.ft, sq_b)
-
-    def _varies(self, w: torch.Tensor, s: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
-        mean = w @ s[:, -1] / self.n_tokens  # (n,): the ones column's products are the sums of the inputs
-        var = sq / self.n_tokens - mean.square()
-        return torch.isfinite(var) & (var > FLAT_VAR * sq / self.n_tokens)
-
-
-FLAT_VAR = 1e-10  # a unit whose variance over the tokens is below this fraction of its mean square is constant
-
-
-@torch.no_grad()
-def input_moments(base: torch.nn.Module, ft: torch.nn.Module, spec_base: ArchSpec, spec_ft: ArchSpec,
-                  blocks: torch.Tensor, *, layers: Sequence[int] | None = None, batch_size: int = 1,
-                  counter: dict | None = None, progress: bool = True) -> Iterator[InputMoments]:
-    """One forward pass per model, in lockstep: `InputMoments` of every layer's MLP input (the MLP module's input,
-    hooked), 3 (hidden + 1)² float64 per layer, independent of the number of tokens."""
-    blocks = check_blocks(blocks)
-    if spec_base.n_layers != spec_ft.n_layers:
-        raise TracingError(f"the models have different depths ({spec_base.n_layers} vs {spec_ft.n_layers} "
-                           "layers); use csu_all or match_all, which compare every layer pair")
-    layers = check_layers(layers, spec_base.n_layers)
-    sums: dict = {}  # (side, layer) -> Σ; "held" keeps base's inputs of the current batch
-    held: dict = {}
-
-    def ones(x: torch.Tensor) -> torch.Tensor:  # (tokens, hidden + 1) float64
-        return torch.cat([x.double(), x.new_ones(len(x), 1, dtype=torch.float64)], 1)
-
-    def add(key, value: torch.Tensor) -> None:
-        sums[key] = value if key not in sums else sums[key] + value
-
-    def keep_a(key, x):
-        held[key] = ones(x)
-        add(("base", key[1]), held[key].T @ held[key])
-
-    def accumulate_b(key, y):
-        y = ones(y).to(held[key].device)
-        add(("ft", key[1]), y.T @ y)
-        add(("cross", key[1]), held.pop(key).T @ y)
-
-    names_a = {("in", i): spec_base.layers[i].mlp_module for i in layers}
-    names_b = {("in", i): spec_ft.layers[i].mlp_module for i in layers}
-    def both(key, x):  # base and ft are the same module: one pass serves both sides
-        keep_a(key, x)
-        accumulate_b(key, x)
-
-    runs = [(base, Hooks(base, names_a, both, inputs=True))] if ft is base else \
-        [(base, Hooks(base, names_a, keep_a, inputs=True)), (ft, Hooks(ft, names_b, accumulate_b, inputs=True))]
-    try:
-        for s in tqdm(range(0, len(blocks), batch_size), desc="MLP inputs", disable=not progress):
-            for model, hooks in runs:  # lockstep: A then B on the same batch (ft may be base itself)
-                hooks.run(model, blocks[s:s + batch_size])
-    finally:
-        for _, hooks in runs:
-            hooks.remove()
-    if counter is not None:
-        counter.update(forward_passes=1, n_tokens=int(blocks.numel()))
-    for i in layers:
-        yield InputMoments(i, sums[("base", i)].cpu(), sums[("ft", i)].cpu(), sums[("cross", i)].cpu(),
-                           int(blocks.numel()))

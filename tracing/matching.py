@@ -177,7 +177,11 @@ def pair_units(sim: torch.Tensor | LazyCosine, ok_a: torch.Tensor | None = None,
     if isinstance(sim, LazyCosine):
         every = all(ok is None or bool(ok.all()) for ok in (ok_a, ok_b))
         if every and min(n, m) >= min_units and sim.bounded():
-            return _lazy_pairs(sim, solver, seed)
+            if sim.given_exact is None:
+                return _lazy_pairs(sim, solver, seed)
+            certified = sim.certified_best()  # distinct_best's pairs in exact(), or None: then as exact() would
+            if certified is not None:
+                return Pairs(certified[0].numpy(), certified[1].numpy(), 0, 0, m <= n, immediate=True)
         sim = sim.exact()
     ia, ib = _indices(ok_a, n, sim.device), _indices(ok_b, m, sim.device)
     s = sim if len(ia) == n and len(ib) == m else sim.index_select(0, ia).index_select(1, ib)  # (n', m')

@@ -7,7 +7,7 @@ Spearman correlation, and combine the layers with Fisher's method. One forward p
 come from streaming Gram accumulators (tracing/grams.py).
 
 Mixtures of experts: an expert computes only on the tokens routed to it, so its up projection cannot be hooked over
-all tokens; instead every MLP input is hooked (tracing/grams.py: `input_moments`, its second moments in both models)
+all tokens; instead every MLP input is hooked (tracing/moments.py: `input_moments`, its second moments in both models)
 and each unit matrix csu tests (tracing/units.py: each routed expert's up rows, the router's rows, the shared
 expert's up rows) is compared as the activations u = W x it would give on every token (biases left out): expert e of
 base against expert e of ft, exact under H0 like the dense test; a layer's tests combined by Bonferroni (an upcycle's
@@ -20,7 +20,8 @@ import math
 
 from tracing import matching
 from tracing.activations import mlp_width
-from tracing.grams import LayerGram, input_moments, layer_grams
+from tracing.grams import LayerGram, layer_grams
+from tracing.moments import input_moments
 from tracing.statistics import StatContext, StatResult, register
 from tracing.statistics.common import identity_test, matching_extras
 from tracing.statistics.fits import mlps_differ, require_fit, vocab_disagrees

@@ -27,8 +27,8 @@ from tracing.statistics.pvalues import fisher_log10p
 def similarities(lg: LayerGram):
     """For agreement_test: solver -> (gate, up) similarities (width_A, width_B), made when asked for."""
     def make(solver: str):
-        if solver == "greedy":
-            return lg.cosine("gate"), lg.cosine("up")
+        if solver == "greedy":  # a related layer's pairs are certified without its Gram matrices, where they can be
+            return lg.screen_cosine("gate"), lg.screen_cosine("up")
         return lg.euclid("gate"), lg.euclid("up")
     return make
 
