@@ -38,7 +38,7 @@ def test_certified_pairs_are_the_float32_matrix_pairs():
     b = _derived(a, 4)
     lazy = matching.similarity(a, b) if cosines.cpu_has_bf16() else cosines.LazyCosine(a, b)
     pairs = lazy.certified_best()
-    assert pairs is not None and lazy._exact is None  # no float32 product was made
+    assert pairs is not None and lazy._exact is None and lazy._coarse is None  # no (n, m) matrix was made
     exact = matching.pair_units(matching.cosine_matrix(a, b), solver="greedy")
     assert exact.immediate
     assert dict(zip(*(p.tolist() for p in pairs))) == dict(zip(exact.a.tolist(), exact.b.tolist()))

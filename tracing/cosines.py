@@ -11,11 +11,12 @@ Related layers (a derivative against its base) have a clear best partner for eve
 time) is within a relative 2^-8 of each value, plus the float32 summation error both products share, and where
 every unit's best beats its second best by more than twice that bound, the float32 matrix has the same strict,
 distinct best partners: the pairs `solvers.distinct_best` would find in `exact()`, so the matching, and every
-p-value from it, is the same. A sample of rows is tried first, so an unrelated layer does not pay for the whole
-certificate. Where the bound cannot certify them (unrelated layers, ties), "fast" matches greedily on `coarse()`
-itself: an elementwise function of the float32 matrix, so the matching stays equivariant and its p-value exact
-under H0 (tracing.matching), at a quarter of the float32 product's cost (a 7B layer: 1.5 s against 3.8 s on a
-core, and no process-wide lock); "exact" and the optimal assignment use `exact()`.
+p-value from it, is the same. Rows are certified a block at a time, and the first block that fails ends it: an
+unrelated layer does not pay for the whole certificate, and a related one makes no (n, m) matrix. Where the bound
+cannot certify them (unrelated layers, ties), "fast" matches greedily on `coarse()` itself: an elementwise function
+of the float32 matrix, so the matching stays equivariant and its p-value exact under H0 (tracing.matching), at a
+quarter of the float32 product's cost (a 7B layer: 1.5 s against 3.8 s on a core, and no process-wide lock); "exact"
+and the optimal assignment use `exact()`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from tracing.solvers import column_topk
-
 _PRECISION_LOCK = threading.Lock()
 BF16_ROUNDING = 2.0 ** -8  # unit roundoff of a bf16 result: |fl(x) - x| <= 2^-8 |x|
 FP32_UNIT = 2.0 ** -24  # of a float32 operation: the summations' error is below d * 2^-24 * |a| |b|
-SAMPLE_ROWS = 256  # units tried first: if any is not certified, the whole matrix is not tried
+FIRST_ROWS = 128  # units certified first: an unrelated layer's certificate fails within them
 ROW_BLOCK = 1024  # rows per step of coarse() (bf16 results of 1024 x m)
 
 
@@ -165,19 +164,23 @@ class LazyCosine:
     def certified_best(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows, cols) pairing every unit of the narrower side with its best partner, when the bf16 product
         certifies that each best is strict and all are distinct in exact() too (module docstring); else None.
-        A sample of the narrower side's units is tried first; the whole coarse() matrix is made (and kept) only
-        when every sampled unit is certified."""
+        The narrower side's units are certified a block at a time against the whole other side (FIRST_ROWS, then
+        ROW_BLOCK at a time), and the first block that fails ends the attempt (an unrelated layer pays for
+        FIRST_ROWS units); no (n, m) matrix is made."""
         if self._exact is not None or not self.bounded():
             return None
         a_narrow = self.shape[0] <= self.shape[1]
-        if self._coarse is None:
-            (narrow, inv_n), (wide, inv_w) = ((self.a, self.inv_a), (self.b, self.inv_b))[::1 if a_narrow else -1]
-            k = min(SAMPLE_ROWS, narrow.shape[0])
-            if _certified(_coarse_block(narrow[:k], wide, inv_n[:k], inv_w).topk(2, dim=1), narrow.shape[1]) is None:
+        (narrow, inv_n), (wide, inv_w) = ((self.a, self.inv_a), (self.b, self.inv_b))[::1 if a_narrow else -1]
+        best = []
+        starts = [0, *range(FIRST_ROWS, narrow.shape[0], ROW_BLOCK)]  # a small first block, then ROW_BLOCK rows
+        for s, e in zip(starts, [*starts[1:], narrow.shape[0]]):
+            block = _coarse_block(narrow[s:e], wide, inv_n[s:e], inv_w)  # (rows, wide)
+            found = _certified(block.topk(2, dim=1), narrow.shape[1])
+            if found is None:
                 return None
-        cos = self.coarse()
-        best = _certified(cos.topk(2, dim=1) if a_narrow else column_topk(cos, 2), self.a.shape[1])
-        if best is None or torch.unique(best).numel() != best.numel():
+            best.append(found)
+        best = torch.cat(best)  # (narrow units,): each one's partner on the wide side
+        if torch.unique(best).numel() != best.numel():
             return None
         own = torch.arange(best.numel())
         return (own, best) if a_narrow else (best, own)
