@@ -4,9 +4,8 @@
     python main.py --demo
 """
 
-import sys
-
 from tracing.cli import main
+from tracing.errors import leave
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

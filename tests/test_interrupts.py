@@ -77,3 +77,28 @@ def test_entry_points_run_the_cycle_collector_less_often_and_restore_it():
     before, seen = gc.get_threshold(), []
     assert exit_on_error(lambda: seen.append(gc.get_threshold()) or 0) == 0
     assert seen == [GC_THRESHOLDS] and gc.get_threshold() == before
+
+
+# A child that ends through leave(3) with unflushed output, an atexit handler, and maybe a thread still working.
+LEAVER = """
+import atexit, sys, threading
+from tracing.errors import leave
+atexit.register(lambda: print("atexit ran", file=sys.stderr))
+print("result line", end="")  # not flushed
+if sys.argv[1] == "thread":  # a non-daemon thread that finishes only after leave() was called
+    release = threading.Event()
+    worker = threading.Thread(target=lambda: release.wait() and print(" thread done", end=""))
+    worker.start()
+    threading.Timer(0.05, release.set).start()
+leave(3)
+"""
+
+
+@pytest.mark.parametrize("thread", ["none", "thread"])
+def test_leave_flushes_runs_atexit_and_waits_for_working_threads(thread):
+    """main.py ends through leave(): nothing written is lost, the exit code is kept, and a thread still working
+    is waited for (then the interpreter ends as usual)."""
+    proc = subprocess.run([sys.executable, "-c", LEAVER, thread], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 3
+    assert proc.stdout == ("result line thread done" if thread == "thread" else "result line")
+    assert proc.stderr == "atexit ran\n"

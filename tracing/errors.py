@@ -1,6 +1,7 @@
 """User-facing errors: each carries a one-line message that names the fix. Entry points print it and exit 2.
 
     sys.exit(exit_on_error(lambda: run(args)))    # every entry point: main.py, launch.py, generate.py, aggregate
+    leave(main())                                 # main.py: the process ends without tearing down the interpreter
 
 Ctrl-C and SIGTERM end an entry point with one line instead of a traceback (exit 130 and 143, the shell's codes
 for those signals); results are written atomically, so an interrupted run leaves no temporary file and never
@@ -12,10 +13,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
@@ -82,3 +85,17 @@ def exit_on_error(fn: Callable[[], int], interrupted: str = INTERRUPTED) -> int:
     except Terminated:
         print(interrupted, file=sys.stderr, flush=True)
         return EXIT_SIGTERM
+
+
+def leave(code: int) -> NoReturn:
+    """End the process with exit code `code`. Where no other non-daemon thread is alive: at once, after the atexit
+    handlers ran and stdout and stderr were flushed, without the interpreter freeing what it holds object by object
+    (a φ_MATCH run of two 135M models: 0.3 s of its ~5 s). Otherwise sys.exit(code), which waits for the threads."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if others:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more can be written
+            stream.flush()
+    os._exit(code)
