@@ -110,7 +110,7 @@ def threads(n: int | None) -> Iterator[int]:
 
 
 # ---------------------------------------------------------------------- peak memory of a run
-RETURNED_BLOCK = 1 << 20  # bytes: freed blocks at least this large go back to the OS at once
+RETURNED_BLOCK = 2 << 20  # bytes: freed blocks at least this large go back to the OS at once
 
 
 def return_freed_memory() -> bool:
@@ -120,9 +120,10 @@ def return_freed_memory() -> bool:
     blocks layer after layer; glibc's default raises its mmap threshold after such frees and then keeps them in
     per-thread arenas, so the resident set grew with depth (a 30-layer csu --align: +530 MiB). A fixed
     threshold keeps the peak that of one layer (+140 MiB), at the cost of fresh pages for each large block.
-    At 1 MiB rather than glibc's initial 128 KiB, a forward pass's smaller activations are reused rather than
-    faulted in afresh: φ_MATCH on two 135M models, its forward passes 1.2 -> 0.8 s, peak RSS +25 MiB; a 135M
-    csu --align +7 MiB.
+    At 2 MiB rather than glibc's initial 128 KiB, a forward pass's activations (a 135M model's MLP over 512
+    tokens: 1.5 MB) are reused rather than faulted in afresh: φ_MATCH on two 135M models 5.7 -> 5.4 s against
+    1 MiB (8 alternated runs each; 1.2 -> 0.8 s of forward passes against 128 KiB), peak RSS +70 MiB (1.12 ->
+    1.19 GiB, the original's 1.39 GiB); a 135M csu --align +22 MiB, csh +50 MiB.
     """
     try:
         return ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, RETURNED_BLOCK) == 1
