@@ -99,7 +99,8 @@ class LayerGram:
 class _Part:
     """One projection of one layer: its sums moved to the CPU when first read, or, where the activations were kept
     (`acts`: (x (tokens, width_A), y (tokens, width_B)) on the models' device), made from them when first read:
-    moments() (sq_a, sq_b, range_a, range_b) float64 and gram() (width_A, width_B) as accumulated (acc_dtype)."""
+    moments() (sq_a, sq_b, range_a, range_b) float64 and gram() (width_A, width_B) as accumulated (acc_dtype; from
+    activations, made at each call and not kept)."""
 
     def __init__(self, acc_dtype: torch.dtype, sums: tuple | None = None, acts: tuple | None = None):
         self.acc_dtype, self._sums, self.acts = acc_dtype, sums, acts
@@ -117,9 +118,10 @@ class _Part:
         return self._moments
 
     def gram(self) -> torch.Tensor:
+        if self._sums is None:  # made again if asked again: a matching needs it once, and it is the largest part
+            return _product(*self.acts, self.acc_dtype).cpu()
         if self._gram is None:
-            gram = self._sums[0] if self._sums is not None else _product(*self.acts, self.acc_dtype)
-            self._gram = gram.cpu()
+            self._gram = self._sums[0].cpu()
         return self._gram
 
 

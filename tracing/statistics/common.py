@@ -19,7 +19,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -201,11 +201,12 @@ def _identity(pairs: matching.Pairs) -> tuple:
     return (*perm_pair_spearman(pairs.a, pairs.b), len(pairs.a), pairs)
 
 
-def agreement_test(similarities: Callable[[str], tuple[torch.Tensor, torch.Tensor]], ok_a: torch.Tensor | None,
+def agreement_test(similarities: Callable[[str], Iterable[torch.Tensor]], ok_a: torch.Tensor | None,
                    ok_b: torch.Tensor | None, method: str, seed: matching.Seed) -> dict:
     """φ_MATCH for one layer pair: do the matchings from gate and from up activations agree?
 
-    `similarities(solver)` gives the (width_A, width_B) gate and up similarity matrices that solver works on
+    `similarities(solver)` gives the (width_A, width_B) gate and up similarity matrices that solver works on, in
+    that order (an iterator makes the second only once the first is matched: one alive at a time)
     (match: cosines for the greedy screen, -squared distances, the original's cost, for the exact one);
     ok_a, ok_b: usable units (in both projections). The narrower side's units are matched into the wider's
     once per projection (ties broken in independent random orders) and Spearman between the two partner
@@ -214,7 +215,11 @@ def agreement_test(similarities: Callable[[str], tuple[torch.Tensor, torch.Tenso
     t0 = time.perf_counter()
 
     def test(solver: str) -> tuple:
-        gate, up = (matching.pair_units(s, ok_a, ok_b, solver, sd) for s, sd in zip(similarities(solver), seeds))
+        found = []
+        for s, sd in zip(similarities(solver), seeds):
+            found.append(matching.pair_units(s, ok_a, ok_b, solver, sd))
+            del s  # before the next matrix is made
+        gate, up = found
         pg, pu = gate.partner(), up.partner()
         common = sorted(set(pg) & set(pu)) if gate.b_complete == up.b_complete else []
         if len(common) < matching.MIN_UNITS:

@@ -15,6 +15,8 @@ either projection are left out; ties fall in random order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from tracing import matching
 from tracing.activations import mlp_width
 from tracing.grams import LayerGram, layer_grams
@@ -25,11 +27,10 @@ from tracing.statistics.pvalues import fisher_log10p
 
 
 def similarities(lg: LayerGram):
-    """For agreement_test: solver -> (gate, up) similarities (width_A, width_B), made when asked for."""
-    def make(solver: str):
-        if solver == "greedy":  # a related layer's pairs are certified without its Gram matrices, where they can be
-            return lg.screen_cosine("gate"), lg.screen_cosine("up")
-        return lg.euclid("gate"), lg.euclid("up")
+    """For agreement_test: solver -> the gate and up similarities (width_A, width_B), each made when reached."""
+    def make(solver: str) -> Iterator:
+        for proj in ("gate", "up"):  # screen_cosine: a related layer's pairs certified without a Gram matrix
+            yield lg.screen_cosine(proj) if solver == "greedy" else lg.euclid(proj)
     return make
 
 
