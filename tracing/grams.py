@@ -82,7 +82,7 @@ class LayerGram:
                 or not cpu_has_bf16():
             return self.cosine(proj)
         x, y = part.acts  # (tokens, width_A), (tokens, width_B): a unit's activations are a column
-        inv_a, inv_b = (sq.sqrt().clamp_min(1e-30).reciprocal().float() for sq in part.moments()[:2])
+        inv_a, inv_b = (sq.sqrt().clamp_min(1e-30).reciprocal().float() for sq in part.moments()[:2])  # cosine's norms
         return LazyCosine(x.T, y.T, inv_a, inv_b, exact=lambda: self.cosine(proj))
 
     def euclid(self, proj: str) -> torch.Tensor:
