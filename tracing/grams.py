@@ -91,9 +91,8 @@ class LayerGram:
         return euclid_similarity(self._parts[proj].gram(), sq_a, sq_b)
 
     def sq_dist(self, proj: str) -> torch.Tensor:
-        """Squared Euclidean distance between activation vectors: (width_A, width_B)."""
-        d = self.sq_base[proj][:, None] + self.sq_ft[proj][None, :] - 2 * self.gram[proj]
-        return d.clamp_min(0)
+        """Squared Euclidean distance between activation vectors: (width_A, width_B), -2 euclid(proj)."""
+        return self.euclid(proj).mul_(-2).clamp_min_(0)
 
 
 class _Part:
@@ -170,10 +169,8 @@ class _Sums:
         _extend_range(self.range_a, key, x)
 
     def add_b(self, key, y: torch.Tensor) -> None:  # y: (tokens, width_B)
-        x = self.held.pop(key)
-        y = y.to(x.device)
         _extend_range(self.range_b, key, y)
-        self.gram[key] = _product(x, y, self.acc_dtype, self.gram.get(key))
+        self.gram[key] = _product(self.held.pop(key), y, self.acc_dtype, self.gram.get(key))
         _add(self.sq_b, key, _square_sums(y))
 
     def take(self, key) -> _Part:
